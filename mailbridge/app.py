@@ -1,0 +1,147 @@
+"""Composition root: the only place that builds engines, pools and watchers and wires them together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
+from mailbridge.db import Database
+from mailbridge.ingest.files import IMPORT_MAILBOX, read_paths
+from mailbridge.ingest.imap import ImapWatcher
+from mailbridge.ingest.ledger import Ledger
+from mailbridge.ingest.maildir import MaildirWatcher
+from mailbridge.ingest.parse_pool import ParsePool
+from mailbridge.ingest.raw import RawMail
+from mailbridge.models import Outcome
+from mailbridge.pipeline import Pipeline, Result
+
+log = logging.getLogger("mailbridge")
+
+Watcher = ImapWatcher | MaildirWatcher
+
+
+@dataclass
+class IngestSummary:
+    read: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    quarantined_sources: list[str] = field(default_factory=list)
+
+    def add(self, results: Iterable[Result]) -> None:
+        counts = Counter(r.outcome for r in results)
+        self.stored += counts[Outcome.STORED]
+        self.duplicates += counts[Outcome.DUPLICATE]
+        self.quarantined += counts[Outcome.QUARANTINED]
+        self.read = self.stored + self.duplicates + self.quarantined
+
+    def as_json(self) -> dict[str, int]:
+        return {
+            "read": self.read,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "quarantined": self.quarantined,
+        }
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+
+    @cached_property
+    def parser(self) -> ParsePool:
+        # Built on first use: commands that only read the database never start worker processes.
+        return ParsePool(
+            workers=self.settings.parsing.workers,
+            timeout=self.settings.parsing.timeout_seconds,
+            blob_root=self.settings.storage_path / "blobs",
+            fsync=self.settings.storage.fsync,
+            max_message_bytes=self.settings.parsing.max_message_bytes,
+        )
+
+    @cached_property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.db, self.parser, self.settings.tickets)
+
+    @cached_property
+    def watchers(self) -> list[Watcher]:
+        watchers: list[Watcher] = []
+        for box in self.settings.mailboxes:
+            ledger = Ledger(self.db, box.name)
+            if isinstance(box, ImapMailbox):
+                watchers.append(ImapWatcher(box, self.pipeline, ledger, self.settings.fetch))
+            elif isinstance(box, MaildirMailbox):
+                watchers.append(MaildirWatcher(box, self.pipeline, ledger, self.settings.fetch))
+        return watchers
+
+    def prepare(self) -> None:
+        """Create the data directories and bring the schema up to date (idempotent)."""
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
+        self.db.upgrade()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""
+        tasks = [asyncio.create_task(w.run(stop), name=f"fetch:{w.name}") for w in self.watchers]
+        log.info("mailbridge running with %d mailbox(es)", len(tasks))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            crashed = [t for t in done if t is not stopper and t.exception() is not None]
+            for task in crashed:
+                log.error("task %s crashed", task.get_name(), exc_info=task.exception())
+            stop.set()
+            # Each watcher finishes the batch in hand (commit + IMAP flags) and returns; past the grace
+            # period it is cancelled, and anything not acknowledged on the server is fetched again later.
+            pending = [t for t in tasks if not t.done()]
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
+                for task in late:
+                    log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+            if crashed:
+                raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
+        finally:
+            stopper.cancel()
+
+    async def run_once(self) -> None:
+        """Drain every mailbox once and return (`mailbridge run --once`, tests)."""
+        await asyncio.gather(*(w.run_once() for w in self.watchers))
+
+    async def ingest(self, paths: list[Path], mailbox: str = IMPORT_MAILBOX) -> IngestSummary:
+        summary = IngestSummary()
+        batch: list[RawMail] = []
+        size = 0
+        for raw in read_paths(paths, mailbox):
+            batch.append(raw)
+            size += len(raw.data)
+            if len(batch) >= self.settings.fetch.batch_size or size >= self.settings.fetch.batch_bytes:
+                summary.add(await self.pipeline.process(batch))
+                batch, size = [], 0
+        if batch:
+            summary.add(await self.pipeline.process(batch))
+        return summary
+
+    def close(self) -> None:
+        if "parser" in self.__dict__:
+            self.parser.close()
+        self.db.close()
+
+
+def build_app(settings: Settings) -> App:
+    return App(settings)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,352 @@
+"""Command line: each command loads the settings once, builds the App and calls one thing on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from mailbridge.app import App, build_app, install_signal_handlers
+from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from mailbridge.ingest.maildir import ensure_maildir
+from mailbridge.ingest.parse import ParseError, parse
+from mailbridge.logs import setup_logging
+from mailbridge.quarantine import list_quarantined
+
+app = typer.Typer(help="mailbridge: e-mail to tickets, nothing lost, nothing twice.", no_args_is_help=True)
+tickets_app = typer.Typer(help="Look at tickets.", no_args_is_help=True)
+quarantine_app = typer.Typer(
+    help="Mail that could not be parsed or stored, kept with its raw bytes.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(tickets_app, name="tickets")
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(db_app, name="db")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar=CONFIG_ENV, help="YAML configuration file.", show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def main() -> None:
+    app()
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
+    settings = _settings(config)
+    setup_logging(settings.logging.level)
+    application = build_app(settings)
+    try:
+        if migrate:
+            application.prepare()
+        yield application
+    finally:
+        application.close()
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        typer.echo("(none)")
+        return
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, dict) and "address" in value:
+        return value["address"]
+    text = "" if value is None else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Drain every mailbox once, then exit.")] = False,
+) -> None:
+    """Run the daemon: fetch every configured mailbox until SIGTERM/SIGINT."""
+    with _app(config) as application:
+        if not application.settings.mailboxes:
+            typer.echo("warning: no mailboxes configured; nothing to fetch", err=True)
+        if once:
+            asyncio.run(application.run_once())
+            return
+        asyncio.run(_run_daemon(application))
+
+
+async def _run_daemon(application: App) -> None:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await application.run(stop)
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where the demo keeps its database, mail and config.")] = Path(
+        "mailbridge-demo"
+    ),
+    fixtures: Annotated[Path | None, typer.Option(help="Mails to pre-fill the demo mailbox with.")] = None,
+) -> None:
+    """Run the daemon on the embedded defaults: SQLite and a local Maildir that needs no mail server."""
+    data_dir = data_dir.resolve()
+    inbox = data_dir / "demo-inbox"
+    config_path = data_dir / "mailbridge.yaml"
+    first_run = not inbox.exists()
+    ensure_maildir(inbox)
+    if not config_path.exists():
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "data_dir": str(data_dir),
+                    "mailboxes": [{"type": "maildir", "name": "demo", "path": str(inbox), "poll_interval": 0.5}],
+                },
+                sort_keys=False,
+            ),
+            encoding="utf-8",
+        )
+    if first_run:
+        source = fixtures or _find_fixtures()
+        copied = 0
+        if source is not None:
+            for index, eml in enumerate(sorted(source.glob("*.eml")), start=1):
+                shutil.copyfile(eml, inbox / "new" / f"demo{index:04d}.{eml.stem}")
+                copied += 1
+        typer.echo(f"Pre-filled the demo mailbox with {copied} mail(s) from {source}.")
+    typer.echo(
+        f"""
+mailbridge demo
+  config:     {config_path}
+  database:   {data_dir / "mailbridge.db"}
+  mailbox:    {inbox}/new   (drop an .eml file here and it becomes a ticket)
+  look with:  mailbridge --help, e.g.
+              mailbridge tickets list --config {config_path}
+              mailbridge status --config {config_path}
+Press Ctrl-C to stop.
+"""
+    )
+    run(config=config_path, once=False)
+
+
+def _find_fixtures() -> Path | None:
+    for candidate in (
+        Path.cwd() / "fixtures" / "emails",
+        Path(__file__).resolve().parents[1] / "fixtures" / "emails",
+    ):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help=".eml files, directories, mbox files or Maildirs.")],
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    mailbox: Annotated[str, typer.Option(help="Channel name recorded on the tickets.")] = "import",
+) -> None:
+    """Run the pipeline over local files and print a reconciliation: read = stored + duplicates + quarantined."""
+    for path in paths:
+        if not path.exists():
+            typer.echo(f"error: {path}: no such file or directory", err=True)
+            raise typer.Exit(2)
+    with _app(config) as application:
+        summary = asyncio.run(application.ingest(paths, mailbox))
+    if json_out:
+        _print_json(summary.as_json())
+    else:
+        typer.echo(
+            f"read {summary.read} = stored {summary.stored} + duplicates {summary.duplicates}"
+            f" + quarantined {summary.quarantined}"
+        )
+
+
+@app.command()
+def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Per mailbox: connection, last error, mails in the folder, imported, quarantined, last fetch."""
+    from mailbridge.queries import mailbox_status
+
+    with _app(config) as application, application.db.reader() as session:
+        rows = mailbox_status(session, application.settings)
+    if json_out:
+        _print_json(rows)
+        return
+    _table(
+        rows,
+        ["mailbox", "connected", "in_folder", "fetched", "stored", "duplicates", "quarantined",
+         "awaiting_server_update", "last_fetch_at", "last_error"],
+    )  # fmt: skip
+
+
+@app.command("parse")
+def parse_command(
+    file: Annotated[Path, typer.Argument(help="One raw mail (.eml).", exists=True, dir_okay=False)],
+    json_out: JsonOption = False,
+) -> None:
+    """Show what the parser makes of one mail (nothing is stored)."""
+    try:
+        mail = parse(file.read_bytes())
+    except ParseError as exc:
+        typer.echo(f"error: {file}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    data = mail.as_json()
+    if json_out:
+        _print_json(data)
+        return
+    sender = data["from"]
+    typer.echo(
+        f"Subject: {data['subject']}\nFrom: {sender['name'] if sender else ''} <{sender['address'] if sender else ''}>"
+    )
+    typer.echo(f"Date: {data['date']}\nMessage-ID: {data['message_id']}")
+    for part in data["attachments"]:
+        typer.echo(f"Attachment: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
+    typer.echo("")
+    typer.echo(data["text"])
+
+
+@tickets_app.command("list")
+def tickets_list(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+) -> None:
+    """List tickets, newest first."""
+    from mailbridge.queries import ticket_rows
+
+    with _app(config) as application, application.db.reader() as session:
+        rows = ticket_rows(session, limit)
+    if json_out:
+        _print_json(rows)
+    else:
+        _table(rows, ["number", "status", "customer", "mailbox", "articles", "subject"])
+
+
+@tickets_app.command("show")
+def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Show one ticket with its articles and attachments."""
+    from mailbridge.queries import ticket_detail
+
+    with _app(config) as application, application.db.reader() as session:
+        detail = ticket_detail(session, number)
+    if detail is None:
+        typer.echo(f"error: no ticket {number}", err=True)
+        raise typer.Exit(1)
+    if json_out:
+        _print_json(detail)
+        return
+    typer.echo(f"{detail['number']}  [{detail['status']}]  {detail['subject']}")
+    typer.echo(f"customer: {detail['customer']['name']} <{detail['customer']['address']}>  via {detail['mailbox']}")
+    for article in detail["articles"]:
+        typer.echo(f"\n--- article {article['id']} ({article['direction']}) from {article['from']['address']}"
+                   f" at {article['date']}")  # fmt: skip
+        for part in article["attachments"]:
+            kind = "inline" if part["inline"] else "attachment"
+            typer.echo(f"    {kind}: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
+        typer.echo(article["text"])
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    include_resolved: Annotated[bool, typer.Option("--all", help="Also those already retried successfully.")] = False,
+) -> None:
+    """Quarantined mails with the reason."""
+    from mailbridge.queries import quarantine_row
+
+    with _app(config) as application, application.db.reader() as session:
+        rows = [quarantine_row(q) for q in list_quarantined(session, include_resolved=include_resolved)]
+    if json_out:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "mailbox", "stage", "size", "created_at", "source", "reason"])
+
+
+@quarantine_app.command("show")
+def quarantine_show(
+    item_id: Annotated[int, typer.Argument(metavar="ID")],
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Write the raw bytes to stdout.")] = False,
+) -> None:
+    """One quarantined mail; --raw writes its original bytes."""
+    from mailbridge.models import QuarantinedMail
+    from mailbridge.queries import quarantine_row
+
+    with _app(config) as application, application.db.reader() as session:
+        item = session.get(QuarantinedMail, item_id)
+        if item is None:
+            typer.echo(f"error: no quarantined mail with id {item_id}", err=True)
+            raise typer.Exit(1)
+        if raw:
+            sys.stdout.buffer.write(item.raw)
+            return
+        row = quarantine_row(item)
+    if json_out:
+        _print_json(row)
+    else:
+        for key, value in row.items():
+            typer.echo(f"{key}: {value}")
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(item_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOption = None) -> None:
+    """Run the pipeline again on a quarantined mail (after a fix)."""
+    with _app(config) as application:
+        try:
+            result = asyncio.run(application.pipeline.retry_quarantined(item_id))
+        except KeyError as exc:
+            typer.echo(f"error: {exc.args[0]}", err=True)
+            raise typer.Exit(1) from None
+    if result.outcome == "quarantined":
+        typer.echo(f"still quarantined: {result.reason}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{result.outcome.value}: ticket {result.ticket}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Apply the database migrations (the daemon also does this at start)."""
+    with _app(config) as application:
+        typer.echo(f"database at {application.settings.database_url} is up to date")
+
+
+@app.command("check-config")
+def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to check.")]) -> None:
+    """Validate a configuration file and print what it configures (secrets masked)."""
+    settings = _settings(file)
+    typer.echo(f"{file}: OK")
+    typer.echo(f"  database: {settings.database_url}")
+    typer.echo(f"  storage:  {settings.storage_path}")
+    for box in settings.mailboxes:
+        where = (
+            f"{box.path}"
+            if box.type == "maildir"
+            else f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
+        )
+        typer.echo(f"  mailbox {box.name}: {box.type} {where}")

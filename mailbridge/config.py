@@ -1,0 +1,249 @@
+"""Settings: the only reader of the YAML file and of the environment.
+
+Everything is validated once, at start-up; a typo or a bad value is an error that names the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+CONFIG_ENV = "MAILBRIDGE_CONFIG"
+DATA_DIR_ENV = "MAILBRIDGE_DATA_DIR"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    # A misspelt key is an error, not silently ignored.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MoveTo(_Strict):
+    move: str = Field(default="Processed", min_length=1)
+
+
+AfterStore = MoveTo | Literal["flag_seen", "delete"]
+
+
+class ImportSince(_Strict):
+    since: date
+
+
+ExistingMail = Literal["import", "skip"] | ImportSince
+
+
+def _read_secret(value: SecretStr | None, env: str | None, file: Path | None, key: str) -> SecretStr | None:
+    given = [name for name, v in ((key, value), (f"{key}_env", env), (f"{key}_file", file)) if v]
+    if len(given) > 1:
+        raise ValueError(f"give only one of {', '.join(given)}")
+    if env:
+        if env not in os.environ:
+            raise ValueError(f"{key}_env names the environment variable {env}, which is not set")
+        return SecretStr(os.environ[env])
+    if file:
+        try:
+            return SecretStr(file.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            raise ValueError(f"{key}_file {file} cannot be read: {exc.strerror}") from None
+    return value
+
+
+class ImapMailbox(_Strict):
+    type: Literal["imap"] = "imap"
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "tls"
+    user: str = Field(min_length=1)
+    password: SecretStr | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    folder: str = "INBOX"
+    after_store: AfterStore = MoveTo()
+    quarantine_folder: str = "Quarantine"
+    poll_interval: float = Field(default=60.0, gt=0)
+    idle: bool = True
+    existing_mail: ExistingMail = "import"
+    timeout: float = Field(default=60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ImapMailbox:
+        if self.security == "none" and not _is_loopback(self.host):
+            raise ValueError("security: none is only allowed for 127.0.0.1 / localhost (passwords in clear)")
+        secret = _read_secret(self.password, self.password_env, self.password_file, "password")
+        if secret is None:
+            raise ValueError("a password is required: give password, password_env or password_file")
+        object.__setattr__(self, "password", secret)
+        if self.port is None:
+            object.__setattr__(self, "port", 993 if self.security == "tls" else 143)
+        return self
+
+    @property
+    def secret(self) -> str:
+        assert self.password is not None
+        return self.password.get_secret_value()
+
+
+class MaildirMailbox(_Strict):
+    """A local Maildir watched for new files (the demo mailbox, or local delivery by an MTA)."""
+
+    type: Literal["maildir"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
+    path: Path
+    poll_interval: float = Field(default=0.5, gt=0)
+
+
+Mailbox = Annotated[ImapMailbox | MaildirMailbox, Field(discriminator="type")]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class DatabaseSettings(_Strict):
+    url: str | None = None  # default: SQLite under data_dir
+
+
+class StorageSettings(_Strict):
+    path: Path | None = None  # default: data_dir/storage
+    fsync: bool = True  # a stored mail survives a power cut, not just a crash
+
+
+class TicketSettings(_Strict):
+    number_prefix: str = Field(default="MB", pattern=r"^[A-Za-z][A-Za-z0-9]{0,9}$")
+    number_digits: int = Field(default=6, ge=1, le=12)
+
+
+class ParsingSettings(_Strict):
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    workers: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=64)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+
+
+class FetchSettings(_Strict):
+    batch_size: int = Field(default=50, ge=1, le=1000)
+    batch_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    reconnect_max_seconds: float = Field(default=60.0, gt=0)
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Strict):
+    data_dir: Path = Field(default_factory=lambda: default_data_dir())
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    tickets: TicketSettings = TicketSettings()
+    parsing: ParsingSettings = ParsingSettings()
+    fetch: FetchSettings = FetchSettings()
+    logging: LoggingSettings = LoggingSettings()
+    shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    mailboxes: list[Mailbox] = Field(default_factory=list)
+
+    @field_validator("mailboxes")
+    @classmethod
+    def _unique_names(cls, boxes: list[Any]) -> list[Any]:
+        names = [box.name for box in boxes]
+        doubled = sorted({n for n in names if names.count(n) > 1})
+        if doubled:
+            raise ValueError(f"mailbox names must be unique; repeated: {', '.join(doubled)}")
+        return boxes
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'mailbridge.db'}"
+
+    @property
+    def storage_path(self) -> Path:
+        return self.storage.path or self.data_dir / "storage"
+
+    def mailbox(self, name: str) -> ImapMailbox | MaildirMailbox:
+        for box in self.mailboxes:
+            if box.name == name:
+                return box
+        raise KeyError(name)
+
+
+def default_data_dir() -> Path:
+    if env := os.environ.get(DATA_DIR_ENV):
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "mailbridge"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: {exc.error_count()} error(s) in the configuration"]
+    for err in exc.errors():
+        # Discriminated unions put the chosen branch in the path ('imap'); it is noise for a reader.
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("imap", "maildir", "function-after[_resolve()]"))
+        loc = loc.replace("function-after[_resolve(), ImapMailbox]", "").strip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read and validate the YAML config; without a file, the embedded defaults."""
+    if path is None and (env := os.environ.get(CONFIG_ENV)):
+        path = Path(env)
+    if path is None:
+        return Settings()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (data_dir, database, mailboxes …)")
+    base = path.parent.resolve()
+    _resolve_relative_paths(data, base)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config file are relative to the file, not to wherever the daemon starts."""
+
+    def fix(holder: dict[str, Any], key: str) -> None:
+        value = holder.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            holder[key] = str(base / value)
+
+    fix(data, "data_dir")
+    for section, key in (("storage", "path"),):
+        if isinstance(data.get(section), dict):
+            fix(data[section], key)
+    for box in data.get("mailboxes") or []:
+        if isinstance(box, dict):
+            fix(box, "path")
+            fix(box, "password_file")

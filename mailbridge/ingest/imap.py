@@ -1,0 +1,461 @@
+"""Fetch stage for IMAP: one watcher per mailbox, IDLE where offered, polling otherwise.
+
+What is new is decided by UID and our own receipts, never by \\Seen: a mail someone already opened in
+Outlook is still a ticket. The server is told (move / flag / delete) only after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+
+import aioimaplib
+
+from mailbridge.config import FetchSettings, ImapMailbox, ImportSince, MoveTo
+from mailbridge.ingest.ledger import FolderPlan, Ledger
+from mailbridge.ingest.raw import RawMail
+from mailbridge.models import Outcome
+from mailbridge.pipeline import Pipeline, Result
+
+log = logging.getLogger("mailbridge.imap")
+
+_UID = re.compile(rb"UID (\d+)")
+_SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
+_CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT) (\d+)\]")
+_EXISTS = re.compile(rb"^(\d+) EXISTS")
+_IDLE_RENEW_SECONDS = 20 * 60  # RFC 2177: re-issue IDLE at least every 29 minutes
+_LISTING_CHUNK = 500  # aioimaplib recurses once per response line; keep any single response short
+
+
+class ImapError(Exception):
+    """The server refused a command or the connection broke; the watcher reconnects."""
+
+
+class AuthenticationError(ImapError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStatus:
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+class ImapConnection:
+    """A logged-in aioimaplib client with the folder selected, and the few commands we need."""
+
+    def __init__(self, box: ImapMailbox) -> None:
+        self.box = box
+        self.lost = asyncio.Event()
+        self.client: aioimaplib.IMAP4 | None = None
+
+    async def open(self) -> FolderStatus:
+        box = self.box
+        assert box.port is not None
+        if box.security == "tls":
+            self.client = aioimaplib.IMAP4_SSL(host=box.host, port=box.port, timeout=box.timeout)
+        else:
+            self.client = aioimaplib.IMAP4(
+                host=box.host, port=box.port, timeout=box.timeout, conn_lost_cb=self._on_lost
+            )
+        if box.security == "tls":
+            self.client.protocol.conn_lost_cb = self._on_lost
+        await self.client.wait_hello_from_server()
+        if box.security == "starttls":
+            await self._starttls()
+        response = await self.client.login(box.user, box.secret)
+        if response.result != "OK":
+            raise AuthenticationError(f"login as {box.user} refused: {_text(response.lines)}")
+        return await self.select()
+
+    async def _starttls(self) -> None:
+        assert self.client is not None
+        protocol = self.client.protocol
+        if "STARTTLS" not in protocol.capabilities:
+            raise ImapError("security: starttls, but the server does not offer STARTTLS")
+        response = await asyncio.wait_for(protocol.simple_command("STARTTLS"), self.box.timeout)
+        if response.result != "OK":
+            raise ImapError(f"STARTTLS refused: {_text(response.lines)}")
+        loop = asyncio.get_running_loop()
+        context = ssl.create_default_context()
+        protocol.transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=self.box.host)
+        await protocol.capability()  # RFC 3501 6.2.1: capabilities may change after STARTTLS
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+
+    @property
+    def capabilities(self) -> set[str]:
+        assert self.client is not None
+        return set(self.client.protocol.capabilities)
+
+    async def select(self) -> FolderStatus:
+        assert self.client is not None
+        response = await self.client.select(_quote(self.box.folder))
+        _check(response, f"SELECT {self.box.folder}")
+        codes = {m.group(1): int(m.group(2)) for line in response.lines for m in _CODE.finditer(_b(line))}
+        exists = next((int(m.group(1)) for line in response.lines if (m := _EXISTS.match(_b(line)))), 0)
+        if b"UIDVALIDITY" not in codes:
+            raise ImapError(f"the server sent no UIDVALIDITY for {self.box.folder}")
+        return FolderStatus(codes[b"UIDVALIDITY"], codes.get(b"UIDNEXT", 0), exists)
+
+    async def ensure_folder(self, name: str) -> None:
+        assert self.client is not None
+        response = await self.client.create(_quote(name))
+        if response.result != "OK" and b"ALREADYEXISTS" not in b" ".join(map(_b, response.lines)):
+            # Servers without RFC 5530 codes say "NO Mailbox exists" in words; check by listing.
+            listing = await self.client.list('""', _quote(name))
+            if not any(b"LIST" in _b(line) or name.encode() in _b(line) for line in listing.lines[:-1]):
+                raise ImapError(f"cannot create folder {name}: {_text(response.lines)}")
+
+    async def uids_above(self, floor: int) -> list[int]:
+        assert self.client is not None
+        response = await self.client.uid_search(f"UID {floor + 1}:*", charset=None)
+        _check(response, "UID SEARCH")
+        return sorted(u for u in _search_uids(response.lines) if u > floor)
+
+    async def uids_up_to(self, ceiling: int, since: ImportSince | None) -> list[int]:
+        assert self.client is not None
+        if ceiling < 1:
+            return []
+        criteria = [f"UID 1:{ceiling}"]
+        if since is not None:
+            criteria.append(f"SINCE {since.since.strftime('%d-%b-%Y')}")
+        response = await self.client.uid_search(*criteria, charset=None)
+        _check(response, "UID SEARCH")
+        return sorted(u for u in _search_uids(response.lines) if u <= ceiling)
+
+    async def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        assert self.client is not None
+        sizes: dict[int, int] = {}
+        for start in range(0, len(uids), _LISTING_CHUNK):
+            chunk = uids[start : start + _LISTING_CHUNK]
+            response = await self.client.uid("fetch", uid_set(chunk), "(UID RFC822.SIZE)")
+            _check(response, "UID FETCH RFC822.SIZE")
+            for line in response.lines:
+                data = _b(line)
+                uid, size = _UID.search(data), _SIZE.search(data)
+                if uid and size:
+                    sizes[int(uid.group(1))] = int(size.group(1))
+        return sizes
+
+    async def fetch(self, uids: Sequence[int]) -> dict[int, bytes]:
+        """One UID FETCH for the whole batch: BODY.PEEK[] leaves \\Seen as it was."""
+        assert self.client is not None
+        response = await self.client.uid("fetch", uid_set(uids), "(UID BODY.PEEK[])")
+        _check(response, "UID FETCH BODY.PEEK[]")
+        bodies: dict[int, bytes] = {}
+        lines = response.lines
+        for index, line in enumerate(lines):
+            if isinstance(line, bytearray) and index > 0:
+                uid = _UID.search(_b(lines[index - 1])) or _UID.search(
+                    _b(lines[index + 1]) if index + 1 < len(lines) else b""
+                )
+                if uid:
+                    bodies[int(uid.group(1))] = bytes(line)
+        return bodies
+
+    async def move(self, uids: Sequence[int], folder: str) -> None:
+        assert self.client is not None
+        if "MOVE" in self.capabilities:
+            _check(await self.client.uid("move", uid_set(uids), _quote(folder)), f"UID MOVE to {folder}")
+            return
+        _check(await self.client.uid("copy", uid_set(uids), _quote(folder)), f"UID COPY to {folder}")
+        await self.delete(uids)
+
+    async def flag_seen(self, uids: Sequence[int]) -> None:
+        assert self.client is not None
+        _check(await self.client.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)"), "UID STORE \\Seen")
+
+    async def delete(self, uids: Sequence[int]) -> None:
+        assert self.client is not None
+        _check(
+            await self.client.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Deleted)"),
+            "UID STORE \\Deleted",
+        )
+        if "UIDPLUS" in self.capabilities:
+            _check(await self.client.uid("expunge", uid_set(uids)), "UID EXPUNGE")
+        else:
+            _check(await self.client.expunge(), "EXPUNGE")
+
+    async def wait_for_news(self, stop: asyncio.Event, timeout: float) -> None:
+        """Return when the server reports new mail, on `stop`, or after `timeout` seconds."""
+        assert self.client is not None
+        if not ({"IDLE"} <= self.capabilities and self.box.idle):
+            await _wait(stop, timeout, self.lost)
+            return
+        idle = await self.client.idle_start(timeout=min(timeout, _IDLE_RENEW_SECONDS))
+        try:
+            while not stop.is_set() and not self.lost.is_set():
+                push = asyncio.ensure_future(self.client.wait_server_push(timeout=timeout))
+                stopper = asyncio.ensure_future(stop.wait())
+                lost = asyncio.ensure_future(self.lost.wait())
+                done, pending = await asyncio.wait({push, stopper, lost}, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                if push not in done:
+                    break
+                try:
+                    lines = push.result()
+                except TimeoutError:
+                    break
+                if lines == aioimaplib.STOP_WAIT_SERVER_PUSH or any(
+                    b"EXISTS" in _b(line) for line in (lines if isinstance(lines, list) else [lines])
+                ):
+                    break
+        finally:
+            if not self.lost.is_set():
+                self.client.idle_done()
+                with suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(idle, self.box.timeout)
+        if self.lost.is_set():
+            raise ImapError("connection lost while idling")
+
+    async def close(self) -> None:
+        if self.client is None:
+            return
+        with suppress(Exception):
+            if not self.lost.is_set():
+                await asyncio.wait_for(self.client.logout(), 5)
+        with suppress(Exception):
+            transport = self.client.protocol.transport
+            if transport is not None:
+                transport.close()
+
+
+class ImapWatcher:
+    """Keeps one mailbox drained: connect, import what is new, wait, repeat; reconnect with backoff."""
+
+    def __init__(self, box: ImapMailbox, pipeline: Pipeline, ledger: Ledger, fetch: FetchSettings) -> None:
+        self.box = box
+        self.pipeline = pipeline
+        self.ledger = ledger
+        self.settings = fetch
+
+    @property
+    def name(self) -> str:
+        return self.box.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                async with self._connection() as conn:
+                    delay = 1.0
+                    while not stop.is_set():
+                        await self._drain(conn, stop)
+                        if stop.is_set():
+                            break
+                        await conn.wait_for_news(stop, self.box.poll_interval)
+            except (ImapError, OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+                reason = _describe(exc)
+                log.warning("mailbox %s: %s; retrying in %.0f s", self.name, reason, delay)
+                await self.ledger.failed(reason)
+                await _wait(stop, delay)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+        await self.ledger.disconnected()
+
+    async def run_once(self) -> None:
+        """Drain what is waiting now and return (`mailbridge run --once`, the tests)."""
+        try:
+            async with self._connection() as conn:
+                await self._drain(conn, asyncio.Event())
+        except (ImapError, OSError, TimeoutError, aioimaplib.AioImapException) as exc:
+            await self.ledger.failed(_describe(exc))
+            raise
+        finally:
+            await self.ledger.disconnected()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[ImapConnection]:
+        conn = ImapConnection(self.box)
+        try:
+            status = await conn.open()
+            if isinstance(self.box.after_store, MoveTo):
+                await conn.ensure_folder(self.box.after_store.move)
+            await conn.ensure_folder(self.box.quarantine_folder)
+            await self.ledger.connected(status.exists)
+            log.info("mailbox %s: connected to %s:%s", self.name, self.box.host, self.box.port)
+            yield conn
+        finally:
+            await conn.close()
+
+    async def _drain(self, conn: ImapConnection, stop: asyncio.Event) -> None:
+        status = await conn.select()
+        plan = await self.ledger.open_folder(status.uidvalidity, status.uidnext)
+        if plan.pending:
+            await self._finish_pending(conn, plan)
+        todo = await self._initial_uids(conn, plan) if not plan.initial_done else []
+        todo += await conn.uids_above(max(plan.high_water, plan.baseline_uid))
+        if todo:
+            await self._import(conn, plan, sorted(set(todo)), stop)
+        if not plan.initial_done and not stop.is_set():
+            await self.ledger.initial_import_done()
+        after = await conn.select()
+        await self.ledger.fetched(after.exists)
+
+    async def _initial_uids(self, conn: ImapConnection, plan: FolderPlan) -> list[int]:
+        """The mail that was already in the folder on the first run, as `existing_mail` says."""
+        policy = self.box.existing_mail
+        if plan.validity_changed:
+            # A reset folder: take everything again, but not what `skip`/`since` left out the first time.
+            since = policy if isinstance(policy, ImportSince) else None
+            if policy == "skip":
+                since = ImportSince(since=plan.first_seen_at.date())
+            uids = await conn.uids_up_to(plan.baseline_uid, since)
+        elif policy == "skip":
+            return []
+        else:
+            uids = await conn.uids_up_to(plan.baseline_uid, policy if isinstance(policy, ImportSince) else None)
+        known = await self.ledger.known_uids(plan.uidvalidity, uids)
+        return [u for u in uids if u not in known]
+
+    async def _import(self, conn: ImapConnection, plan: FolderPlan, uids: list[int], stop: asyncio.Event) -> None:
+        sizes = await conn.sizes(uids)
+        batches = list(_batches([u for u in uids if u in sizes], sizes, self.settings))
+        next_fetch: asyncio.Task[dict[int, bytes]] | None = None
+        if batches:
+            next_fetch = asyncio.ensure_future(conn.fetch(batches[0]))
+        try:
+            for index, batch in enumerate(batches):
+                assert next_fetch is not None
+                bodies = await next_fetch
+                next_fetch = None
+                if stop.is_set():
+                    return
+                missing = [u for u in batch if u not in bodies]
+                if missing:
+                    # Expunged by someone else meanwhile, or a server hiccup: either way, next drain decides.
+                    log.warning("mailbox %s: server returned no body for UIDs %s", self.name, uid_set(missing))
+                if index + 1 < len(batches):
+                    # Pipelining: the next batch travels while this one is parsed and committed.
+                    next_fetch = asyncio.ensure_future(conn.fetch(batches[index + 1]))
+                raws = [self._raw(plan.uidvalidity, uid, bodies[uid]) for uid in batch if uid in bodies]
+                results = await self.pipeline.process(raws)
+                await self._tell_server(conn, results)
+                if missing:
+                    return
+        finally:
+            if next_fetch is not None:
+                # Let the command finish rather than cancel it: a half-read FETCH would desync the protocol.
+                with suppress(Exception):
+                    await next_fetch
+
+    def _raw(self, uidvalidity: int, uid: int, data: bytes) -> RawMail:
+        return RawMail(
+            mailbox=self.name,
+            source=f"imap://{self.name}/{self.box.folder};UIDVALIDITY={uidvalidity};UID={uid}",
+            data=data,
+            source_key=f"{self.name}/{uidvalidity}/{uid}",
+            uidvalidity=uidvalidity,
+            uid=uid,
+        )
+
+    async def _tell_server(self, conn: ImapConnection, results: Sequence[Result]) -> None:
+        await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in results])
+
+    async def _finish_pending(self, conn: ImapConnection, plan: FolderPlan) -> None:
+        log.info("mailbox %s: finishing %d mail(s) stored before a restart", self.name, len(plan.pending))
+        await self._apply(conn, [(p.uid, Outcome(p.outcome), p.source_key) for p in plan.pending])
+
+    async def _apply(self, conn: ImapConnection, items: Iterable[tuple[int | None, Outcome, str | None]]) -> None:
+        done_uids: list[int] = []
+        quarantined: list[int] = []
+        keys: list[str] = []
+        for uid, outcome, key in items:
+            if uid is None or key is None:
+                continue
+            (quarantined if outcome is Outcome.QUARANTINED else done_uids).append(uid)
+            keys.append(key)
+        if quarantined:
+            await conn.move(quarantined, self.box.quarantine_folder)
+        if done_uids:
+            action = self.box.after_store
+            if isinstance(action, MoveTo):
+                await conn.move(done_uids, action.move)
+            elif action == "flag_seen":
+                await conn.flag_seen(done_uids)
+            else:
+                await conn.delete(done_uids)
+        await self.pipeline.mark_server_done(keys)
+
+
+def _batches(uids: Sequence[int], sizes: dict[int, int], settings: FetchSettings) -> Iterable[list[int]]:
+    batch: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes[uid]
+        if batch and (len(batch) >= settings.batch_size or total + size > settings.batch_bytes):
+            yield batch
+            batch, total = [], 0
+        batch.append(uid)
+        total += size
+    if batch:
+        yield batch
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> '1:3,7,9:10'"""
+    ordered = sorted(set(uids))
+    ranges: list[str] = []
+    start = prev = None
+    for uid in ordered:
+        if start is None:
+            start = prev = uid
+        elif prev is not None and uid == prev + 1:
+            prev = uid
+        else:
+            ranges.append(f"{start}:{prev}" if start != prev else f"{start}")
+            start = prev = uid
+    if start is not None:
+        ranges.append(f"{start}:{prev}" if start != prev else f"{start}")
+    return ",".join(ranges)
+
+
+def _search_uids(lines: Sequence[bytes | bytearray]) -> list[int]:
+    uids: list[int] = []
+    for line in lines:
+        data = _b(line)
+        if data.startswith(b"SEARCH"):
+            uids.extend(int(tok) for tok in data.split()[1:] if tok.isdigit())
+    return uids
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _b(line: bytes | bytearray | str) -> bytes:
+    return line.encode() if isinstance(line, str) else bytes(line)
+
+
+def _text(lines: Sequence[bytes | bytearray | str]) -> str:
+    return " ".join(_b(line).decode("utf-8", "replace") for line in lines)[:300]
+
+
+def _check(response: aioimaplib.Response, what: str) -> None:
+    if response.result != "OK":
+        raise ImapError(f"{what} failed: {response.result} {_text(response.lines)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out waiting for the server"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _wait(stop: asyncio.Event, seconds: float, *others: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in (stop, *others)]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

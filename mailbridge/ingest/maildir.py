@@ -1,0 +1,99 @@
+"""Fetch stage for a local Maildir: the demo mailbox, or mail an MTA delivers into a directory.
+
+Stored mail is moved to the `.Processed` subfolder and quarantined mail to `.Quarantine` (Maildir++),
+after the commit, just as the IMAP watcher moves mail on the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from mailbridge.config import FetchSettings, MaildirMailbox
+from mailbridge.ingest.ledger import Ledger
+from mailbridge.ingest.raw import RawMail
+from mailbridge.models import Outcome
+from mailbridge.pipeline import Pipeline, Result
+
+log = logging.getLogger("mailbridge.maildir")
+
+PROCESSED = ".Processed"
+QUARANTINE = ".Quarantine"
+
+
+def ensure_maildir(path: Path) -> None:
+    for sub in ("new", "cur", "tmp"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+
+
+class MaildirWatcher:
+    def __init__(self, box: MaildirMailbox, pipeline: Pipeline, ledger: Ledger, fetch: FetchSettings) -> None:
+        self.box = box
+        self.pipeline = pipeline
+        self.ledger = ledger
+        self.settings = fetch
+
+    @property
+    def name(self) -> str:
+        return self.box.name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        ensure_maildir(self.box.path)
+        await self.ledger.connected()
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except OSError as exc:
+                log.warning("maildir %s: %s", self.name, exc)
+                await self.ledger.failed(str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.box.poll_interval)
+        await self.ledger.disconnected()
+
+    async def run_once(self) -> None:
+        ensure_maildir(self.box.path)
+        files = self._waiting()
+        known = await self.ledger.outcomes([_key(self.name, f) for f in files])
+        # Stored before a crash but not yet moved: just move them now.
+        await self._move([(f, known[_key(self.name, f)]) for f in files if _key(self.name, f) in known])
+        fresh = [f for f in files if _key(self.name, f) not in known]
+        for start in range(0, len(fresh), self.settings.batch_size):
+            batch = fresh[start : start + self.settings.batch_size]
+            results = await self.pipeline.process([self._raw(f) for f in batch])
+            await self._tell(batch, results)
+        await self.ledger.fetched(len(self._waiting()))
+
+    def _waiting(self) -> list[Path]:
+        files: list[Path] = []
+        for sub in ("new", "cur"):
+            files += [p for p in (self.box.path / sub).iterdir() if p.is_file() and not p.name.startswith(".")]
+        return sorted(files, key=lambda p: p.name)
+
+    def _raw(self, path: Path) -> RawMail:
+        return RawMail(
+            mailbox=self.name, source=f"maildir://{self.name}/{path.name}", data=path.read_bytes(),
+            source_key=_key(self.name, path),
+        )  # fmt: skip
+
+    async def _tell(self, batch: Sequence[Path], results: Sequence[Result]) -> None:
+        await self._move([(path, result.outcome) for path, result in zip(batch, results, strict=True)])
+
+    async def _move(self, items: Sequence[tuple[Path, Outcome]]) -> None:
+        keys = []
+        for path, outcome in items:
+            folder = self.box.path / (QUARANTINE if outcome is Outcome.QUARANTINED else PROCESSED)
+            ensure_maildir(folder)
+            target = folder / "cur" / (path.name if ":2," in path.name else f"{path.name}:2,S")
+            if path.exists():
+                os.replace(path, target)
+            keys.append(_key(self.name, path))
+        await self.pipeline.mark_server_done(keys)
+
+
+def _key(mailbox: str, path: Path) -> str:
+    # The unique part of a Maildir name is everything before the ":2,flags" info suffix.
+    return f"{mailbox}/{path.name.split(':', 1)[0]}"

@@ -1,0 +1,488 @@
+"""Parse stage: raw RFC 5322 bytes -> ParsedMail.
+
+mail-parser reads the headers (RFC 2047, address lists, dates, defects). The MIME tree is walked here,
+because mail-parser skips nameless application/octet-stream parts and images inside multipart/related:
+every leaf part of a mail ends up as body text, body HTML, an attachment or an inline image.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.message
+import email.utils
+import hashlib
+import logging
+import mimetypes
+import re
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import charset_normalizer
+import mailparser
+import nh3
+
+from mailbridge.ingest.html_text import html_to_text
+
+# mail-parser logs a warning for every part type it does not know; we handle those parts ourselves.
+logging.getLogger("mailparser").setLevel(logging.CRITICAL)
+
+_SINGLE_BYTE_WESTERN = {"us-ascii", "ascii", "iso-8859-1", "latin1", "latin-1", "windows-1252", "cp1252"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MSGID = re.compile(r"<([^<>\s]+)>")
+_ENCODED_WORD = re.compile(r"=\?[^?]+\?[bBqQ]\?[^?]*\?=")
+HTML_URL_SCHEMES = {"http", "https", "mailto", "tel", "cid", "ftp"}
+
+
+class ParseError(Exception):
+    """The bytes are not a mail we can read (not even its headers)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    name: str
+    address: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"name": self.name, "address": self.address}
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """An attachment or inline image. `payload` is dropped once the bytes are in the blob store."""
+
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+    content_id: str | None
+    inline: bool
+    payload: bytes | None = field(default=None, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename,
+            "content_type": self.content_type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "content_id": self.content_id,
+            "inline": self.inline,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMail:
+    subject: str
+    sender: Address | None
+    to: tuple[Address, ...]
+    cc: tuple[Address, ...]
+    reply_to: tuple[Address, ...]
+    date: datetime | None
+    message_id: str | None
+    in_reply_to: str | None
+    references: tuple[str, ...]
+    text: str
+    html: str | None
+    attachments: tuple[Part, ...]
+    body_parts: int  # leaf parts that became text or html; with the attachments, every leaf of the mail
+    defects: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...]  # lower-cased names, decoded values, in order
+    raw_sha256: str
+    raw_size: int
+    dedup_key: str
+
+    def without_payloads(self) -> ParsedMail:
+        return replace(self, attachments=tuple(replace(p, payload=None) for p in self.attachments))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "from": self.sender.as_json() if self.sender else None,
+            "to": [a.as_json() for a in self.to],
+            "cc": [a.as_json() for a in self.cc],
+            "reply_to": [a.as_json() for a in self.reply_to],
+            "date": self.date.isoformat() if self.date else None,
+            "message_id": self.message_id,
+            "in_reply_to": self.in_reply_to,
+            "references": list(self.references),
+            "text": self.text,
+            "html": self.html,
+            "attachments": [p.as_json() for p in self.attachments],
+            "defects": list(self.defects),
+            "sha256": self.raw_sha256,
+            "size": self.raw_size,
+        }
+
+
+def parse(raw: bytes) -> ParsedMail:
+    """Parse one mail. Raises ParseError only when nothing usable can be read."""
+    if not raw.strip():
+        raise ParseError("empty message: no headers, no body")
+    defects: list[str] = []
+    view = _read_headers(raw, defects)
+    if view is None:
+        # Mails saved from a client or an mbox often start with a line that is not a header
+        # ("From sender date", "---- Original message ----"); the headers follow it.
+        stripped = _skip_leading_non_header_lines(raw)
+        view = _read_headers(stripped, defects) if stripped is not None else None
+        if view is None:
+            raise ParseError("no header lines found: this does not look like an e-mail message")
+        defects.append("LeadingGarbage: skipped lines before the first header")
+    message = view.message
+
+    walker = _PartWalker(defects)
+    walker.walk(message)
+
+    text = "\n\n".join(t for t in walker.texts if t.strip())
+    html_source = "\n".join(walker.htmls)
+    html = nh3.clean(html_source, url_schemes=HTML_URL_SCHEMES) if html_source.strip() else None
+    if not text and html_source:
+        text = html_to_text(html_source)
+
+    headers = tuple((name.lower(), decode_header_value(value)) for name, value in message.items())
+    message_id = _first_msgid(message.get("Message-ID"))
+    raw_sha = hashlib.sha256(raw).hexdigest()
+    return ParsedMail(
+        subject=_one_line(decode_header_value(message.get("Subject", ""))),
+        sender=_first(view.addresses("from")),
+        to=view.addresses("to"),
+        cc=view.addresses("cc"),
+        reply_to=view.addresses("reply-to"),
+        date=view.date,
+        message_id=message_id,
+        in_reply_to=_first_msgid(message.get("In-Reply-To")),
+        references=_references(message.get("In-Reply-To"), message.get("References")),
+        text=text,
+        html=html,
+        attachments=tuple(walker.parts),
+        body_parts=len(walker.texts) + len(walker.htmls),
+        defects=tuple(defects),
+        headers=headers,
+        raw_sha256=raw_sha,
+        raw_size=len(raw),
+        dedup_key=dedup_key(raw, message_id, message),
+    )
+
+
+@dataclass(slots=True)
+class _HeaderView:
+    message: email.message.Message
+    parser: Any  # mailparser.MailParser, or None when it failed and the stdlib is read directly
+
+    def addresses(self, name: str) -> tuple[Address, ...]:
+        if self.parser is not None:
+            pairs = self.parser._header_value(name)
+        else:
+            pairs = email.utils.getaddresses([str(v) for v in self.message.get_all(name, [])])
+        return _addresses(pairs)
+
+    @property
+    def date(self) -> datetime | None:
+        if self.parser is not None:
+            return _date(self.parser.date)
+        try:
+            return _date(email.utils.parsedate_to_datetime(str(self.message.get("Date", ""))))
+        except (TypeError, ValueError):
+            return None
+
+
+def _read_headers(raw: bytes, defects: list[str]) -> _HeaderView | None:
+    try:
+        parser = mailparser.MailParser.from_bytes(raw)
+        message = parser.message
+        defects.extend(_flatten_defects(parser.defects))
+    except Exception as exc:  # mail-parser has crashed on odd epilogues; the stdlib still reads the mail
+        defects.append(f"MailParserFailure: {type(exc).__name__}: {exc}")
+        parser = None
+        try:
+            message = email.message_from_bytes(raw)
+        except RecursionError:
+            raise ParseError("MIME nesting too deep to parse") from None
+    if message is None or not message.keys():
+        return None
+    return _HeaderView(message, parser)
+
+
+_HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
+
+
+def _skip_leading_non_header_lines(raw: bytes, max_lines: int = 3) -> bytes | None:
+    lines = raw.splitlines(keepends=True)
+    for skip in range(1, min(max_lines, len(lines) - 1) + 1):
+        if _HEADER_LINE.match(lines[skip]) and _HEADER_LINE.match(lines[skip + 1] if skip + 1 < len(lines) else b""):
+            return b"".join(lines[skip:])
+    return None
+
+
+def dedup_key(raw: bytes, message_id: str | None, message: email.message.Message) -> str:
+    """Equal for the same mail delivered to two mailboxes (headers differ: Received, Delivered-To).
+
+    Message-ID alone is not enough: some mailers reuse one for different mails, and we must never
+    drop a real mail as a duplicate. The body bytes and the author's own headers make it specific.
+    """
+    head_end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw))
+    body = raw[head_end:].lstrip(b"\r\n").replace(b"\r\n", b"\n")
+    digest = hashlib.sha256()
+    for name in ("From", "Date", "Subject"):
+        digest.update(str(message.get(name, "")).encode("utf-8", "surrogateescape") + b"\0")
+    digest.update((message_id or "").encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+class _PartWalker:
+    """Sorts every leaf of the MIME tree into body text, body HTML or an attachment."""
+
+    def __init__(self, defects: list[str]) -> None:
+        self.texts: list[str] = []
+        self.htmls: list[str] = []
+        self.parts: list[Part] = []
+        self.defects = defects
+
+    def walk(self, part: email.message.Message, *, in_related: bool = False) -> None:
+        ctype = part.get_content_type()
+        disposition = part.get_content_disposition()
+        if part.is_multipart() and not ctype.startswith("message/"):
+            children = part.get_payload()
+            if isinstance(children, list):
+                for child in children:
+                    self.walk(child, in_related=in_related or ctype == "multipart/related")
+                return
+        filename = _filename(part)
+        if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
+            body = decode_text(_payload_bytes(part), part.get_content_charset(), self.defects)
+            (self.texts if ctype == "text/plain" else self.htmls).append(body)
+            return
+        self.parts.append(self._attachment(part, ctype, disposition, filename, in_related))
+
+    def _attachment(
+        self,
+        part: email.message.Message,
+        ctype: str,
+        disposition: str | None,
+        filename: str | None,
+        in_related: bool,
+    ) -> Part:
+        payload = _payload_bytes(part)
+        content_id = _content_id(part.get("Content-ID"))
+        inline = disposition == "inline" or (in_related and content_id is not None and disposition is None)
+        name = safe_filename(filename or "") or _fallback_name(part, ctype, content_id, len(self.parts) + 1)
+        return Part(
+            filename=name,
+            content_type=ctype,
+            size=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+            content_id=content_id,
+            inline=inline,
+            payload=payload,
+        )
+
+
+def _payload_bytes(part: email.message.Message) -> bytes:
+    if part.get_content_type().startswith("message/") or part.is_multipart():
+        # An attached mail, a delivery status, a digest: keep it whole, as it was on the wire.
+        inner = part.get_payload()
+        chunks = inner if isinstance(inner, list) else [inner]
+        return b"".join(_as_bytes(c) for c in chunks)
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        return payload
+    return _as_bytes(part.get_payload())
+
+
+def _as_bytes(obj: Any) -> bytes:
+    if isinstance(obj, bytes):
+        return obj
+    if isinstance(obj, email.message.Message):
+        try:
+            return obj.as_bytes()
+        except Exception:  # the stdlib generator trips over some broken headers; keep the text instead
+            return obj.as_string().encode("utf-8", "surrogateescape")
+    return str(obj or "").encode("utf-8", "surrogateescape")
+
+
+def decode_text(payload: bytes, declared: str | None, defects: list[str]) -> str:
+    """Bytes of a text part -> str, never mojibake when the declared charset is wrong or missing."""
+    if not payload:
+        return ""
+    charset = (declared or "").strip().lower() or None
+    non_ascii = not payload.isascii()
+    if non_ascii and (charset is None or charset in _SINGLE_BYTE_WESTERN):
+        # Valid multi-byte UTF-8 almost never happens by chance in Latin-1 text; mislabelled UTF-8 is common.
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            if charset is not None:
+                defects.append(f"CharsetMismatch: declared {charset}, decoded as utf-8")
+            return text
+    if charset is not None and not (non_ascii and charset in ("us-ascii", "ascii")):
+        try:
+            return payload.decode(_codec_alias(charset))
+        except (LookupError, UnicodeDecodeError):
+            defects.append(f"CharsetDecodeDefect: declared {charset} does not decode this text")
+    if not non_ascii:
+        return payload.decode("ascii")
+    best = charset_normalizer.from_bytes(payload).best()
+    if best is not None:
+        defects.append(f"CharsetGuessed: decoded as {best.encoding}")
+        return str(best)
+    defects.append("CharsetDecodeDefect: undecodable bytes replaced")
+    return payload.decode("utf-8", "replace")
+
+
+def _codec_alias(charset: str) -> str:
+    # Outlook and friends write names Python does not know.
+    return {"ks_c_5601-1987": "cp949", "x-user-defined": "cp1252", "unicode-1-1-utf-7": "utf-7"}.get(charset, charset)
+
+
+def decode_header_value(value: Any) -> str:
+    """A header value as text: RFC 2047 words decoded, raw 8-bit bytes decoded by guess."""
+    if value is None:
+        return ""
+    if isinstance(value, email.header.Header):
+        # compat32 hands out Header objects for raw 8-bit headers; their chunks keep the bytes.
+        value = "".join(
+            _decode_chunk(chunk, charset) if isinstance(chunk, bytes) else chunk
+            for chunk, charset in email.header.decode_header(value)
+        )
+    text = str(value)
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        raw = text.encode("ascii", "surrogateescape")
+        text = decode_text(raw, None, [])
+    if "=?" in text and _ENCODED_WORD.search(text):
+        text = _decode_encoded_words(text)
+    return text
+
+
+def _decode_encoded_words(text: str) -> str:
+    try:
+        pieces = email.header.decode_header(text)
+    except Exception:  # a malformed encoded word: show it as it was sent
+        return text
+    return "".join(chunk if isinstance(chunk, str) else _decode_chunk(chunk, charset) for chunk, charset in pieces)
+
+
+def _decode_chunk(chunk: bytes, charset: str | None) -> str:
+    # "unknown-8bit" is what the stdlib calls raw 8-bit header bytes: guess them like an undeclared body.
+    if charset and charset.lower() != "unknown-8bit":
+        try:
+            return chunk.decode(_codec_alias(charset.lower()))
+        except (LookupError, UnicodeDecodeError):
+            pass
+    return decode_text(chunk, None, [])
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _filename(part: email.message.Message) -> str | None:
+    try:
+        name = part.get_filename()
+    except Exception:  # a broken RFC 2231 continuation raises from the stdlib
+        name = None
+    if name is None:
+        name = part.get_param("name", header="content-type")
+        if isinstance(name, tuple):
+            name = email.utils.collapse_rfc2231_value(name)
+    if not name:
+        return None
+    return decode_header_value(name)
+
+
+def safe_filename(name: str, max_bytes: int = 200) -> str:
+    """A name safe to show and to use on any file system: no directories, no control characters."""
+    name = unicodedata.normalize("NFC", name)
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    name = _CONTROL.sub("", name).strip().lstrip(".").strip()
+    if name in ("", ".", ".."):
+        return ""
+    if len(name.encode("utf-8")) > max_bytes:
+        stem, dot, ext = name.rpartition(".")
+        ext = ext if dot and len(ext) <= 10 else ""
+        stem = stem if ext else name
+        budget = max_bytes - len(ext.encode("utf-8")) - 1
+        stem = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
+        name = f"{stem}.{ext}" if ext else stem
+    return name
+
+
+def _fallback_name(part: email.message.Message, ctype: str, content_id: str | None, index: int) -> str:
+    if ctype == "message/rfc822":
+        inner = part.get_payload()
+        subject = ""
+        if isinstance(inner, list) and inner and isinstance(inner[0], email.message.Message):
+            subject = _one_line(decode_header_value(inner[0].get("Subject", "")))
+        return (safe_filename(subject)[:80] or f"attached-message-{index}") + ".eml"
+    if ctype == "application/ms-tnef":
+        return "winmail.dat"
+    ext = mimetypes.guess_extension(ctype, strict=False) or ".bin"
+    stem = safe_filename(content_id.split("@", 1)[0]) if content_id else ""
+    return f"{stem or f'part-{index}'}{ext}"
+
+
+def _content_id(value: Any) -> str | None:
+    if not value:
+        return None
+    cid = str(value).strip().strip("<>").strip()
+    return cid or None
+
+
+def _first_msgid(value: Any) -> str | None:
+    if not value:
+        return None
+    text = str(value)
+    match = _MSGID.search(text)
+    if match:
+        return match.group(1)
+    token = text.strip().split()
+    return token[0] if token else None
+
+
+def _references(in_reply_to: Any, references: Any) -> tuple[str, ...]:
+    """In-Reply-To first, then References newest first, deduplicated: the order threading tries them."""
+    ids = [m for m in (_first_msgid(in_reply_to),) if m]
+    ids += reversed(_MSGID.findall(str(references or "")))
+    return tuple(dict.fromkeys(ids))
+
+
+def _addresses(pairs: Sequence[tuple[str, str]] | None) -> tuple[Address, ...]:
+    out: list[Address] = []
+    for name, address in pairs or ():
+        address = (address or "").strip()
+        if "@" not in address:
+            continue
+        out.append(Address(name=_one_line(decode_header_value(name or "")), address=address))
+    return tuple(out)
+
+
+def _first(items: tuple[Address, ...]) -> Address | None:
+    return items[0] if items else None
+
+
+def _date(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _flatten_defects(raw: Any) -> list[str]:
+    out: list[str] = []
+
+    def visit(item: Any) -> Iterator[str]:
+        if isinstance(item, dict):
+            for v in item.values():
+                yield from visit(v)
+        elif isinstance(item, list | tuple):
+            for v in item:
+                yield from visit(v)
+        elif item:
+            yield str(item)
+
+    out.extend(visit(raw))
+    return list(dict.fromkeys(out))

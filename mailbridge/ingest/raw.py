@@ -1,0 +1,16 @@
+"""RawMail: the bytes of one mail and where they came from, as every source hands them to the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RawMail:
+    mailbox: str  # the configured mailbox (the channel), or "import" for `mailbridge ingest`
+    source: str  # for humans and logs: imap://support/INBOX;UIDVALIDITY=7;UID=42, a file path …
+    data: bytes = field(repr=False)
+    # Unique per mail at its source, so a mail fetched again after a crash is recognised; None for imports.
+    source_key: str | None = None
+    uidvalidity: int | None = None
+    uid: int | None = None

@@ -1,0 +1,135 @@
+"""Read-only views of the database for the CLI: tickets, quarantine, mailbox status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from mailbridge.config import Settings
+from mailbridge.models import Article, MailboxState, Outcome, QuarantinedMail, Receipt, Ticket
+
+
+def ticket_rows(session: Session, limit: int) -> list[dict[str, Any]]:
+    counts = select(Article.ticket_id, func.count(Article.id).label("articles")).group_by(Article.ticket_id).subquery()
+    query = (
+        select(Ticket, counts.c.articles)
+        .join(counts, counts.c.ticket_id == Ticket.id, isouter=True)
+        .order_by(Ticket.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "number": t.number,
+            "status": t.status,
+            "subject": t.subject,
+            "customer": {"name": t.customer.name, "address": t.customer.address},
+            "mailbox": t.mailbox,
+            "created_at": t.created_at.isoformat(),
+            "articles": n or 0,
+        }
+        for t, n in session.execute(query)
+    ]
+
+
+def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
+    ticket = session.scalars(
+        select(Ticket).where(Ticket.number == number).options(selectinload(Ticket.articles))
+    ).first()
+    if ticket is None:
+        return None
+    return {
+        "number": ticket.number,
+        "status": ticket.status,
+        "subject": ticket.subject,
+        "customer": {"name": ticket.customer.name, "address": ticket.customer.address},
+        "mailbox": ticket.mailbox,
+        "created_at": ticket.created_at.isoformat(),
+        "articles": [
+            {
+                "id": a.id,
+                "direction": a.direction,
+                "from": {"name": a.from_name, "address": a.from_address},
+                "to": a.to,
+                "cc": a.cc,
+                "subject": a.subject,
+                "date": a.sent_at.isoformat() if a.sent_at else None,
+                "message_id": a.message_id,
+                "text": a.text,
+                "has_html": a.html is not None,
+                "raw_sha256": a.raw_sha256,
+                "raw_size": a.raw_size,
+                "attachments": [
+                    {
+                        "filename": p.filename,
+                        "content_type": p.content_type,
+                        "size": p.size,
+                        "sha256": p.sha256,
+                        "content_id": p.content_id,
+                        "inline": p.inline,
+                    }
+                    for p in a.attachments
+                ],
+            }
+            for a in ticket.articles
+        ],
+    }
+
+
+def quarantine_row(item: QuarantinedMail) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "mailbox": item.mailbox,
+        "source": item.source,
+        "stage": item.stage,
+        "reason": item.reason,
+        "retryable": item.retryable,
+        "size": item.size,
+        "sha256": item.sha256,
+        "message_id": item.message_id,
+        "created_at": item.created_at.isoformat(),
+        "resolved_at": item.resolved_at.isoformat() if item.resolved_at else None,
+    }
+
+
+def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]:
+    counts: dict[str, dict[str, int]] = {}
+    for mailbox, outcome, n in session.execute(
+        select(Receipt.mailbox, Receipt.outcome, func.count()).group_by(Receipt.mailbox, Receipt.outcome)
+    ):
+        counts.setdefault(mailbox, {})[outcome] = n
+    pending = dict(
+        session.execute(
+            select(Receipt.mailbox, func.count()).where(Receipt.server_done.is_(False)).group_by(Receipt.mailbox)
+        ).all()
+    )
+    states = {s.mailbox: s for s in session.scalars(select(MailboxState))}
+    names = [box.name for box in settings.mailboxes]
+    names += sorted(n for n in counts if n not in names)  # `ingest` imports and removed mailboxes
+    rows = []
+    for name in names:
+        state = states.get(name)
+        c = counts.get(name, {})
+        stored, dup, quar = (
+            c.get(Outcome.STORED, 0),
+            c.get(Outcome.DUPLICATE, 0),
+            c.get(Outcome.QUARANTINED, 0),
+        )
+        rows.append(
+            {
+                "mailbox": name,
+                "configured": name in {box.name for box in settings.mailboxes},
+                "connected": bool(state and state.connected),
+                "last_error": state.last_error if state else None,
+                "last_error_at": state.last_error_at.isoformat() if state and state.last_error_at else None,
+                "last_fetch_at": state.last_fetch_at.isoformat() if state and state.last_fetch_at else None,
+                "in_folder": state.messages_in_folder if state else None,
+                "fetched": stored + dup + quar,
+                "stored": stored,
+                "duplicates": dup,
+                "quarantined": quar,
+                "awaiting_server_update": pending.get(name, 0),
+            }
+        )
+    return rows
