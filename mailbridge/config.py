@@ -15,8 +15,10 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -110,7 +112,16 @@ class MaildirMailbox(_Strict):
     poll_interval: float = Field(default=0.5, gt=0)
 
 
-Mailbox = Annotated[ImapMailbox | MaildirMailbox, Field(discriminator="type")]
+def _mailbox_kind(value: Any) -> str:
+    # `type` may be left out: a mailbox is IMAP unless it says otherwise.
+    kind = value.get("type", "imap") if isinstance(value, dict) else getattr(value, "type", "imap")
+    return kind if kind in ("imap", "maildir") else "imap"
+
+
+Mailbox = Annotated[
+    Annotated[ImapMailbox, Tag("imap")] | Annotated[MaildirMailbox, Tag("maildir")],
+    Discriminator(_mailbox_kind),
+]
 
 
 def _is_loopback(host: str) -> bool:

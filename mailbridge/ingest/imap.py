@@ -419,11 +419,14 @@ def uid_set(uids: Iterable[int]) -> str:
 
 
 def _search_uids(lines: Sequence[bytes | bytearray]) -> list[int]:
+    # aioimaplib strips the "* SEARCH" prefix; the last line is the tagged status text.
     uids: list[int] = []
-    for line in lines:
-        data = _b(line)
-        if data.startswith(b"SEARCH"):
-            uids.extend(int(tok) for tok in data.split()[1:] if tok.isdigit())
+    for line in lines[:-1]:
+        tokens = _b(line).split()
+        if tokens and tokens[0].upper() == b"SEARCH":
+            tokens = tokens[1:]
+        if tokens and all(tok.isdigit() for tok in tokens):
+            uids.extend(int(tok) for tok in tokens)
     return uids
 
 

@@ -110,6 +110,7 @@ class ParsedMail:
             "text": self.text,
             "html": self.html,
             "attachments": [p.as_json() for p in self.attachments],
+            "body_parts": self.body_parts,
             "defects": list(self.defects),
             "sha256": self.raw_sha256,
             "size": self.raw_size,
@@ -121,6 +122,10 @@ def parse(raw: bytes) -> ParsedMail:
     if not raw.strip():
         raise ParseError("empty message: no headers, no body")
     defects: list[str] = []
+    raw_sha, raw_size = hashlib.sha256(raw).hexdigest(), len(raw)  # of the bytes as received
+    if raw.startswith(b"\xef\xbb\xbf"):  # Windows tools save .eml files with a UTF-8 byte order mark
+        raw = raw[3:]
+        defects.append("ByteOrderMark: removed a UTF-8 BOM before the headers")
     view = _read_headers(raw, defects)
     if view is None:
         # Mails saved from a client or an mbox often start with a line that is not a header
@@ -143,7 +148,6 @@ def parse(raw: bytes) -> ParsedMail:
 
     headers = tuple((name.lower(), decode_header_value(value)) for name, value in message.items())
     message_id = _first_msgid(message.get("Message-ID"))
-    raw_sha = hashlib.sha256(raw).hexdigest()
     return ParsedMail(
         subject=_one_line(decode_header_value(message.get("Subject", ""))),
         sender=_first(view.addresses("from")),
@@ -161,7 +165,7 @@ def parse(raw: bytes) -> ParsedMail:
         defects=tuple(defects),
         headers=headers,
         raw_sha256=raw_sha,
-        raw_size=len(raw),
+        raw_size=raw_size,
         dedup_key=dedup_key(raw, message_id, message),
     )
 
@@ -176,7 +180,12 @@ class _HeaderView:
             pairs = self.parser._header_value(name)
         else:
             pairs = email.utils.getaddresses([str(v) for v in self.message.get_all(name, [])])
-        return _addresses(pairs)
+        found = _addresses(pairs)
+        if not found and (raw := self.message.get(name)):
+            # An unbalanced quote or a missing ">" hides the address from a strict parser;
+            # a reply to nobody is worse than a leniently read sender.
+            found = _lenient_addresses(decode_header_value(raw))
+        return found
 
     @property
     def date(self) -> datetime | None:
@@ -458,6 +467,17 @@ def _addresses(pairs: Sequence[tuple[str, str]] | None) -> tuple[Address, ...]:
         if "@" not in address:
             continue
         out.append(Address(name=_one_line(decode_header_value(name or "")), address=address))
+    return tuple(out)
+
+
+_ADDR_SPEC = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
+def _lenient_addresses(text: str) -> tuple[Address, ...]:
+    out: list[Address] = []
+    for match in _ADDR_SPEC.finditer(text):
+        name = text[: match.start()].strip().strip('"<> ,').strip() if not out else ""
+        out.append(Address(name=_one_line(name), address=match.group(0)))
     return tuple(out)
 
 

@@ -1,0 +1,67 @@
+"""Golden pairs: fixtures/emails/<case>.eml with <case>.expected.yaml."""
+
+from __future__ import annotations
+
+import email
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mailbridge.ingest.parse import parse
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "emails"
+CASES = sorted(p.stem for p in FIXTURES.glob("*.eml"))
+
+
+def expected(case: str) -> dict[str, Any]:
+    return yaml.safe_load((FIXTURES / f"{case}.expected.yaml").read_text(encoding="utf-8"))
+
+
+def leaf_count(raw: bytes) -> int:
+    """Leaves of the MIME tree by an independent walk (an attached message counts as one leaf)."""
+
+    def count(part: email.message.Message) -> int:
+        if part.is_multipart() and not part.get_content_type().startswith("message/"):
+            return sum(count(child) for child in part.get_payload())
+        return 1
+
+    return count(email.message_from_bytes(raw))
+
+
+def test_every_fixture_has_an_expectation() -> None:
+    assert CASES, "no fixtures found"
+    for case in CASES:
+        assert (FIXTURES / f"{case}.expected.yaml").exists(), case
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fixture_parses_as_expected(case: str) -> None:
+    raw = (FIXTURES / f"{case}.eml").read_bytes()
+    want = expected(case)
+    mail = parse(raw)
+    if "subject" in want:
+        assert mail.subject == want["subject"]
+    if want.get("from_address"):
+        assert mail.sender is not None
+        assert mail.sender.address.lower() == want["from_address"].lower()
+    for needle in want.get("text_contains") or []:
+        assert needle in mail.text, f"{needle!r} missing from the text body"
+    got = [(a.content_type, a.inline) for a in mail.attachments]
+    assert got == [(a["content_type"], bool(a["inline"])) for a in want.get("attachments") or []]
+    for part, spec in zip(mail.attachments, want.get("attachments") or [], strict=True):
+        if spec.get("filename"):
+            assert part.filename == spec["filename"]
+        if spec.get("content_id"):
+            assert part.content_id == spec["content_id"]
+        assert part.filename and "/" not in part.filename and "\\" not in part.filename
+        assert not any(ord(c) < 32 for c in part.filename)
+    assert "\ufffd" not in mail.text, "mojibake: replacement characters in the text"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_mime_part_is_lost(case: str) -> None:
+    raw = (FIXTURES / f"{case}.eml").read_bytes()
+    mail = parse(raw)
+    assert mail.body_parts + len(mail.attachments) == leaf_count(raw)
