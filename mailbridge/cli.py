@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +92,9 @@ def run(
     once: Annotated[bool, typer.Option("--once", help="Drain every mailbox once, then exit.")] = False,
 ) -> None:
     """Run the daemon: fetch every configured mailbox until SIGTERM/SIGINT."""
+    # Until the event loop takes over SIGTERM, a stop request during start-up simply exits:
+    # nothing has been fetched yet, and the migrations run in a transaction.
+    signal.signal(signal.SIGTERM, _exit_quietly)
     with _app(config) as application:
         if not application.settings.mailboxes:
             typer.echo("warning: no mailboxes configured; nothing to fetch", err=True)
@@ -98,6 +102,10 @@ def run(
             asyncio.run(application.run_once())
             return
         asyncio.run(_run_daemon(application))
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def _run_daemon(application: App) -> None:

@@ -10,9 +10,10 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from typing import Any
 
 import aioimaplib
 
@@ -69,7 +70,7 @@ class ImapConnection:
         await self.client.wait_hello_from_server()
         if box.security == "starttls":
             await self._starttls()
-        response = await self.client.login(box.user, box.secret)
+        response = await self._call(self.client.login(box.user, box.secret), "LOGIN")
         if response.result != "OK":
             raise AuthenticationError(f"login as {box.user} refused: {_text(response.lines)}")
         return await self.select()
@@ -95,9 +96,31 @@ class ImapConnection:
         assert self.client is not None
         return set(self.client.protocol.capabilities)
 
+    async def _call(self, command: Awaitable[aioimaplib.Response], what: str, timeout: float | None = -1.0) -> Any:
+        """Await an aioimaplib command, but give up when the connection drops or the server goes quiet.
+
+        aioimaplib applies no timeout to UID MOVE/STORE/COPY/EXPUNGE and never fails a pending
+        command when the socket closes, so without this a dropped connection hangs the watcher.
+        """
+        limit = self.box.timeout if timeout == -1.0 else timeout
+        task = asyncio.ensure_future(command)
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            done, _ = await asyncio.wait({task, lost}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with suppress(BaseException):
+            await task
+        if self.lost.is_set():
+            raise ImapError(f"{what}: connection lost")
+        raise ImapError(f"{what}: no answer from the server within {limit:g} s")
+
     async def select(self) -> FolderStatus:
         assert self.client is not None
-        response = await self.client.select(_quote(self.box.folder))
+        response = await self._call(self.client.select(_quote(self.box.folder)), "SELECT")
         _check(response, f"SELECT {self.box.folder}")
         codes = {m.group(1): int(m.group(2)) for line in response.lines for m in _CODE.finditer(_b(line))}
         exists = next((int(m.group(1)) for line in response.lines if (m := _EXISTS.match(_b(line)))), 0)
@@ -107,16 +130,16 @@ class ImapConnection:
 
     async def ensure_folder(self, name: str) -> None:
         assert self.client is not None
-        response = await self.client.create(_quote(name))
+        response = await self._call(self.client.create(_quote(name)), "CREATE")
         if response.result != "OK" and b"ALREADYEXISTS" not in b" ".join(map(_b, response.lines)):
             # Servers without RFC 5530 codes say "NO Mailbox exists" in words; check by listing.
-            listing = await self.client.list('""', _quote(name))
+            listing = await self._call(self.client.list('""', _quote(name)), "LIST")
             if not any(b"LIST" in _b(line) or name.encode() in _b(line) for line in listing.lines[:-1]):
                 raise ImapError(f"cannot create folder {name}: {_text(response.lines)}")
 
     async def uids_above(self, floor: int) -> list[int]:
         assert self.client is not None
-        response = await self.client.uid_search(f"UID {floor + 1}:*", charset=None)
+        response = await self._call(self.client.uid_search(f"UID {floor + 1}:*", charset=None), "UID SEARCH")
         _check(response, "UID SEARCH")
         return sorted(u for u in _search_uids(response.lines) if u > floor)
 
@@ -127,7 +150,7 @@ class ImapConnection:
         criteria = [f"UID 1:{ceiling}"]
         if since is not None:
             criteria.append(f"SINCE {since.since.strftime('%d-%b-%Y')}")
-        response = await self.client.uid_search(*criteria, charset=None)
+        response = await self._call(self.client.uid_search(*criteria, charset=None), "UID SEARCH")
         _check(response, "UID SEARCH")
         return sorted(u for u in _search_uids(response.lines) if u <= ceiling)
 
@@ -136,7 +159,7 @@ class ImapConnection:
         sizes: dict[int, int] = {}
         for start in range(0, len(uids), _LISTING_CHUNK):
             chunk = uids[start : start + _LISTING_CHUNK]
-            response = await self.client.uid("fetch", uid_set(chunk), "(UID RFC822.SIZE)")
+            response = await self._call(self.client.uid("fetch", uid_set(chunk), "(UID RFC822.SIZE)"), "UID FETCH")
             _check(response, "UID FETCH RFC822.SIZE")
             for line in response.lines:
                 data = _b(line)
@@ -148,7 +171,8 @@ class ImapConnection:
     async def fetch(self, uids: Sequence[int]) -> dict[int, bytes]:
         """One UID FETCH for the whole batch: BODY.PEEK[] leaves \\Seen as it was."""
         assert self.client is not None
-        response = await self.client.uid("fetch", uid_set(uids), "(UID BODY.PEEK[])")
+        # No overall limit: a big batch may take long; aioimaplib times out when no data arrives.
+        response = await self._call(self.client.uid("fetch", uid_set(uids), "(UID BODY.PEEK[])"), "UID FETCH", None)
         _check(response, "UID FETCH BODY.PEEK[]")
         bodies: dict[int, bytes] = {}
         lines = response.lines
@@ -162,27 +186,27 @@ class ImapConnection:
         return bodies
 
     async def move(self, uids: Sequence[int], folder: str) -> None:
-        assert self.client is not None
         if "MOVE" in self.capabilities:
-            _check(await self.client.uid("move", uid_set(uids), _quote(folder)), f"UID MOVE to {folder}")
+            await self._uid("move", uid_set(uids), _quote(folder))
             return
-        _check(await self.client.uid("copy", uid_set(uids), _quote(folder)), f"UID COPY to {folder}")
+        await self._uid("copy", uid_set(uids), _quote(folder))
         await self.delete(uids)
 
     async def flag_seen(self, uids: Sequence[int]) -> None:
-        assert self.client is not None
-        _check(await self.client.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)"), "UID STORE \\Seen")
+        await self._uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Seen)")
 
     async def delete(self, uids: Sequence[int]) -> None:
-        assert self.client is not None
-        _check(
-            await self.client.uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Deleted)"),
-            "UID STORE \\Deleted",
-        )
+        await self._uid("store", uid_set(uids), "+FLAGS.SILENT", r"(\Deleted)")
         if "UIDPLUS" in self.capabilities:
-            _check(await self.client.uid("expunge", uid_set(uids)), "UID EXPUNGE")
+            await self._uid("expunge", uid_set(uids))
         else:
-            _check(await self.client.expunge(), "EXPUNGE")
+            assert self.client is not None
+            _check(await self._call(self.client.expunge(), "EXPUNGE"), "EXPUNGE")
+
+    async def _uid(self, command: str, *args: str) -> None:
+        assert self.client is not None
+        what = f"UID {command.upper()} {' '.join(args)}"
+        _check(await self._call(self.client.uid(command, *args), what), what)
 
     async def wait_for_news(self, stop: asyncio.Event, timeout: float) -> None:
         """Return when the server reports new mail, on `stop`, or after `timeout` seconds."""

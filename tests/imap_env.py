@@ -1,0 +1,87 @@
+"""Shared pieces for tests against the real Dovecot: settings that point at it, sample mails, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mailbridge.app import App, build_app
+from mailbridge.config import load_settings
+from tests.support.dovecot import Dovecot, MailUser
+
+_counter = itertools.count(1)
+
+
+def sample_mail(subject: str | None = None, sender: str = "klient@example.com", body: str = "Dzień dobry") -> bytes:
+    n = next(_counter)
+    msg = EmailMessage()
+    msg["From"] = f"Klient {n} <{sender}>"
+    msg["To"] = "support@helpdesk.example"
+    msg["Subject"] = subject or f"Zgłoszenie {n}"
+    msg["Date"] = format_datetime(__import__("datetime").datetime.now().astimezone())
+    msg["Message-ID"] = make_msgid(domain="client.example")
+    msg.set_content(f"{body} #{n}\n")
+    return msg.as_bytes()
+
+
+def imap_box(server: Dovecot, user: MailUser, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": user.name,
+        "host": server.host,
+        "port": server.port,
+        "security": "none",
+        "user": user.name,
+        "password": user.password,
+        "timeout": 10,
+        **extra,
+    }
+
+
+def write_config(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> Path:
+    path = tmp_path / "mailbridge.yaml"
+    data = {
+        "data_dir": str(tmp_path / "data"),
+        "storage": {"fsync": False},
+        "parsing": {"workers": 2},
+        "fetch": {"reconnect_max_seconds": 1},
+        "shutdown_grace_seconds": 5,
+        "mailboxes": boxes,
+        **top,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def make_app(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> App:
+    app = build_app(load_settings(write_config(tmp_path, boxes, **top)))
+    app.prepare()
+    return app
+
+
+def new_user(server: Dovecot, prefix: str = "box") -> MailUser:
+    return server.add_user(f"{prefix}{next(_counter)}", "pw-" + str(next(_counter)))
+
+
+def count(app: App, sql: str) -> int:
+    from sqlalchemy import text
+
+    with app.db.reader() as session:
+        return int(session.execute(text(sql)).scalar_one())
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> float:
+    """Seconds it took for `predicate` to hold; fails the test after `timeout`."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+    return time.monotonic() - start

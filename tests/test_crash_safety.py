@@ -1,0 +1,100 @@
+"""Killed at any instant (SIGKILL) and restarted, the daemon ends with every mail stored exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.imap_env import imap_box, new_user, sample_mail, write_config
+from tests.support.dovecot import Dovecot
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")]
+
+TOTAL = 500
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Dovecot]:
+    dovecot = Dovecot.start(tmp_path / "dovecot")
+    yield dovecot
+    dovecot.stop()
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mailbridge", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MAILBRIDGE_CONFIG": ""},
+        )
+
+
+def tickets(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db, timeout=30) as conn:
+        try:
+            return int(conn.execute("select count(*) from tickets").fetchone()[0])
+        except sqlite3.OperationalError:  # schema not created yet
+            return 0
+
+
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    rng = random.Random(20261125)
+    for n in range(TOTAL):
+        body = "Proszę o pomoc. " * rng.randint(5, 400)
+        server.append(sample_mail(body=body), flags=r"\Seen" if n % 7 == 0 else "", user=user.name)
+    config = write_config(tmp_path, [imap_box(server, user, poll_interval=0.5)], fetch={"batch_size": 10})
+    db = tmp_path / "data" / "mailbridge.db"
+    log = tmp_path / "daemon.log"
+
+    kills = 0
+    progress: list[int] = []
+    while kills < 12 and server.uids("INBOX", user=user.name):
+        daemon = start_daemon(config, log)
+        time.sleep(rng.uniform(0.5, 1.6))
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        kills += 1
+        progress.append(tickets(db))
+    print(f"\nkilled {kills} times; tickets after each kill: {progress}")
+    mid_import = [n for n in progress if 0 < n < TOTAL]
+    assert len(set(mid_import)) >= 2, "the daemon was not killed often enough mid-import; the test proves little"
+
+    # A last run, stopped cleanly: SIGTERM finishes the mail in hand and exits 0.
+    offset = log.stat().st_size
+    daemon = start_daemon(config, log)
+    while "connected to" not in log.read_bytes()[offset:].decode(errors="replace"):
+        time.sleep(0.1)
+        assert daemon.poll() is None, log.read_text()[-3000:]
+    deadline = time.monotonic() + 120
+    while (server.uids("INBOX", user=user.name) or tickets(db) < TOTAL) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0, log.read_text()[-3000:]
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from tickets").fetchone()[0] == TOTAL
+        assert conn.execute("select count(distinct dedup_key) from articles").fetchone()[0] == TOTAL
+        assert conn.execute("select count(*) from receipts").fetchone()[0] == TOTAL
+        assert conn.execute("select count(*) from receipts where server_done = 0").fetchone()[0] == 0
+        assert conn.execute("select count(*) from quarantine").fetchone()[0] == 0
+        stored = {row[0] for row in conn.execute("select raw_sha256 from articles")}
+    assert server.uids("INBOX", user=user.name) == []
+    processed = server.fetch_all("Processed", user=user.name)
+    assert len(processed) == TOTAL
+    import hashlib
+
+    assert {hashlib.sha256(raw).hexdigest() for raw in processed} == stored
+    assert "Traceback" not in log.read_text()

@@ -1,0 +1,257 @@
+"""End to end against a real Dovecot on 127.0.0.1: what a help desk relies on from the intake."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from mailbridge.app import App
+from tests.imap_env import count, make_app, new_user, sample_mail, wait_until
+from tests.support.dovecot import Dovecot
+
+pytestmark = pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    dovecot = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
+    yield dovecot
+    dovecot.stop()
+
+
+@pytest.fixture(scope="module")
+def server_without_idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    dovecot = Dovecot.start(tmp_path_factory.mktemp("dovecot-noidle"), idle=False)
+    yield dovecot
+    dovecot.stop()
+
+
+@contextlib.asynccontextmanager
+async def daemon(app: App) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        app.close()
+
+
+async def test_every_mail_becomes_one_ticket_and_is_moved(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    mails = [sample_mail() for _ in range(3)]
+    server.append(mails[0], user=user.name)
+    server.append(mails[1], flags=r"\Seen", user=user.name)  # already opened in Outlook: still a ticket
+    server.append(mails[2], user=user.name)
+    on_server = [hashlib.sha256(raw).hexdigest() for raw in server.fetch_all(user=user.name)]
+    app = make_app(tmp_path, [{**_box(server, user)}])
+    try:
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 3
+        assert count(app, "select count(*) from tickets where number like 'MB-0000%' and status = 'new'") == 3
+        assert server.uids("INBOX", user=user.name) == []
+        assert len(server.uids("Processed", user=user.name)) == 3
+        # The raw bytes are kept exactly as the server had them.
+        blobs = app.settings.storage_path / "blobs"
+        for sha in on_server:
+            assert hashlib.sha256((blobs / sha[:2] / sha[2:4] / sha).read_bytes()).hexdigest() == sha
+        assert count(app, "select count(*) from articles where raw_sha256 in ('" + "','".join(on_server) + "')") == 3
+        assert count(app, "select count(*) from contacts where address = 'klient@example.com'") == 1
+        # A second pass finds nothing new.
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 3
+    finally:
+        app.close()
+
+
+async def test_flag_seen_mode_keeps_mail_and_imports_only_new(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    server.append(sample_mail(), user=user.name)
+    app = make_app(tmp_path, [_box(server, user, after_store="flag_seen")])
+    try:
+        await app.run_once()
+        server.append(sample_mail(), user=user.name)
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 2
+        flags = server.flags("INBOX", user=user.name)
+        assert len(flags) == 2 and all("\\Seen" in f for f in flags.values())
+    finally:
+        app.close()
+
+
+async def test_delete_mode_expunges_after_storing(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    server.append(sample_mail(), user=user.name)
+    app = make_app(tmp_path, [_box(server, user, after_store="delete")])
+    try:
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 1
+        assert server.uids("INBOX", user=user.name) == []
+        assert "Processed" not in server.folders(user=user.name)
+    finally:
+        app.close()
+
+
+async def test_existing_mail_skip_imports_only_what_arrives_later(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    server.append(sample_mail("old backlog"), user=user.name)
+    app = make_app(tmp_path, [_box(server, user, existing_mail="skip")])
+    try:
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 0
+        assert len(server.uids("INBOX", user=user.name)) == 1  # left alone
+        server.append(sample_mail("new"), user=user.name)
+        await app.run_once()
+        assert count(app, "select count(*) from tickets where subject = 'new'") == 1
+        assert count(app, "select count(*) from tickets") == 1
+    finally:
+        app.close()
+
+
+async def test_existing_mail_since_date(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    old = datetime.now().astimezone() - timedelta(days=40)
+    server.append(sample_mail("from last month"), user=user.name, internaldate=old)
+    server.append(sample_mail("from this week"), user=user.name)
+    since = (date.today() - timedelta(days=7)).isoformat()
+    app = make_app(tmp_path, [_box(server, user, existing_mail={"since": since})])
+    try:
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 1
+        assert count(app, "select count(*) from tickets where subject = 'from this week'") == 1
+    finally:
+        app.close()
+
+
+async def test_idle_new_mail_is_a_ticket_within_two_seconds(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    app = make_app(tmp_path, [_box(server, user, poll_interval=600)])  # polling alone would take 10 min
+    async with daemon(app):
+        await wait_until(lambda: count(app, "select count(*) from mailbox_state where connected") == 1, 10)
+        await asyncio.sleep(0.3)  # let the watcher enter IDLE
+        server.append(sample_mail("idle test"), user=user.name)
+        took = await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 2.0)
+        print(f"\nIDLE: ticket committed {took:.2f} s after APPEND")
+
+
+async def test_polling_when_the_server_has_no_idle(server_without_idle: Dovecot, tmp_path: Path) -> None:
+    server = server_without_idle
+    assert "IDLE" not in server.capabilities()
+    user = new_user(server)
+    app = make_app(tmp_path, [_box(server, user, poll_interval=0.5)])
+    async with daemon(app):
+        await wait_until(lambda: count(app, "select count(*) from mailbox_state where connected") == 1, 10)
+        server.append(sample_mail("poll test"), user=user.name)
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 5)
+
+
+async def test_uidvalidity_change_creates_no_second_ticket(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    for _ in range(3):
+        server.append(sample_mail(), user=user.name)
+    app = make_app(tmp_path, [_box(server, user, after_store="flag_seen")])
+    try:
+        await app.run_once()
+        before = server.uidvalidity(user=user.name)
+        server.reset_uidvalidity(user=user.name)
+        assert server.uidvalidity(user=user.name) != before
+        server.append(sample_mail("after the reset"), user=user.name)
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 4
+        assert count(app, "select count(*) from receipts where outcome = 'duplicate'") == 3
+    finally:
+        app.close()
+
+
+async def test_same_mail_in_two_mailboxes_is_one_ticket(server: Dovecot, tmp_path: Path) -> None:
+    first, second = new_user(server), new_user(server)
+    mail = sample_mail("sent to support@ and sales@")
+    server.append(b"Delivered-To: first@example\r\n" + mail, user=first.name)
+    server.append(b"Delivered-To: second@example\r\n" + mail, user=second.name)
+    app = make_app(tmp_path, [_box(server, first), _box(server, second)])
+    try:
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 1
+        assert count(app, "select count(*) from receipts") == 2
+        assert server.uids("INBOX", user=first.name) == server.uids("INBOX", user=second.name) == []
+    finally:
+        app.close()
+
+
+async def test_unparseable_mail_is_quarantined_and_moved_not_deleted(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    garbage = b"\x00\x01 this is not a mail at all\r\n\r\n"
+    server.append(garbage, user=user.name)
+    server.append(sample_mail(), user=user.name)
+    app = make_app(tmp_path, [_box(server, user)])
+    try:
+        await app.run_once()
+        assert count(app, "select count(*) from tickets") == 1
+        assert count(app, "select count(*) from quarantine") == 1
+        assert len(server.uids("Quarantine", user=user.name)) == 1
+        assert server.uids("INBOX", user=user.name) == []
+        with app.db.reader() as session:
+            from mailbridge.models import QuarantinedMail
+
+            item = session.query(QuarantinedMail).one()
+            assert item.raw == server.fetch_all("Quarantine", user=user.name)[0]
+            assert "header" in item.reason
+    finally:
+        app.close()
+
+
+async def test_a_failing_mailbox_never_stalls_the_others(server: Dovecot, tmp_path: Path) -> None:
+    good, bad = new_user(server), new_user(server)
+    server.append(sample_mail(), user=good.name)
+    app = make_app(tmp_path, [_box(server, good), {**_box(server, bad), "password": "wrong"}])
+    async with daemon(app):
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 10)
+        await wait_until(
+            lambda: count(app, f"select count(*) from mailbox_state where mailbox = '{bad.name}' "
+                               "and last_error like '%refused%'") == 1,  # fmt: skip
+            10,
+        )
+        server.append(sample_mail(), user=good.name)
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 2, 5)
+
+
+async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:
+    server = Dovecot.start(tmp_path / "dovecot")
+    try:
+        user = new_user(server)
+        app = make_app(tmp_path, [_box(server, user, poll_interval=600)])
+        async with daemon(app):
+            await wait_until(lambda: count(app, "select count(*) from mailbox_state where connected") == 1, 10)
+            server.restart()
+            server.append(sample_mail("after restart"), user=user.name)
+            await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 15)
+    finally:
+        server.stop()
+
+
+async def test_dropped_connection_mid_fetch_loses_nothing(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    total = 400
+    for _ in range(total):
+        server.append(sample_mail(body="x" * 3000), user=user.name)
+    app = make_app(tmp_path, [_box(server, user)], fetch={"batch_size": 20, "reconnect_max_seconds": 1})
+    async with daemon(app):
+        await wait_until(lambda: count(app, "select count(*) from tickets") > 0, 20, interval=0.01)
+        server.kill_connections()
+        await wait_until(lambda: count(app, "select count(*) from tickets") == total, 60)
+        await wait_until(lambda: len(server.uids("Processed", user=user.name)) == total, 20)
+    assert count(app, "select count(distinct dedup_key) from articles") == total
+    assert server.uids("INBOX", user=user.name) == []
+
+
+def _box(server: Dovecot, user: object, **extra: object) -> dict[str, object]:
+    from tests.imap_env import imap_box
+
+    return imap_box(server, user, **extra)  # type: ignore[arg-type]
