@@ -205,15 +205,44 @@ def default_data_dir() -> Path:
     return Path(base) / "mailbridge"
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"{source}: {exc.error_count()} error(s) in the configuration"]
+_UNION_HINTS = {
+    "after_store": "must be {move: FOLDER}, flag_seen or delete",
+    "existing_mail": "must be import, skip or {since: YYYY-MM-DD}",
+}
+
+
+def format_validation_error(exc: ValidationError, source: str, data: Any = None) -> str:
+    lines: list[str] = []
     for err in exc.errors():
-        # Discriminated unions put the chosen branch in the path ('imap'); it is noise for a reader.
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("imap", "maildir", "function-after[_resolve()]"))
-        loc = loc.replace("function-after[_resolve(), ImapMailbox]", "").strip(".")
+        loc = [p for p in err["loc"] if p not in ("imap", "maildir") and not str(p).startswith("function-")]
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt, or in the wrong section?)"
+        for key, hint in _UNION_HINTS.items():
+            if key in loc:  # a union: pydantic reports every branch; one sentence says it better
+                loc, msg = loc[: loc.index(key) + 1], hint
+        lines.append(f"  {_describe_location(loc, data) or '(top level)'}: {msg}")
+    unique = list(dict.fromkeys(lines))
+    return "\n".join([f"{source}: {len(unique)} error(s) in the configuration", *unique])
+
+
+def _describe_location(loc: list[Any], data: Any) -> str:
+    """mailboxes.0.port -> mailboxes[0] (support).port, so the admin sees which mailbox is meant."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            name = (
+                node[item].get("name")
+                if isinstance(node, list) and len(node) > item and isinstance(node[item], dict)
+                else None
+            )
+            parts[-1] += f"[{item}]" + (f" ({name})" if name else "")
+            node = node[item] if isinstance(node, list) and len(node) > item else None
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return ".".join(parts)
 
 
 def load_settings(path: Path | None = None) -> Settings:
@@ -239,7 +268,7 @@ def load_settings(path: Path | None = None) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+        raise ConfigError(format_validation_error(exc, str(path), data)) from None
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
@@ -254,7 +283,8 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     for section, key in (("storage", "path"),):
         if isinstance(data.get(section), dict):
             fix(data[section], key)
-    for box in data.get("mailboxes") or []:
+    boxes = data.get("mailboxes")
+    for box in boxes if isinstance(boxes, list) else []:
         if isinstance(box, dict):
             fix(box, "path")
             fix(box, "password_file")

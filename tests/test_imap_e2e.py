@@ -214,8 +214,13 @@ async def test_a_failing_mailbox_never_stalls_the_others(server: Dovecot, tmp_pa
     async with daemon(app):
         await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 10)
         await wait_until(
-            lambda: count(app, f"select count(*) from mailbox_state where mailbox = '{bad.name}' "
-                               "and last_error like '%refused%'") == 1,  # fmt: skip
+            lambda: (
+                count(
+                    app,
+                    f"select count(*) from mailbox_state where mailbox = '{bad.name}' and last_error like '%refused%'",
+                )
+                == 1
+            ),  # fmt: skip
             10,
         )
         server.append(sample_mail(), user=good.name)

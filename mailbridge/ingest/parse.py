@@ -257,7 +257,8 @@ class _PartWalker:
             children = part.get_payload()
             if isinstance(children, list):
                 for child in children:
-                    self.walk(child, in_related=in_related or ctype == "multipart/related")
+                    if isinstance(child, email.message.Message):
+                        self.walk(child, in_related=in_related or ctype == "multipart/related")
                 return
         filename = _filename(part)
         if ctype in ("text/plain", "text/html") and disposition != "attachment" and not filename:
@@ -395,9 +396,8 @@ def _filename(part: email.message.Message) -> str | None:
     except Exception:  # a broken RFC 2231 continuation raises from the stdlib
         name = None
     if name is None:
-        name = part.get_param("name", header="content-type")
-        if isinstance(name, tuple):
-            name = email.utils.collapse_rfc2231_value(name)
+        param = part.get_param("name", header="content-type")
+        name = email.utils.collapse_rfc2231_value(param) if isinstance(param, tuple) else param
     if not name:
         return None
     return decode_header_value(name)

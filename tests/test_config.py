@@ -1,0 +1,115 @@
+"""Configuration: validated once, errors name the key, secrets never shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mailbridge.cli import app
+from mailbridge.config import ConfigError, ImapMailbox, MaildirMailbox, MoveTo, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILBRIDGE_SUPPORT_PASSWORD", "s3cret-from-env")
+    settings = load_settings(ROOT / "config" / "mailbridge.example.yaml")
+    box = settings.mailboxes[0]
+    assert isinstance(box, ImapMailbox)
+    assert box.secret == "s3cret-from-env"
+    assert box.after_store == MoveTo(move="Processed")
+    assert "s3cret" not in repr(settings)
+
+
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MAILBRIDGE_CONFIG", raising=False)
+    monkeypatch.setenv("MAILBRIDGE_DATA_DIR", str(tmp_path))
+    settings = load_settings(None)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'mailbridge.db'}"
+    assert settings.storage_path == tmp_path / "storage"
+    assert settings.mailboxes == []
+
+
+def test_mailbox_defaults_and_password_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    settings = load_settings(
+        write(
+            tmp_path,
+            "mailboxes:\n"
+            "  - {name: support, host: imap.example.com, user: u, password_file: pw}\n"
+            "  - {name: local, type: maildir, path: md}\n",
+        )
+    )
+    imap, maildir = settings.mailboxes
+    assert isinstance(imap, ImapMailbox) and isinstance(maildir, MaildirMailbox)
+    assert (imap.port, imap.security, imap.folder, imap.existing_mail) == (993, "tls", "INBOX", "import")
+    assert imap.secret == "from-file"
+    assert maildir.path == tmp_path / "md"  # relative to the config file
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("databse: {url: x}\n", "databse: unknown key"),
+        ("fetch: {batch_size: 0}\n", "fetch.batch_size: Input should be greater than or equal to 1"),
+        (
+            "mailboxes:\n  - {name: sup, host: imap.example.com, security: none, user: u, password: p}\n",
+            "mailboxes[0] (sup): security: none is only allowed for 127.0.0.1",
+        ),
+        (
+            "mailboxes:\n  - {name: sup, host: h, user: u, password: p, after_store: archive}\n",
+            "mailboxes[0] (sup).after_store: must be {move: FOLDER}, flag_seen or delete",
+        ),
+        (
+            "mailboxes:\n  - {name: sup, host: h, user: u, password: p, existing_mail: {since: soon}}\n",
+            "mailboxes[0] (sup).existing_mail: must be import, skip or {since: YYYY-MM-DD}",
+        ),
+        ("mailboxes:\n  - {name: sup, host: h, user: u}\n", "mailboxes[0] (sup): a password is required"),
+        (
+            "mailboxes:\n  - {name: sup, host: h, user: u, password_env: MB_TEST_UNSET_VARIABLE}\n",
+            "password_env names the environment variable MB_TEST_UNSET_VARIABLE, which is not set",
+        ),
+        (
+            "mailboxes:\n  - {name: a, host: h, user: u, password: p}\n  - {name: a, host: h, user: u, password: p}\n",
+            "mailbox names must be unique; repeated: a",
+        ),
+        ("- just a list\n", "the top level must be a mapping"),
+        ("key: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_config_names_the_key(tmp_path: Path, yaml_text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, yaml_text))
+    assert expected in str(info.value)
+
+
+def test_check_config_exits_2_and_never_prints_the_password(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "mailboxes:\n  - {name: sup, host: imap.example.com, security: none, user: u, password: hunter2-secret}\n",
+    )
+    result = runner.invoke(app, ["check-config", str(path)])
+    assert result.exit_code == 2
+    assert "security: none is only allowed" in result.output
+    assert "hunter2" not in result.output
+
+
+def test_daemon_does_not_start_on_a_bad_config(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--once", "--config", str(write(tmp_path, "mailboxes: 7\n"))])
+    assert result.exit_code == 2
+    assert "mailboxes" in result.output
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["status", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "cannot read the configuration" in result.output
