@@ -37,7 +37,7 @@ def corpus_files() -> list[Path]:
             continue
         if path.suffix.lower() in NOT_MAIL_SUFFIXES or path.name.startswith("."):
             continue
-        if rel.parts[0] == "replies-talon" and "standard_replies" in rel.parts and not path.suffix == ".eml":
+        if rel.parts[0] == "replies-talon" and "standard_replies" in rel.parts and path.suffix != ".eml":
             continue  # expected reply texts, not mails
         if rel.parts[0] == "replies-talon" and "stripped" in rel.parts:
             continue
