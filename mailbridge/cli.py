@@ -206,9 +206,19 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
         return
     _table(
         rows,
-        ["mailbox", "connected", "in_folder", "fetched", "stored", "duplicates", "quarantined",
-         "awaiting_server_update", "last_fetch_at", "last_error"],
-    )  # fmt: skip
+        [
+            "mailbox",
+            "connected",
+            "in_folder",
+            "fetched",
+            "stored",
+            "duplicates",
+            "quarantined",
+            "awaiting_server_update",
+            "last_fetch_at",
+            "last_error",
+        ],
+    )
 
 
 @app.command("parse")
@@ -270,8 +280,10 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
     typer.echo(f"{detail['number']}  [{detail['status']}]  {detail['subject']}")
     typer.echo(f"customer: {detail['customer']['name']} <{detail['customer']['address']}>  via {detail['mailbox']}")
     for article in detail["articles"]:
-        typer.echo(f"\n--- article {article['id']} ({article['direction']}) from {article['from']['address']}"
-                   f" at {article['date']}")  # fmt: skip
+        typer.echo(
+            f"\n--- article {article['id']} ({article['direction']}) from {article['from']['address']}"
+            f" at {article['date']}"
+        )
         for part in article["attachments"]:
             kind = "inline" if part["inline"] else "attachment"
             typer.echo(f"    {kind}: {part['filename']} ({part['content_type']}, {part['size']} bytes)")

@@ -48,8 +48,16 @@ def test_ingest_files_dirs_mbox_and_maildir_reconcile(tmp_path: Path, config_fil
     maildir = mailbox.Maildir(tmp_path / "Maildir")
     for n in range(2):
         maildir.add(sample_mail(f"from a maildir {n}"))
-    summary = cli("ingest", str(eml), str(folder), str(tmp_path / "archive.mbox"), str(tmp_path / "Maildir"),
-                  "--json", "--config", str(config_file))  # fmt: skip
+    summary = cli(
+        "ingest",
+        str(eml),
+        str(folder),
+        str(tmp_path / "archive.mbox"),
+        str(tmp_path / "Maildir"),
+        "--json",
+        "--config",
+        str(config_file),
+    )
     assert summary == {"read": 10, "stored": 10, "duplicates": 0, "quarantined": 0}
     # The same archive again: every mail is recognised, nothing is stored twice.
     again = cli("ingest", str(folder), str(tmp_path / "archive.mbox"), "--json", "--config", str(config_file))
@@ -71,8 +79,21 @@ def test_ingest_text_summary_and_missing_path(tmp_path: Path, config_file: Path)
 
 def test_parse_json_has_every_field() -> None:
     data = cli("parse", str(FIXTURES / "related_inline_image.eml"), "--json")
-    for key in ("subject", "from", "to", "cc", "reply_to", "date", "message_id", "in_reply_to", "references",
-                "text", "html", "attachments", "defects"):  # fmt: skip
+    for key in (
+        "subject",
+        "from",
+        "to",
+        "cc",
+        "reply_to",
+        "date",
+        "message_id",
+        "in_reply_to",
+        "references",
+        "text",
+        "html",
+        "attachments",
+        "defects",
+    ):
         assert key in data
     assert data["from"]["address"] == "marketing@firma.example"
     [image] = data["attachments"]

@@ -105,8 +105,10 @@ def test_corpora_no_mime_part_is_lost() -> None:
         checked += 1
         if parsed["body_parts"] + len(parsed["attachments"]) != leaves:
             lost += 1
-            failures.append(f"{path.relative_to(CORPORA)}: {leaves} leaves, got {parsed['body_parts']} body + "
-                            f"{len(parsed['attachments'])} attachments")  # fmt: skip
+            failures.append(
+                f"{path.relative_to(CORPORA)}: {leaves} leaves, got {parsed['body_parts']} body + "
+                f"{len(parsed['attachments'])} attachments"
+            )
     print(f"\nchecked {checked} corpus mails for lost MIME parts: {lost} lose a part")
     assert checked > 400
     assert not failures, "\n".join(failures[:20])

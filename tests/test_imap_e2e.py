@@ -220,7 +220,7 @@ async def test_a_failing_mailbox_never_stalls_the_others(server: Dovecot, tmp_pa
                     f"select count(*) from mailbox_state where mailbox = '{bad.name}' and last_error like '%refused%'",
                 )
                 == 1
-            ),  # fmt: skip
+            ),
             10,
         )
         server.append(sample_mail(), user=good.name)

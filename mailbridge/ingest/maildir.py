@@ -75,9 +75,11 @@ class MaildirWatcher:
 
     def _raw(self, path: Path) -> RawMail:
         return RawMail(
-            mailbox=self.name, source=f"maildir://{self.name}/{path.name}", data=path.read_bytes(),
+            mailbox=self.name,
+            source=f"maildir://{self.name}/{path.name}",
+            data=path.read_bytes(),
             source_key=_key(self.name, path),
-        )  # fmt: skip
+        )
 
     async def _tell(self, batch: Sequence[Path], results: Sequence[Result]) -> None:
         await self._move([(path, result.outcome) for path, result in zip(batch, results, strict=True)])
