@@ -1,0 +1,880 @@
+#!/usr/bin/env python3
+"""End-to-end throughput and memory benchmark of mailbridge.
+
+Two benchmarks, each run as a real ``python -m mailbridge ...`` subprocess on a fresh data directory:
+
+* ``imap``: a private Dovecot (``tests/support/dovecot.py``) with a fresh user whose INBOX holds the
+  N generated mails (written straight into the Maildir before the first login, which is much faster
+  than N APPENDs); ``mailbridge run --once`` drains it: fetch, parse, store, commit, MOVE to
+  ``Processed``.  Afterwards ``mailbridge status`` must show N stored and an empty INBOX.
+* ``ingest``: ``mailbridge ingest CACHE_DIR --json`` over the same N mails as ``.eml`` files.
+
+Measured per run: wall time of the subprocess (interpreter start to exit), mails/s and MB/s of raw
+mail bytes, peak RSS of the whole process tree (main process + forkserver + parser workers; the sum of
+``VmRSS`` sampled every 50 ms) and of the main process alone, the kernel's ``ru_maxrss`` (largest
+single process, not sampled), and CPU seconds of mailbridge (and of Dovecot for ``imap``).
+
+Usage (see bench/README.md)::
+
+    /tmp/venv/bin/python bench/run_bench.py --count 1000 --repeat 1
+    /tmp/venv/bin/python bench/run_bench.py --variant storage.fsync=false --variant parsing.workers=1
+    /tmp/venv/bin/python bench/run_bench.py --memory-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+for _path in (str(ROOT), str(BENCH_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from generate_mails import generate  # noqa: E402
+
+from tests.support.dovecot import Dovecot  # noqa: E402
+
+DEFAULT_CACHE = BENCH_DIR / "out" / "cache"
+DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
+DEFAULT_MEMORY_OUTPUT = BENCH_DIR / "results" / "memory-check.json"
+MEMORY_CHECK_COUNTS = (2000, 10000)
+BENCHMARKS = ("imap", "ingest")
+MAILBOX_NAME = "support"
+PASSWORD = "bench-secret"
+SAMPLE_INTERVAL = 0.05
+RUN_TIMEOUT = 1800.0
+CORPUS_MARKER = ".corpus.json"  # a dot file: `mailbridge ingest` skips it
+
+# Figures summarised as min/median/max, with how to print them.
+FIGURES: dict[str, str] = {
+    "wall_s": "{:.2f}",
+    "mails_per_s": "{:.0f}",
+    "mb_per_s": "{:.2f}",
+    "peak_rss_tree_mib": "{:.0f}",
+    "peak_rss_main_mib": "{:.0f}",
+    "maxrss_single_mib": "{:.0f}",
+    "cpu_s": "{:.1f}",
+    "dovecot_cpu_s": "{:.1f}",
+}
+
+
+class BenchError(RuntimeError):
+    """A run failed or did not import what it should have: the figures would be meaningless."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ corpus
+
+
+@dataclass(frozen=True)
+class Corpus:
+    path: Path
+    count: int
+    seed: int
+    total_bytes: int
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.path.iterdir() if p.suffix == ".eml")
+
+
+def _generator_fingerprint() -> str:
+    return hashlib.sha256((BENCH_DIR / "generate_mails.py").read_bytes()).hexdigest()[:16]
+
+
+def ensure_corpus(cache_root: Path, count: int, seed: int) -> Corpus:
+    """The N mails as ``000001.eml`` ... in ``cache_root/n<N>-seed<S>``; generated once, then reused."""
+    path = cache_root / f"n{count}-seed{seed}"
+    marker = path / CORPUS_MARKER
+    fingerprint = _generator_fingerprint()
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads(marker.read_text())
+        if (
+            meta.get("count") == count
+            and meta.get("seed") == seed
+            and meta.get("generator") == fingerprint
+            and sum(1 for p in path.iterdir() if p.suffix == ".eml") == count
+        ):
+            log(f"reusing {count} cached mails in {path} ({meta['total_bytes'] / 1e6:.1f} MB)")
+            return Corpus(path, count, seed, int(meta["total_bytes"]))
+    log(f"generating {count} mails (seed {seed}) into {path} ...")
+    started = time.perf_counter()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    width = max(6, len(str(count)))
+    total = 0
+    for index, raw in enumerate(generate(count, seed), start=1):
+        (tmp / f"{index:0{width}d}.eml").write_bytes(raw)
+        total += len(raw)
+    (tmp / CORPUS_MARKER).write_text(
+        json.dumps({"count": count, "seed": seed, "total_bytes": total, "generator": fingerprint})
+    )
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    log(f"generated {count} mails, {total / 1e6:.1f} MB, in {time.perf_counter() - started:.1f} s")
+    return Corpus(path, count, seed, total)
+
+
+# ------------------------------------------------------------------------------------ measurement
+
+
+def _read_proc_tree(root: int) -> list[int]:
+    """``root`` and all its live descendants (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _vm_rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0  # gone, or a zombie (no VmRSS line)
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS of a process and its descendants every ``interval`` seconds; keeps the peaks."""
+
+    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
+        super().__init__(name=f"rss-{pid}", daemon=True)
+        self.pid = pid
+        self.interval = interval
+        self.peak_tree_kib = 0
+        self.peak_main_kib = 0
+        self.max_processes = 0
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def sample(self) -> None:
+        tree = _read_proc_tree(self.pid)
+        sizes = [_vm_rss_kib(pid) for pid in tree]
+        main = sizes[0] if sizes else 0
+        if main == 0:  # the main process has exited (zombie) or not yet exec'd anything
+            return
+        self.samples += 1
+        self.peak_main_kib = max(self.peak_main_kib, main)
+        self.peak_tree_kib = max(self.peak_tree_kib, sum(sizes))
+        self.max_processes = max(self.max_processes, sum(1 for s in sizes if s))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+@dataclass
+class Measurement:
+    returncode: int
+    wall_s: float
+    cpu_s: float
+    peak_rss_tree_mib: float
+    peak_rss_main_mib: float
+    maxrss_single_mib: float
+    processes: int
+    samples: int
+    stdout: str
+    stderr_path: str
+
+
+def measure(cmd: Sequence[str], *, cwd: Path, log_dir: Path, timeout: float = RUN_TIMEOUT) -> Measurement:
+    """Run ``cmd``, sampling the RSS of its process tree; wall time from spawn to exit."""
+    out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBRIDGE_")}
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            list(cmd), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True
+        )
+        sampler = RssSampler(proc.pid)
+        sampler.start()
+
+        def kill() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.start()
+        try:
+            # wait4 instead of proc.wait(): it also gives the child's rusage (CPU time, ru_maxrss).
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            watchdog.cancel()
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.stop()
+    # Parser workers that outlived the main process would be a bug; do not leave them behind.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return Measurement(
+        returncode=proc.returncode,
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_tree_mib=sampler.peak_tree_kib / 1024,
+        peak_rss_main_mib=sampler.peak_main_kib / 1024,
+        maxrss_single_mib=usage.ru_maxrss / 1024,
+        processes=sampler.max_processes,
+        samples=sampler.samples,
+        stdout=out_path.read_text(errors="replace"),
+        stderr_path=str(err_path),
+    )
+
+
+def _tail(path: str | Path, lines: int = 30) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def _cpu_ticks(pid: int, *, children: bool) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    # fields[11:13] = utime, stime; [13:15] = cutime, cstime (of waited-for children)
+    return int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
+
+
+def dovecot_cpu_s(server: Dovecot) -> float:
+    """CPU seconds used so far by the Dovecot instance (live processes + reaped children of the master)."""
+    master = server._proc.pid if server._proc is not None else None
+    ticks = sum(_cpu_ticks(pid, children=pid == master) for pid in server.pids())
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+# -------------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+
+
+def parse_variant(text: str) -> Variant:
+    """``storage.fsync=false`` or ``storage.fsync=false,parsing.workers=1`` (values are YAML)."""
+    overrides: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise argparse.ArgumentTypeError(f"--variant expects KEY=VALUE[,KEY=VALUE...], got {text!r}")
+        overrides[key] = yaml.safe_load(value)
+    return Variant(name=text, overrides=overrides)
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = data.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BenchError(f"cannot set {key}: {part} is not a mapping")
+        data = node
+    data[parts[-1]] = value
+
+
+def write_config(path: Path, data_dir: Path, mailbox: dict[str, Any] | None, variant: Variant) -> Path:
+    config: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "storage": {"fsync": True},
+        "mailboxes": [mailbox] if mailbox else [],
+    }
+    for key, value in variant.overrides.items():
+        _set_dotted(config, key, value)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def mailbox_entry(server: Dovecot, user: str) -> dict[str, Any]:
+    return {
+        "name": MAILBOX_NAME,
+        "host": server.host,
+        "port": server.port,
+        "security": "none",
+        "user": user,
+        "password": PASSWORD,
+        "folder": "INBOX",
+    }
+
+
+# ------------------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class RunResult:
+    benchmark: str
+    variant: str
+    repeat: int
+    count: int
+    total_bytes: int
+    wall_s: float
+    mails_per_s: float
+    mb_per_s: float
+    peak_rss_tree_mib: float
+    peak_rss_main_mib: float
+    maxrss_single_mib: float
+    cpu_s: float
+    processes: int
+    samples: int
+    dovecot_cpu_s: float | None = None
+    setup_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.python: str = args.python
+        self._server: Dovecot | None = None
+        self._users = 0
+        self._runs = 0
+
+    # --- Dovecot -------------------------------------------------------------------------------
+
+    @property
+    def server(self) -> Dovecot:
+        if self._server is None:
+            reason = Dovecot.unavailable_reason()
+            if reason is not None:
+                raise BenchError(f"cannot run the IMAP benchmark: {reason}")
+            self._server = Dovecot.start(self.work / "dovecot")
+            log(f"dovecot running on {self._server.host}:{self._server.port} (base {self._server.base_dir})")
+        return self._server
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def fresh_user(self, files: Sequence[Path]) -> str:
+        """A new IMAP user whose INBOX holds ``files``, put into Maildir/new before the first login."""
+        server = self.server
+        self._users += 1
+        name = f"bench{self._users}"
+        home = server.mail_root / name
+        maildir = home / "Maildir"
+        for sub in ("cur", "new", "tmp"):
+            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        uid, gid = server.mail_uid, server.mail_gid
+        chown = server.is_root  # mail processes run as mail_uid/mail_gid: they must own the files
+        stamp = int(time.time())
+        link = not self.args.copy_mails
+        for index, src in enumerate(files, start=1):
+            size = src.stat().st_size
+            # Standard Maildir name; S=<size> spares Dovecot a stat() per mail.
+            dst = maildir / "new" / f"{stamp}.M{index}P{os.getpid()}.mbbench,S={size}"
+            if link:
+                try:
+                    os.link(src, dst)  # same file system: no copy (Dovecot never rewrites a Maildir file)
+                except OSError:
+                    link = False
+            if not link:
+                shutil.copyfile(src, dst)
+            if chown:
+                os.chown(dst, uid, gid)
+        if chown:
+            for path in (home, maildir, *(maildir / s for s in ("cur", "new", "tmp"))):
+                os.chown(path, uid, gid)
+        for path in (maildir, *(maildir / s for s in ("cur", "new", "tmp"))):
+            path.chmod(0o700)
+        server.add_user(name, PASSWORD)  # first login: Dovecot scans new/ and assigns UIDs
+        seen = len(server.uids("INBOX", user=name))
+        if seen != len(files):
+            raise BenchError(f"dovecot sees {seen} mails in the INBOX of {name}, expected {len(files)}")
+        return name
+
+    def drop_user(self, name: str) -> None:
+        if self._server is not None:
+            shutil.rmtree(self._server.mail_root / name, ignore_errors=True)
+
+    # --- helpers -----------------------------------------------------------------------------------
+
+    def _run_dir(self, label: str) -> Path:
+        self._runs += 1
+        path = self.work / f"run{self._runs:03d}-{label}"
+        path.mkdir(parents=True)
+        return path
+
+    def _mailbridge(self, *args: str, profile: Path | None = None) -> list[str]:
+        prefix = [self.python, "-m", "cProfile", "-o", str(profile)] if profile else [self.python]
+        return [*prefix, "-m", "mailbridge", *args]
+
+    def _status(self, config: Path, cwd: Path) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            self._mailbridge("status", "--json", "--config", str(config)),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"mailbridge status failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        return rows
+
+    @staticmethod
+    def _row(rows: list[dict[str, Any]], mailbox: str) -> dict[str, Any]:
+        for row in rows:
+            if row.get("mailbox") == mailbox:
+                return row
+        raise BenchError(f"mailbridge status has no row for mailbox {mailbox!r}: {rows}")
+
+    def _cleanup(self, run_dir: Path, *, failed: bool) -> None:
+        if failed and self.args.keep_failed:
+            log(f"keeping {run_dir} for inspection")
+            return
+        if not self.args.keep:
+            shutil.rmtree(run_dir / "data", ignore_errors=True)
+
+    @staticmethod
+    def _result(
+        benchmark: str, variant: Variant, repeat: int, corpus: Corpus, m: Measurement, **extra: Any
+    ) -> RunResult:
+        return RunResult(
+            benchmark=benchmark,
+            variant=variant.name,
+            repeat=repeat,
+            count=corpus.count,
+            total_bytes=corpus.total_bytes,
+            wall_s=m.wall_s,
+            mails_per_s=corpus.count / m.wall_s,
+            mb_per_s=corpus.total_bytes / m.wall_s / 1e6,
+            peak_rss_tree_mib=m.peak_rss_tree_mib,
+            peak_rss_main_mib=m.peak_rss_main_mib,
+            maxrss_single_mib=m.maxrss_single_mib,
+            cpu_s=m.cpu_s,
+            processes=m.processes,
+            samples=m.samples,
+            **extra,
+        )
+
+    # --- the benchmarks ------------------------------------------------------------------------
+
+    def run_imap(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
+        run_dir = self._run_dir("imap")
+        started = time.perf_counter()
+        user = self.fresh_user(corpus.files())
+        setup = time.perf_counter() - started
+        server = self.server
+        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox_entry(server, user), variant)
+        failed = True
+        try:
+            cpu_before = dovecot_cpu_s(server)
+            m = measure(
+                self._mailbridge("run", "--once", "--config", str(config), profile=profile),
+                cwd=run_dir,
+                log_dir=run_dir,
+            )
+            time.sleep(0.2)  # let the master reap the imap process, so its CPU time is counted
+            dovecot_cpu = dovecot_cpu_s(server) - cpu_before
+            if m.returncode != 0:
+                raise BenchError(f"mailbridge run --once exited with {m.returncode}:\n{_tail(m.stderr_path)}")
+            row = self._row(self._status(config, run_dir), MAILBOX_NAME)
+            inbox = len(server.uids("INBOX", user=user))
+            processed = len(server.uids("Processed", user=user))
+            if row["stored"] != corpus.count or row["in_folder"] != 0 or inbox != 0 or processed != corpus.count:
+                raise BenchError(
+                    f"IMAP run did not import everything: status stored={row['stored']} duplicates="
+                    f"{row['duplicates']} quarantined={row['quarantined']} in_folder={row['in_folder']} "
+                    f"(expected stored={corpus.count}, in_folder=0); dovecot INBOX={inbox} Processed={processed}"
+                    f"\n{_tail(m.stderr_path)}"
+                )
+            failed = False
+        finally:
+            self._cleanup(run_dir, failed=failed)
+            if not failed or not self.args.keep_failed:
+                self.drop_user(user)
+        return self._result("imap", variant, repeat, corpus, m, dovecot_cpu_s=dovecot_cpu, setup_s=setup)
+
+    def run_ingest(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
+        run_dir = self._run_dir("ingest")
+        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", None, variant)
+        failed = True
+        try:
+            m = measure(
+                self._mailbridge("ingest", str(corpus.path), "--json", "--config", str(config), profile=profile),
+                cwd=run_dir,
+                log_dir=run_dir,
+            )
+            if m.returncode != 0:
+                raise BenchError(f"mailbridge ingest exited with {m.returncode}:\n{_tail(m.stderr_path)}")
+            try:
+                summary = json.loads(m.stdout)
+            except ValueError:
+                raise BenchError(f"mailbridge ingest printed no JSON: {m.stdout[-2000:]!r}") from None
+            if summary.get("read") != corpus.count or summary.get("stored") != corpus.count:
+                raise BenchError(
+                    f"ingest did not store every mail: {summary} (expected {corpus.count} read and stored)"
+                )
+            row = self._row(self._status(config, run_dir), "import")
+            if row["stored"] != corpus.count:
+                raise BenchError(f"status after ingest shows stored={row['stored']}, expected {corpus.count}")
+            failed = False
+        finally:
+            self._cleanup(run_dir, failed=failed)
+        return self._result("ingest", variant, repeat, corpus, m)
+
+    def startup(self, benchmark: str, variant: Variant) -> float:
+        """Wall time of the same command with nothing to do: interpreter, imports, migrations, login."""
+        run_dir = self._run_dir(f"startup-{benchmark}")
+        empty = run_dir / "empty"
+        empty.mkdir()
+        if benchmark == "imap":
+            user = self.fresh_user([])
+            config = write_config(
+                run_dir / "mailbridge.yaml", run_dir / "data", mailbox_entry(self.server, user), variant
+            )
+            cmd = self._mailbridge("run", "--once", "--config", str(config))
+        else:
+            config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", None, variant)
+            cmd = self._mailbridge("ingest", str(empty), "--json", "--config", str(config))
+        m = measure(cmd, cwd=run_dir, log_dir=run_dir)
+        if m.returncode != 0:
+            raise BenchError(f"{benchmark} with nothing to do exited with {m.returncode}:\n{_tail(m.stderr_path)}")
+        self._cleanup(run_dir, failed=False)
+        if benchmark == "imap":
+            self.drop_user(user)
+        return m.wall_s
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def summarize_runs(runs: Sequence[RunResult]) -> dict[str, dict[str, float]]:
+    summary: dict[str, dict[str, float]] = {}
+    for figure in FIGURES:
+        values = [getattr(r, figure) for r in runs if getattr(r, figure) is not None]
+        if values:
+            summary[figure] = summarize(values)
+    return summary
+
+
+def _fmt(stats: dict[str, float] | None, pattern: str) -> str:
+    if not stats:
+        return "-"
+    med = pattern.format(stats["median"])
+    if stats["min"] == stats["max"]:
+        return med
+    return f"{med} ({pattern.format(stats['min'])}–{pattern.format(stats['max'])})"
+
+
+def print_table(groups: list[dict[str, Any]]) -> None:
+    """One line per (count, variant, benchmark): median (min–max)."""
+    columns = [
+        ("N", None),
+        ("bench", None),
+        ("variant", None),
+        ("runs", None),
+        ("mails/s", "mails_per_s"),
+        ("MB/s", "mb_per_s"),
+        ("wall s", "wall_s"),
+        ("peak RSS tree MiB", "peak_rss_tree_mib"),
+        ("peak RSS main MiB", "peak_rss_main_mib"),
+        ("CPU s", "cpu_s"),
+        ("dovecot CPU s", "dovecot_cpu_s"),
+        ("startup s", None),
+    ]
+    rows: list[list[str]] = []
+    for group in groups:
+        summary = group["summary"]
+        cells = [
+            str(group["count"]),
+            group["benchmark"],
+            group["variant"],
+            str(len(group["runs"])),
+        ]
+        for _title, figure in columns[4:-1]:
+            assert figure is not None
+            cells.append(_fmt(summary.get(figure), FIGURES[figure]))
+        startup = group.get("startup_s")
+        cells.append("-" if startup is None else f"{startup:.2f}")
+        rows.append(cells)
+    titles = [title for title, _ in columns]
+    widths = [max(len(t), *(len(r[i]) for r in rows)) if rows else len(t) for i, t in enumerate(titles)]
+    print()
+    print("  ".join(t.ljust(w) for t, w in zip(titles, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(
+        "\nmedian (min–max); MB = 10^6 bytes of raw mail; RSS in MiB (tree = sum of VmRSS over main process, "
+        "forkserver and parser workers, sampled every 50 ms)"
+    )
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+    except OSError:
+        return ""
+    return out.stdout.strip()
+
+
+def environment() -> dict[str, Any]:
+    dirty = _git("status", "--porcelain", "--", "mailbridge")
+    load = os.getloadavg()
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "git_commit": _git("rev-parse", "HEAD"),
+        "mailbridge_uncommitted_changes": bool(dirty),
+        "uid": os.geteuid(),
+    }
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _run_all(
+    bench: Bench, args: argparse.Namespace, counts: Sequence[int], variants: Sequence[Variant]
+) -> list[dict[str, Any]]:
+    groups: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for count in counts:
+        corpus = ensure_corpus(args.cache_dir, count, args.seed)
+        for variant in variants:
+            for benchmark in args.benchmarks:
+                groups[(count, variant.name, benchmark)] = {
+                    "count": count,
+                    "seed": args.seed,
+                    "total_bytes": corpus.total_bytes,
+                    "benchmark": benchmark,
+                    "variant": variant.name,
+                    "overrides": variant.overrides,
+                    "runs": [],
+                }
+        if args.startup:
+            for variant in variants:
+                for benchmark in args.benchmarks:
+                    wall = bench.startup(benchmark, variant)
+                    groups[(count, variant.name, benchmark)]["startup_s"] = wall
+                    log(f"startup {benchmark:6s} [{variant.name}]: {wall:.2f} s with nothing to do")
+        # Repeats are interleaved (r1: all variants, r2: all variants ...) so slow drifts of a noisy
+        # machine hit every variant alike.
+        for repeat in range(1, args.repeat + 1):
+            for variant in variants:
+                for benchmark in args.benchmarks:
+                    runner = bench.run_imap if benchmark == "imap" else bench.run_ingest
+                    log(f"N={count} {benchmark} [{variant.name}] run {repeat}/{args.repeat} ...")
+                    result = runner(corpus, variant, repeat)
+                    groups[(count, variant.name, benchmark)]["runs"].append(asdict(result))
+                    extra = f", dovecot CPU {result.dovecot_cpu_s:.1f} s" if result.dovecot_cpu_s is not None else ""
+                    log(
+                        f"  {result.wall_s:.2f} s: {result.mails_per_s:.0f} mails/s, {result.mb_per_s:.2f} MB/s, "
+                        f"peak RSS tree {result.peak_rss_tree_mib:.0f} MiB / main {result.peak_rss_main_mib:.0f} "
+                        f"MiB ({result.processes} processes), CPU {result.cpu_s:.1f} s{extra}"
+                    )
+    out: list[dict[str, Any]] = []
+    for group in groups.values():
+        group["summary"] = summarize_runs([RunResult(**r) for r in group["runs"]])
+        out.append(group)
+    return out
+
+
+def _profile(bench: Bench, args: argparse.Namespace, variants: Sequence[Variant]) -> None:
+    corpus = ensure_corpus(args.cache_dir, args.count, args.seed)
+    out_dir = args.output.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        for benchmark in args.benchmarks:
+            prof = out_dir / f"profile-{benchmark}-n{args.count}.prof"
+            runner = bench.run_imap if benchmark == "imap" else bench.run_ingest
+            log(f"profiling {benchmark} [{variant.name}] with cProfile (main process only) -> {prof}")
+            result = runner(corpus, variant, 1, profile=prof)
+            log(f"  {result.wall_s:.2f} s under the profiler ({result.mails_per_s:.0f} mails/s)")
+            stats = pstats.Stats(str(prof))
+            stats.sort_stats("cumulative").print_stats(35)
+            stats.sort_stats("tottime").print_stats(25)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark mailbridge end to end (IMAP via a private Dovecot, and file ingest).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--count", type=int, default=10000, help="number of mails")
+    parser.add_argument("--seed", type=int, default=1, help="generator seed")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs per benchmark and variant (default 3; 1 for --memory-check)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="a config variant compared with the baseline, e.g. storage.fsync=false (repeatable; values are YAML)",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="run only the given --variant configurations")
+    parser.add_argument(
+        "--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset of: " + ", ".join(BENCHMARKS)
+    )
+    parser.add_argument(
+        "--memory-check",
+        action="store_true",
+        help=f"run N={' and N='.join(map(str, MEMORY_CHECK_COUNTS))} and compare peak RSS",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one run per benchmark with the main process under cProfile; prints the hot spots",
+    )
+    parser.add_argument(
+        "--no-startup",
+        dest="startup",
+        action="store_false",
+        help="skip measuring the start-up time (the command with nothing to do)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where generated mails are kept")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"JSON results (default {DEFAULT_OUTPUT.relative_to(ROOT)}, "
+        f"or {DEFAULT_MEMORY_OUTPUT.relative_to(ROOT)} with --memory-check)",
+    )
+    parser.add_argument("--tmp-dir", type=Path, default=None, help="parent of the scratch directory")
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs mailbridge")
+    parser.add_argument(
+        "--copy-mails", action="store_true", help="copy the mails into the Maildir instead of hard-linking them"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the data directories of the runs")
+    parser.add_argument("--keep-failed", action="store_true", help="keep data and mailbox of a failed run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.benchmarks = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    unknown = sorted(set(args.benchmarks) - set(BENCHMARKS))
+    if unknown or not args.benchmarks:
+        parser.error(f"--benchmarks: unknown {unknown}; choose from {', '.join(BENCHMARKS)}")
+    if args.repeat is None:
+        args.repeat = 1 if (args.memory_check or args.profile) else 3
+    if args.repeat < 1 or args.count < 1:
+        parser.error("--repeat and --count must be at least 1")
+    if args.output is None:
+        args.output = DEFAULT_MEMORY_OUTPUT if args.memory_check else DEFAULT_OUTPUT
+    variants: list[Variant] = [] if args.no_baseline else [Variant("baseline", {})]
+    variants += args.variant
+    if not variants:
+        parser.error("--no-baseline needs at least one --variant")
+    args.cache_dir = args.cache_dir.resolve()
+
+    work = Path(tempfile.mkdtemp(prefix="mb-bench-", dir=args.tmp_dir))
+    work.chmod(0o755)
+    bench = Bench(args, work)
+    started = datetime.now(UTC)
+    try:
+        if args.profile:
+            _profile(bench, args, variants)
+            return 0
+        counts = MEMORY_CHECK_COUNTS if args.memory_check else (args.count,)
+        meta = environment()
+        groups = _run_all(bench, args, counts, variants)
+    except BenchError as exc:
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.close()
+        if not args.keep and not args.keep_failed:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"scratch directory kept: {work}")
+
+    print_table(groups)
+    if args.memory_check:
+        _print_memory_check(groups)
+    results = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "mode": "memory-check" if args.memory_check else "throughput",
+        "repeat": args.repeat,
+        "environment": {**meta, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "groups": groups,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"results written to {args.output}")
+    return 0
+
+
+def _print_memory_check(groups: list[dict[str, Any]]) -> None:
+    print("\nmemory check: peak RSS (median) by N")
+    by_key: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for group in groups:
+        by_key.setdefault((group["benchmark"], group["variant"]), {})[group["count"]] = group["summary"]
+    for (benchmark, variant), per_count in by_key.items():
+        counts = sorted(per_count)
+        parts = []
+        for count in counts:
+            s = per_count[count]
+            parts.append(
+                f"N={count}: tree {s['peak_rss_tree_mib']['median']:.0f} MiB, "
+                f"main {s['peak_rss_main_mib']['median']:.0f} MiB"
+            )
+        low, high = per_count[counts[0]], per_count[counts[-1]]
+        ratio = high["peak_rss_tree_mib"]["median"] / low["peak_rss_tree_mib"]["median"]
+        print(
+            f"  {benchmark:6s} [{variant}]: " + "; ".join(parts) + f"; tree ratio {ratio:.2f}x for "
+            f"{counts[-1] / counts[0]:.0f}x the mails"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
