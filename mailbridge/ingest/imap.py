@@ -30,7 +30,7 @@ _SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
 _CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT) (\d+)\]")
 _EXISTS = re.compile(rb"^(\d+) EXISTS")
 _IDLE_RENEW_SECONDS = 20 * 60  # RFC 2177: re-issue IDLE at least every 29 minutes
-_LISTING_CHUNK = 500  # aioimaplib recurses once per response line; keep any single response short
+_LISTING_CHUNK = 200  # aioimaplib recurses once per response line; keep any single response short
 
 
 class ImapError(Exception):
@@ -277,10 +277,12 @@ class ImapWatcher:
                         if stop.is_set():
                             break
                         await conn.wait_for_news(stop, self.box.poll_interval)
-            except (ImapError, OSError, TimeoutError, aioimaplib.AioImapException) as exc:
-                reason = _describe(exc)
-                log.warning("mailbox %s: %s; retrying in %.0f s", self.name, reason, delay)
-                await self.ledger.failed(reason)
+            except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
+                expected = isinstance(exc, ImapError | OSError | TimeoutError | aioimaplib.AioImapException)
+                reason = _describe(exc) if expected else f"unexpected error: {_describe(exc)}"
+                log.warning("mailbox %s: %s; retrying in %.0f s", self.name, reason, delay, exc_info=not expected)
+                with suppress(Exception):  # the database may be what failed
+                    await self.ledger.failed(reason)
                 await _wait(stop, delay)
                 delay = min(delay * 2, self.settings.reconnect_max_seconds)
         await self.ledger.disconnected()
@@ -355,8 +357,11 @@ class ImapWatcher:
                     return
                 missing = [u for u in batch if u not in bodies]
                 if missing:
-                    # Expunged by someone else meanwhile, or a server hiccup: either way, next drain decides.
+                    # Expunged by someone else meanwhile, or a server hiccup. Store only what precedes the
+                    # gap, so the high-water mark never passes a mail we have not seen; the next drain
+                    # looks again.
                     log.warning("mailbox %s: server returned no body for UIDs %s", self.name, uid_set(missing))
+                    batch = [u for u in batch if u < missing[0]]
                 if index + 1 < len(batches):
                     # Pipelining: the next batch travels while this one is parsed and committed.
                     next_fetch = asyncio.ensure_future(conn.fetch(batches[index + 1]))

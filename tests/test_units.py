@@ -1,0 +1,111 @@
+"""Pure pieces: no server, no database."""
+
+from __future__ import annotations
+
+import email
+
+import pytest
+
+from mailbridge.config import FetchSettings
+from mailbridge.ingest.html_text import html_to_text
+from mailbridge.ingest.imap import _batches, _search_uids, uid_set
+from mailbridge.ingest.parse import decode_header_value, decode_text, dedup_key, parse, safe_filename
+
+
+@pytest.mark.parametrize(
+    ("uids", "expected"),
+    [([], ""), ([5], "5"), ([1, 2, 3], "1:3"), ([3, 1, 2, 7, 9, 10], "1:3,7,9:10"), ([4, 4, 5], "4:5")],
+)
+def test_uid_set(uids: list[int], expected: str) -> None:
+    assert uid_set(uids) == expected
+
+
+def test_batches_respect_count_and_bytes() -> None:
+    settings = FetchSettings(batch_size=3, batch_bytes=10_000)
+    sizes = {1: 100, 2: 100, 3: 100, 4: 100, 5: 9_950, 6: 20_000, 7: 1}
+    assert list(_batches([1, 2, 3, 4, 5, 6, 7], sizes, settings)) == [[1, 2, 3], [4], [5], [6], [7]]
+
+
+def test_search_response_parsing() -> None:
+    assert _search_uids([b"1 2 30", b"Search completed."]) == [1, 2, 30]
+    assert _search_uids([b"SEARCH 4 5", b"done"]) == [4, 5]
+    assert _search_uids([b"", b"Search completed."]) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("../../etc/passwd\x07.txt", "passwd.txt"),
+        ("C:\\Users\\x\\invoice.pdf", "invoice.pdf"),
+        ("..", ""),
+        (".hidden", "hidden"),
+        ("fak\u200btura.pdf", "faktura.pdf"),
+        ("a" * 300 + ".pdf", "a" * 196 + ".pdf"),
+        ("Zażółć.docx", "Zażółć.docx"),
+    ],
+)
+def test_safe_filename(name: str, expected: str) -> None:
+    assert safe_filename(name) == expected
+
+
+def test_decode_text_fallbacks() -> None:
+    defects: list[str] = []
+    polish = "Zażółć gęślą jaźń".encode()
+    assert decode_text(polish, "us-ascii", defects) == "Zażółć gęślą jaźń"
+    assert decode_text(polish, "iso-8859-1", defects) == "Zażółć gęślą jaźń"
+    assert decode_text("Zażółć".encode("iso-8859-2"), "iso-8859-2", defects) == "Zażółć"
+    russian = "Здравствуйте, у меня не работает принтер в офисе".encode("cp1251")
+    assert decode_text(russian, None, defects) == "Здравствуйте, у меня не работает принтер в офисе"
+    assert decode_text(b"plain", "x-unknown-charset", defects) == "plain"
+    assert any("CharsetMismatch" in d for d in defects)
+
+
+def test_decode_header_value_raw_8bit_and_encoded_words() -> None:
+    assert decode_header_value("=?utf-8?q?Zg=C5=82oszenie?= nr 5") == "Zgłoszenie nr 5"
+    raw = email.message_from_bytes("Subject: Reklamacja zamówienia\n\nx".encode())
+    assert decode_header_value(raw["Subject"]) == "Reklamacja zamówienia"
+
+
+def test_html_to_text_keeps_structure_and_drops_scripts() -> None:
+    text = html_to_text(
+        "<html><head><style>p{}</style></head><body><p>Hello <b>there</b></p><script>alert(1)</script>"
+        "<ul><li>one</li><li>two</li></ul><a href='https://x.example/a'>link</a></body></html>"
+    )
+    assert text == "Hello there\n\n- one\n\n- two\n\nlink <https://x.example/a>"
+
+
+def _mail(extra_headers: str = "", body: str = "Body\n", message_id: str = "<a@b>") -> bytes:
+    return (
+        f"{extra_headers}From: a@example.com\nDate: Mon, 2 Mar 2026 10:00:00 +0100\nSubject: s\n"
+        f"Message-ID: {message_id}\n\n{body}"
+    ).encode()
+
+
+def test_dedup_key_same_mail_through_two_mailboxes() -> None:
+    first = parse(_mail("Received: by mx1\nDelivered-To: support@x\n"))
+    second = parse(_mail("Received: by mx2\nDelivered-To: sales@x\n").replace(b"\n", b"\r\n"))
+    assert first.dedup_key == second.dedup_key
+    assert first.raw_sha256 != second.raw_sha256
+
+
+def test_dedup_key_differs_when_a_mailer_reuses_a_message_id() -> None:
+    assert parse(_mail(body="first\n")).dedup_key != parse(_mail(body="second\n")).dedup_key
+
+
+def test_dedup_key_helper_is_stable() -> None:
+    raw = _mail()
+    message = email.message_from_bytes(raw)
+    assert dedup_key(raw, "a@b", message) == dedup_key(raw, "a@b", message)
+
+
+def test_references_in_reply_to_first_then_newest() -> None:
+    mail = parse(b"From: a@example.com\nSubject: Re: x\nIn-Reply-To: <c@x>\nReferences: <a@x> <b@x>\n <c@x>\n\nhi\n")
+    assert mail.in_reply_to == "c@x"
+    assert mail.references == ("c@x", "b@x", "a@x")
+
+
+def test_leading_from_line_and_bom_are_tolerated() -> None:
+    mail = parse(b"\xef\xbb\xbfFrom: Jan <jan@example.com>\nSubject: BOM\n\nhi\n")
+    assert mail.sender is not None and mail.sender.address == "jan@example.com"
+    mail = parse(b"---- Original message ----\nFrom: jan@example.com\nSubject: forwarded\n\nhi\n")
+    assert mail.subject == "forwarded"
