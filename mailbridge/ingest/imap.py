@@ -96,7 +96,7 @@ class ImapConnection:
         assert self.client is not None
         return set(self.client.protocol.capabilities)
 
-    async def _call(self, command: Awaitable[aioimaplib.Response], what: str, timeout: float | None = -1.0) -> Any:
+    async def _call(self, command: Awaitable[Any], what: str, timeout: float | None = -1.0) -> Any:
         """Await an aioimaplib command, but give up when the connection drops or the server goes quiet.
 
         aioimaplib applies no timeout to UID MOVE/STORE/COPY/EXPUNGE and never fails a pending
@@ -214,7 +214,7 @@ class ImapConnection:
         if not ({"IDLE"} <= self.capabilities and self.box.idle):
             await _wait(stop, timeout, self.lost)
             return
-        idle = await self.client.idle_start(timeout=min(timeout, _IDLE_RENEW_SECONDS))
+        idle = await self._call(self.client.idle_start(timeout=min(timeout, _IDLE_RENEW_SECONDS)), "IDLE")
         try:
             while not stop.is_set() and not self.lost.is_set():
                 push = asyncio.ensure_future(self.client.wait_server_push(timeout=timeout))
@@ -236,8 +236,8 @@ class ImapConnection:
         finally:
             if not self.lost.is_set():
                 self.client.idle_done()
-                with suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(idle, self.box.timeout)
+                with suppress(ImapError):
+                    await self._call(idle, "DONE")
         if self.lost.is_set():
             raise ImapError("connection lost while idling")
 
