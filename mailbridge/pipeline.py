@@ -35,6 +35,7 @@ class Result:
     article_id: int | None = None
     quarantine_id: int | None = None
     reason: str | None = None
+    message_id: str | None = None
     seen_before: bool = False  # the receipt existed: fetched again after a crash before the server was told
 
 
@@ -100,9 +101,17 @@ class Pipeline:
     def _store_parsed(self, session: Session, raw: RawMail, mail: ParsedMail) -> Result:
         existing = tickets.find_article(session, mail.dedup_key)
         if existing is not None:
-            return Result(raw, Outcome.DUPLICATE, ticket=existing.ticket.number, article_id=existing.id)
+            return Result(
+                raw,
+                Outcome.DUPLICATE,
+                ticket=existing.ticket.number,
+                article_id=existing.id,
+                message_id=mail.message_id,
+            )
         article = tickets.store(session, raw, mail, self.ticket_settings)
-        return Result(raw, Outcome.STORED, ticket=article.ticket.number, article_id=article.id)
+        return Result(
+            raw, Outcome.STORED, ticket=article.ticket.number, article_id=article.id, message_id=mail.message_id
+        )
 
     @staticmethod
     def _add_receipt(session: Session, raw: RawMail, result: Result, sha256: str, message_id: str | None) -> None:
@@ -160,6 +169,7 @@ def _result_of(session: Session, raw: RawMail, receipt: Receipt) -> Result:
         ticket=ticket,
         article_id=receipt.article_id,
         quarantine_id=receipt.quarantine_id,
+        message_id=receipt.message_id,
         seen_before=True,
     )
 
@@ -170,6 +180,7 @@ def _log_result(result: Result) -> None:
         result.outcome.value,
         extra={
             "source": result.raw.source,
+            "message_id": result.message_id,
             "ticket": result.ticket,
             "outcome": result.outcome.value,
             "reason": result.reason,

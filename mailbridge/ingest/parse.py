@@ -445,7 +445,7 @@ def _content_id(value: Any) -> str | None:
 def _first_msgid(value: Any) -> str | None:
     if not value:
         return None
-    text = str(value)
+    text = decode_header_value(value)
     match = _MSGID.search(text)
     if match:
         return match.group(1)
@@ -456,7 +456,7 @@ def _first_msgid(value: Any) -> str | None:
 def _references(in_reply_to: Any, references: Any) -> tuple[str, ...]:
     """In-Reply-To first, then References newest first, deduplicated: the order threading tries them."""
     ids = [m for m in (_first_msgid(in_reply_to),) if m]
-    ids += reversed(_MSGID.findall(str(references or "")))
+    ids += reversed(_MSGID.findall(decode_header_value(references or "")))
     return tuple(dict.fromkeys(ids))
 
 

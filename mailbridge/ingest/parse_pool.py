@@ -76,5 +76,8 @@ class ParsePool:
             return ParseFailure("internal", f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
-        self._pool.stop()
+        self._pool.close()
         self._pool.join(timeout=5)
+        if self._pool.active:  # a worker still busy with a pathological mail: do not wait for it
+            self._pool.stop()
+            self._pool.join(timeout=5)
