@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -73,6 +74,7 @@ class ImapMailbox(_Strict):
     host: str = Field(min_length=1)
     port: int | None = Field(default=None, ge=1, le=65535)
     security: Literal["tls", "starttls", "none"] = "tls"
+    ca_file: Path | None = None  # trust this CA bundle instead of the system's (an internal CA)
     user: str = Field(min_length=1)
     password: SecretStr | None = None
     password_env: str | None = None
@@ -93,9 +95,14 @@ class ImapMailbox(_Strict):
         if secret is None:
             raise ValueError("a password is required: give password, password_env or password_file")
         object.__setattr__(self, "password", secret)
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist")
         if self.port is None:
             object.__setattr__(self, "port", 993 if self.security == "tls" else 143)
         return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
 
     @property
     def secret(self) -> str:
@@ -288,3 +295,4 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(box, dict):
             fix(box, "path")
             fix(box, "password_file")
+            fix(box, "ca_file")

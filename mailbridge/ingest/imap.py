@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -60,7 +59,9 @@ class ImapConnection:
         box = self.box
         assert box.port is not None
         if box.security == "tls":
-            self.client = aioimaplib.IMAP4_SSL(host=box.host, port=box.port, timeout=box.timeout)
+            self.client = aioimaplib.IMAP4_SSL(
+                host=box.host, port=box.port, timeout=box.timeout, ssl_context=box.ssl_context()
+            )
         else:
             self.client = aioimaplib.IMAP4(
                 host=box.host, port=box.port, timeout=box.timeout, conn_lost_cb=self._on_lost
@@ -84,7 +85,7 @@ class ImapConnection:
         if response.result != "OK":
             raise ImapError(f"STARTTLS refused: {_text(response.lines)}")
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context()
+        context = self.box.ssl_context()
         protocol.transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=self.box.host)
         await protocol.capability()  # RFC 3501 6.2.1: capabilities may change after STARTTLS
 
