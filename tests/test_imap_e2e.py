@@ -260,3 +260,42 @@ def _box(server: Dovecot, user: object, **extra: object) -> dict[str, object]:
     from tests.imap_env import imap_box
 
     return imap_box(server, user, **extra)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dovecot]:
+    dovecot = Dovecot.start(tmp_path_factory.mktemp("dovecot-tls"), tls=True)
+    yield dovecot
+    dovecot.stop()
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+async def test_tls_and_starttls_with_a_private_ca(tls_server: Dovecot, tmp_path: Path, security: str) -> None:
+    user = new_user(tls_server)
+    tls_server.append(sample_mail(f"over {security}"), user=user.name)
+    port = tls_server.tls_port if security == "tls" else tls_server.port
+    box = {**_box(tls_server, user), "security": security, "port": port, "ca_file": str(tls_server.ca_file)}
+    app = make_app(tmp_path, [box])
+    try:
+        await app.run_once()
+        assert count(app, f"select count(*) from tickets where subject = 'over {security}'") == 1
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+async def test_untrusted_certificate_is_an_error_not_a_ticket(
+    tls_server: Dovecot, tmp_path: Path, security: str
+) -> None:
+    user = new_user(tls_server)
+    tls_server.append(sample_mail(), user=user.name)
+    port = tls_server.tls_port if security == "tls" else tls_server.port
+    app = make_app(tmp_path, [{**_box(tls_server, user), "security": security, "port": port}])
+    try:
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
+            await app.run_once()
+        assert count(app, "select count(*) from tickets") == 0
+        assert count(app, "select count(*) from mailbox_state where last_error like '%CERTIFICATE%'") == 1
+        assert len(tls_server.uids("INBOX", user=user.name)) == 1
+    finally:
+        app.close()

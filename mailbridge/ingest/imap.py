@@ -81,7 +81,9 @@ class ImapConnection:
         protocol = self.client.protocol
         if "STARTTLS" not in protocol.capabilities:
             raise ImapError("security: starttls, but the server does not offer STARTTLS")
-        response = await asyncio.wait_for(protocol.simple_command("STARTTLS"), self.box.timeout)
+        # aioimaplib knows STARTTLS but has no method for it; send the command and upgrade the transport.
+        command = aioimaplib.Command("STARTTLS", protocol.new_tag(), loop=protocol.loop)
+        response = await asyncio.wait_for(protocol.execute(command), self.box.timeout)
         if response.result != "OK":
             raise ImapError(f"STARTTLS refused: {_text(response.lines)}")
         loop = asyncio.get_running_loop()
