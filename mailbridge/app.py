@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -119,16 +119,22 @@ class App:
 
     async def ingest(self, paths: list[Path], mailbox: str = IMPORT_MAILBOX) -> IngestSummary:
         summary = IngestSummary()
-        batch: list[RawMail] = []
-        size = 0
-        for raw in read_paths(paths, mailbox):
-            batch.append(raw)
-            size += len(raw.data)
-            if len(batch) >= self.settings.fetch.batch_size or size >= self.settings.fetch.batch_bytes:
-                summary.add(await self.pipeline.process(batch))
-                batch, size = [], 0
-        if batch:
-            summary.add(await self.pipeline.process(batch))
+
+        async def batches() -> AsyncGenerator[list[RawMail], None]:
+            batch: list[RawMail] = []
+            size = 0
+            for raw in read_paths(paths, mailbox):
+                batch.append(raw)
+                size += len(raw.data)
+                if len(batch) >= self.settings.fetch.batch_size or size >= self.settings.fetch.batch_bytes:
+                    yield batch
+                    batch, size = [], 0
+            yield batch
+
+        async def committed(results: list[Result]) -> None:
+            summary.add(results)
+
+        await self.pipeline.process_stream(batches(), committed)
         return summary
 
     def close(self) -> None:

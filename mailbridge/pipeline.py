@@ -8,8 +8,10 @@ i.e. after the commit, and then calls `mark_server_done`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -47,11 +49,44 @@ class Pipeline:
 
     async def process(self, batch: Sequence[RawMail]) -> list[Result]:
         """Parse the batch on the worker processes, then record every mail in one transaction."""
-        parsed = await asyncio.gather(*(self.parser.parse(raw.data) for raw in batch))
+        return await self.record(batch, await self.parse(batch))
+
+    def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
+        """Start parsing at once; callers overlap this with recording the previous batch."""
+        return asyncio.gather(*(self.parser.parse(raw.data) for raw in batch))
+
+    async def record(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
         results = await self.db.run(self._record_batch, batch, parsed)
         for result in results:
             _log_result(result)
         return results
+
+    async def process_stream(
+        self,
+        batches: AsyncGenerator[list[RawMail], None],
+        committed: Callable[[list[Result]], Awaitable[None]],
+        depth: int = 2,
+    ) -> None:
+        """Keep every resource busy during a backlog: batch k is recorded (database thread) while batch
+        k+1 is parsed (worker processes) and the source fetches batch k+2. Batches are committed in order,
+        and `committed` (the server-side move) runs after each commit. When `batches` ends early (stop
+        requested), what is already being parsed is still recorded: the mail in hand is finished."""
+        in_flight: deque[tuple[list[RawMail], asyncio.Future[list[ParsedMail | ParseFailure]]]] = deque()
+        try:
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    if not batch:
+                        continue
+                    in_flight.append((batch, self.parse(batch)))
+                    if len(in_flight) >= depth:
+                        raws, parsing = in_flight.popleft()
+                        await committed(await self.record(raws, await parsing))
+            while in_flight:
+                raws, parsing = in_flight.popleft()
+                await committed(await self.record(raws, await parsing))
+        finally:
+            for _, parsing in in_flight:
+                parsing.cancel()
 
     async def mark_server_done(self, source_keys: Sequence[str]) -> None:
         if source_keys:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -348,9 +348,19 @@ class ImapWatcher:
     async def _import(self, conn: ImapConnection, plan: FolderPlan, uids: list[int], stop: asyncio.Event) -> None:
         sizes = await conn.sizes(uids)
         batches = list(_batches([u for u in uids if u in sizes], sizes, self.settings))
-        next_fetch: asyncio.Task[dict[int, bytes]] | None = None
-        if batches:
-            next_fetch = asyncio.ensure_future(conn.fetch(batches[0]))
+
+        async def tell_server(results: list[Result]) -> None:
+            await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in results])
+
+        await self.pipeline.process_stream(self._fetched(conn, plan, batches, stop), tell_server)
+
+    async def _fetched(
+        self, conn: ImapConnection, plan: FolderPlan, batches: list[list[int]], stop: asyncio.Event
+    ) -> AsyncGenerator[list[RawMail], None]:
+        """The batches' mails, one UID FETCH each, the next one already travelling while a batch is handed on."""
+        if not batches:
+            return
+        next_fetch: asyncio.Future[dict[int, bytes]] | None = asyncio.ensure_future(conn.fetch(batches[0]))
         try:
             for index, batch in enumerate(batches):
                 assert next_fetch is not None
@@ -365,12 +375,9 @@ class ImapWatcher:
                     # looks again.
                     log.warning("mailbox %s: server returned no body for UIDs %s", self.name, uid_set(missing))
                     batch = [u for u in batch if u < missing[0]]
-                if index + 1 < len(batches):
-                    # Pipelining: the next batch travels while this one is parsed and committed.
+                elif index + 1 < len(batches):
                     next_fetch = asyncio.ensure_future(conn.fetch(batches[index + 1]))
-                raws = [self._raw(plan.uidvalidity, uid, bodies[uid]) for uid in batch if uid in bodies]
-                results = await self.pipeline.process(raws)
-                await self._tell_server(conn, results)
+                yield [self._raw(plan.uidvalidity, uid, bodies[uid]) for uid in batch]
                 if missing:
                     return
         finally:
@@ -388,9 +395,6 @@ class ImapWatcher:
             uidvalidity=uidvalidity,
             uid=uid,
         )
-
-    async def _tell_server(self, conn: ImapConnection, results: Sequence[Result]) -> None:
-        await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in results])
 
     async def _finish_pending(self, conn: ImapConnection, plan: FolderPlan) -> None:
         log.info("mailbox %s: finishing %d mail(s) stored before a restart", self.name, len(plan.pending))

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from mailbridge.config import FetchSettings, MaildirMailbox
@@ -61,10 +61,17 @@ class MaildirWatcher:
         # Stored before a crash but not yet moved: just move them now.
         await self._move([(f, known[_key(self.name, f)]) for f in files if _key(self.name, f) in known])
         fresh = [f for f in files if _key(self.name, f) not in known]
-        for start in range(0, len(fresh), self.settings.batch_size):
-            batch = fresh[start : start + self.settings.batch_size]
-            results = await self.pipeline.process([self._raw(f) for f in batch])
-            await self._tell(batch, results)
+        size = self.settings.batch_size
+        path_of = {_key(self.name, f): f for f in fresh}
+
+        async def batches() -> AsyncGenerator[list[RawMail], None]:
+            for start in range(0, len(fresh), size):
+                yield [self._raw(f) for f in fresh[start : start + size]]
+
+        async def committed(results: list[Result]) -> None:
+            await self._move([(path_of[r.raw.source_key or ""], r.outcome) for r in results])
+
+        await self.pipeline.process_stream(batches(), committed)
         await self.ledger.fetched(len(self._waiting()))
 
     def _waiting(self) -> list[Path]:
@@ -80,9 +87,6 @@ class MaildirWatcher:
             data=path.read_bytes(),
             source_key=_key(self.name, path),
         )
-
-    async def _tell(self, batch: Sequence[Path], results: Sequence[Result]) -> None:
-        await self._move([(path, result.outcome) for path, result in zip(batch, results, strict=True)])
 
     async def _move(self, items: Sequence[tuple[Path, Outcome]]) -> None:
         keys = []
