@@ -1,4 +1,4 @@
-"""Content-addressed file store for raw mails and attachments: <root>/ab/cd/<sha256>."""
+"""Content-addressed file store for raw mails and attachments: <root>/ab/<sha256>."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ class BlobStore:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
+        self._made_dirs: set[Path] = set()  # mkdir is a syscall per blob otherwise
 
     def path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        # One level of 256 directories: a million blobs are ~4,000 files each, and a new store does not
+        # pay a mkdir for almost every blob, as two levels (65,536 directories) would.
+        return self.root / sha256[:2] / sha256
 
     def put(self, data: bytes, sha256: str | None = None) -> str:
         """Store bytes once; safe to call again and from several processes at once."""
@@ -22,7 +25,9 @@ class BlobStore:
         target = self.path(digest)
         if target.exists():
             return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent not in self._made_dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as out:

@@ -39,6 +39,7 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor: ThreadPoolExecutor | None = None
 
@@ -75,6 +76,10 @@ class Database:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Python's sqlite3 (before 3.12) opens transactions itself, but not before SAVEPOINT: a savepoint
+    # outside a transaction becomes one, and RELEASE commits it. We take over BEGIN (the SQLAlchemy
+    # recipe), so a batch is one atomic transaction and each mail's savepoint is just a savepoint.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # WAL lets `mailbridge status` read while the daemon writes; FULL makes a commit survive a power cut,
     # which matters because the IMAP move that follows it cannot be undone.
@@ -82,3 +87,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN")

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from mailbridge.blobstore import BlobStore
 from mailbridge.cli import app
 from tests.imap_env import sample_mail
 
@@ -139,7 +140,7 @@ def test_huge_attachment_is_stored_whole(tmp_path: Path, config_file: Path) -> N
     [article] = cli("tickets", "show", "MB-000001", "--json", "--config", str(config_file))["articles"]
     [part] = article["attachments"]
     assert part["size"] == 8 * 1024 * 1024
-    blob = tmp_path / "data" / "storage" / "blobs" / part["sha256"][:2] / part["sha256"][2:4] / part["sha256"]
+    blob = BlobStore(tmp_path / "data" / "storage" / "blobs").path(part["sha256"])
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == part["sha256"]
 
 

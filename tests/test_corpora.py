@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from mailbridge.blobstore import BlobStore
 from mailbridge.cli import app
 from mailbridge.ingest.files import NOT_MAIL_SUFFIXES
 from tests.conftest import CORPORA
@@ -81,7 +82,7 @@ def test_corpora_every_mail_is_a_ticket_or_quarantined(tmp_path: Path, config_fi
     # Every stored mail's raw bytes are in the blob store, byte for byte.
     blobs = tmp_path / "data" / "storage" / "blobs"
     for (sha,) in db.execute("select raw_sha256 from articles"):
-        assert hashlib.sha256((blobs / sha[:2] / sha[2:4] / sha).read_bytes()).hexdigest() == sha
+        assert hashlib.sha256(BlobStore(blobs).path(sha).read_bytes()).hexdigest() == sha
 
     print(f"\ncorpora: {len(files)} files, {summary}")
     for source, _raw, _sha, reason in quarantined:

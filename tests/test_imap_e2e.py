@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mailbridge.app import App
+from mailbridge.blobstore import BlobStore
 from tests.imap_env import count, make_app, new_user, sample_mail, wait_until
 from tests.support.dovecot import Dovecot
 
@@ -61,7 +62,7 @@ async def test_every_mail_becomes_one_ticket_and_is_moved(server: Dovecot, tmp_p
         # The raw bytes are kept exactly as the server had them.
         blobs = app.settings.storage_path / "blobs"
         for sha in on_server:
-            assert hashlib.sha256((blobs / sha[:2] / sha[2:4] / sha).read_bytes()).hexdigest() == sha
+            assert hashlib.sha256(BlobStore(blobs).path(sha).read_bytes()).hexdigest() == sha
         assert count(app, "select count(*) from articles where raw_sha256 in ('" + "','".join(on_server) + "')") == 3
         assert count(app, "select count(*) from contacts where address = 'klient@example.com'") == 1
         # A second pass finds nothing new.

@@ -33,10 +33,15 @@ class ParseFailure:
         return self.stage != "parse"
 
 
+_stores: dict[tuple[str, bool], BlobStore] = {}
+
+
 def parse_and_stash(raw: bytes, blob_root: str, fsync: bool) -> ParsedMail:
     """Worker side: parse, write the raw mail and its attachments to the blob store, return metadata."""
     mail = parse(raw)
-    store = BlobStore(Path(blob_root), fsync=fsync)
+    store = _stores.get((blob_root, fsync))
+    if store is None:  # one per worker process, so it remembers which directories exist
+        store = _stores[(blob_root, fsync)] = BlobStore(Path(blob_root), fsync=fsync)
     try:
         store.put(raw, mail.raw_sha256)
         for part in mail.attachments:
