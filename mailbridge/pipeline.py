@@ -14,16 +14,15 @@ from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailbridge import tickets
+from mailbridge import receipts, tickets
 from mailbridge.config import TicketSettings
 from mailbridge.db import Database
 from mailbridge.ingest.parse import ParsedMail
 from mailbridge.ingest.parse_pool import ParseFailure, ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import Article, Outcome, QuarantinedMail, Receipt, utcnow
+from mailbridge.models import Outcome, QuarantinedMail, utcnow
 from mailbridge.quarantine import quarantine
 
 log = logging.getLogger("mailbridge.pipeline")
@@ -105,70 +104,83 @@ class Pipeline:
 
     def _record_batch(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
         with self.db.unit_of_work() as session:
-            return [self._record_one(session, raw, result) for raw, result in zip(batch, parsed, strict=True)]
+            seen = receipts.known(session, [raw.source_key for raw in batch if raw.source_key])
+            stored = tickets.find_articles(session, [p.dedup_key for p in parsed if isinstance(p, ParsedMail)])
+            results: list[Result | None] = [None] * len(batch)
+            new: list[receipts.NewReceipt] = []
+            fresh: dict[str, int] = {}  # dedup key -> index of the mail in this batch that will store it
+            for index, (raw, mail) in enumerate(zip(batch, parsed, strict=True)):
+                if raw.source_key in seen:  # fetched again after a crash: already recorded
+                    results[index] = _seen_before(raw, seen[raw.source_key])
+                elif isinstance(mail, ParseFailure):
+                    results[index] = self._quarantine(session, raw, mail.stage, mail.reason, mail.retryable, new)
+                elif mail.dedup_key in stored:
+                    results[index] = _duplicate(raw, mail, stored[mail.dedup_key], new)
+                elif mail.dedup_key not in fresh:
+                    fresh[mail.dedup_key] = index
+            for index, outcome in self._store_fresh(session, batch, parsed, list(fresh.values())).items():
+                mail = parsed[index]
+                assert isinstance(mail, ParsedMail)
+                if isinstance(outcome, tickets.Stored):
+                    stored[mail.dedup_key] = outcome
+                    results[index] = Result(
+                        batch[index], Outcome.STORED, outcome.ticket, outcome.article_id, message_id=mail.message_id
+                    )
+                    new.append(
+                        receipts.NewReceipt(
+                            batch[index],
+                            Outcome.STORED,
+                            mail.raw_sha256,
+                            mail.message_id,
+                            article_id=outcome.article_id,
+                        )
+                    )
+                else:
+                    results[index] = self._quarantine(session, batch[index], "store", outcome, True, new)
+            for index, mail in enumerate(parsed):  # the same mail twice in one batch
+                if results[index] is None:
+                    assert isinstance(mail, ParsedMail)
+                    results[index] = _duplicate(batch[index], mail, stored[mail.dedup_key], new)
+            receipts.add(session, new)
+            return [r for r in results if r is not None]
 
-    def _record_one(self, session: Session, raw: RawMail, parsed: ParsedMail | ParseFailure) -> Result:
-        if raw.source_key is not None:
-            known = session.scalars(select(Receipt).where(Receipt.source_key == raw.source_key)).first()
-            if known is not None:
-                return _result_of(session, raw, known)
+    def _store_fresh(
+        self,
+        session: Session,
+        batch: Sequence[RawMail],
+        parsed: Sequence[ParsedMail | ParseFailure],
+        indices: list[int],
+    ) -> dict[int, tickets.Stored | str]:
+        """Store the new mails in one go; if that fails, one by one, so one bad mail cannot sink the rest."""
+        mails = [(batch[i], mail) for i in indices if isinstance(mail := parsed[i], ParsedMail)]
         try:
             with session.begin_nested():
-                result = self._store(session, raw, parsed)
-        except Exception as exc:  # our bug or a constraint we did not foresee: keep the mail, retry later
-            log.exception("storing %s failed; quarantining it", raw.source)
-            with session.begin_nested():
-                item = quarantine(session, raw, stage="store", reason=f"{type(exc).__name__}: {exc}", retryable=True)
-                result = Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=item.reason)
-                self._add_receipt(session, raw, result, item.sha256, item.message_id)
-        return result
-
-    def _store(self, session: Session, raw: RawMail, parsed: ParsedMail | ParseFailure) -> Result:
-        if isinstance(parsed, ParseFailure):
-            item = quarantine(session, raw, stage=parsed.stage, reason=parsed.reason, retryable=parsed.retryable)
-            result = Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=parsed.reason)
-            self._add_receipt(session, raw, result, item.sha256, item.message_id)
-            return result
-        result = self._store_parsed(session, raw, parsed)
-        self._add_receipt(session, raw, result, parsed.raw_sha256, parsed.message_id)
-        return result
-
-    def _store_parsed(self, session: Session, raw: RawMail, mail: ParsedMail) -> Result:
-        existing = tickets.find_article(session, mail.dedup_key)
-        if existing is not None:
-            return Result(
-                raw,
-                Outcome.DUPLICATE,
-                ticket=existing.ticket.number,
-                article_id=existing.id,
-                message_id=mail.message_id,
-            )
-        article = tickets.store(session, raw, mail, self.ticket_settings)
-        return Result(
-            raw, Outcome.STORED, ticket=article.ticket.number, article_id=article.id, message_id=mail.message_id
-        )
+                return dict(zip(indices, tickets.store(session, mails, self.ticket_settings), strict=True))
+        except Exception:
+            if len(indices) == 1:
+                raise
+            log.warning("storing a batch of %d failed; storing its mails one by one", len(indices))
+        outcomes: dict[int, tickets.Stored | str] = {}
+        for index in indices:
+            try:
+                outcomes[index] = self._store_fresh(session, batch, parsed, [index])[index]
+            except Exception as exc:  # our bug or a constraint we did not foresee: keep the mail, retry later
+                log.exception("storing %s failed; quarantining it", batch[index].source)
+                outcomes[index] = f"{type(exc).__name__}: {exc}"
+        return outcomes
 
     @staticmethod
-    def _add_receipt(session: Session, raw: RawMail, result: Result, sha256: str, message_id: str | None) -> None:
-        session.add(
-            Receipt(
-                mailbox=raw.mailbox,
-                source_key=raw.source_key,
-                uidvalidity=raw.uidvalidity,
-                uid=raw.uid,
-                sha256=sha256,
-                message_id=message_id,
-                outcome=result.outcome,
-                article_id=result.article_id,
-                quarantine_id=result.quarantine_id,
-                server_done=raw.source_key is None,  # nothing to tell a server about a file import
-            )
-        )
-        session.flush()
+    def _quarantine(
+        session: Session, raw: RawMail, stage: str, reason: str, retryable: bool, new: list[receipts.NewReceipt]
+    ) -> Result:
+        with session.begin_nested():
+            item = quarantine(session, raw, stage=stage, reason=reason, retryable=retryable)
+        new.append(receipts.NewReceipt(raw, Outcome.QUARANTINED, item.sha256, item.message_id, quarantine_id=item.id))
+        return Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=reason, message_id=item.message_id)
 
     def _mark_server_done(self, source_keys: list[str]) -> None:
         with self.db.unit_of_work() as session:
-            session.execute(update(Receipt).where(Receipt.source_key.in_(source_keys)).values(server_done=True))
+            receipts.mark_server_done(session, source_keys)
 
     def _load_quarantined(self, quarantine_id: int) -> QuarantinedMail:
         with self.db.reader() as session:
@@ -184,29 +196,30 @@ class Pipeline:
             if isinstance(parsed, ParseFailure):
                 item.reason, item.stage, item.retryable = parsed.reason, parsed.stage, parsed.retryable
                 return Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=parsed.reason)
-            result = self._store_parsed(session, raw, parsed)
+            existing = tickets.find_articles(session, [parsed.dedup_key]).get(parsed.dedup_key)
+            outcome = Outcome.DUPLICATE if existing else Outcome.STORED
+            stored = existing or tickets.store(session, [(raw, parsed)], self.ticket_settings)[0]
             item.resolved_at = utcnow()
-            item.resolved_article_id = result.article_id
-            session.execute(
-                update(Receipt)
-                .where(Receipt.quarantine_id == item.id)
-                .values(outcome=result.outcome, article_id=result.article_id)
-            )
-            return result
+            item.resolved_article_id = stored.article_id
+            receipts.resolve_quarantined(session, item.id, outcome, stored.article_id)
+            return Result(raw, outcome, stored.ticket, stored.article_id, message_id=parsed.message_id)
 
 
-def _result_of(session: Session, raw: RawMail, receipt: Receipt) -> Result:
-    article = session.get(Article, receipt.article_id) if receipt.article_id is not None else None
-    ticket = article.ticket.number if article is not None else None
+def _seen_before(raw: RawMail, known: receipts.Known) -> Result:
     return Result(
         raw,
-        Outcome(receipt.outcome),
-        ticket=ticket,
-        article_id=receipt.article_id,
-        quarantine_id=receipt.quarantine_id,
-        message_id=receipt.message_id,
+        known.outcome,
+        known.ticket,
+        known.article_id,
+        known.quarantine_id,
+        message_id=known.message_id,
         seen_before=True,
     )
+
+
+def _duplicate(raw: RawMail, mail: ParsedMail, stored: tickets.Stored, new: list[receipts.NewReceipt]) -> Result:
+    new.append(receipts.NewReceipt(raw, Outcome.DUPLICATE, mail.raw_sha256, mail.message_id, stored.article_id))
+    return Result(raw, Outcome.DUPLICATE, stored.ticket, stored.article_id, message_id=mail.message_id)
 
 
 def _log_result(result: Result) -> None:

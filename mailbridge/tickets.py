@@ -1,14 +1,19 @@
-"""Store stage: a parsed mail becomes a ticket with the mail as its first article.
+"""Store stage: parsed mails become tickets, each with the mail as its first article.
 
 Threading (replies onto existing tickets) and routing come in as stages before this one; here every
 new mail opens a ticket. Stages receive the session and never commit: the pipeline owns the transaction.
+A batch is written with a handful of multi-row INSERTs, not a round of ORM flushes per mail: at a
+backlog the database thread is the busiest part of the daemon.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.config import TicketSettings
@@ -19,78 +24,143 @@ from mailbridge.models import Article, Attachment, Contact, Direction, Ticket, T
 UNKNOWN_SENDER = Address(name="Unknown sender", address="unknown-sender@invalid")
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    article_id: int
+    ticket: str
+
+
 def ticket_number(settings: TicketSettings, ticket_id: int) -> str:
     return f"{settings.number_prefix}-{ticket_id:0{settings.number_digits}d}"
 
 
-def find_article(session: Session, dedup_key: str) -> Article | None:
-    return session.scalars(select(Article).where(Article.dedup_key == dedup_key)).first()
+def find_articles(session: Session, dedup_keys: Iterable[str]) -> dict[str, Stored]:
+    """The articles already holding these mails (by dedup key)."""
+    keys = list(set(dedup_keys))
+    found: dict[str, Stored] = {}
+    for start in range(0, len(keys), 500):
+        rows = session.execute(
+            select(Article.dedup_key, Article.id, Ticket.number)
+            .join(Ticket, Ticket.id == Article.ticket_id)
+            .where(Article.dedup_key.in_(keys[start : start + 500]))
+        )
+        found.update({key: Stored(article_id, number or "") for key, article_id, number in rows if key})
+    return found
 
 
-def contact_for(session: Session, sender: Address) -> Contact:
-    address = sender.address.strip().lower()
-    contact = session.scalars(select(Contact).where(Contact.address == address)).first()
-    if contact is None:
-        contact = Contact(address=address, name=sender.name)
-        session.add(contact)
-        session.flush()
-    elif sender.name and not contact.name:
-        contact.name = sender.name
-    return contact
-
-
-def store(session: Session, raw: RawMail, mail: ParsedMail, settings: TicketSettings) -> Article:
-    """Create the contact (if new), the ticket and its first inbound article with the attachments."""
+def store(session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], settings: TicketSettings) -> list[Stored]:
+    """One new ticket per mail, with its contact (found or created), first article and attachments."""
+    if not mails:
+        return []
     now = utcnow()
-    customer = contact_for(session, mail.sender or UNKNOWN_SENDER)
-    ticket = Ticket(
-        status=TicketStatus.NEW,
-        subject=mail.subject,
-        customer_id=customer.id,
-        mailbox=raw.mailbox,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(ticket)
-    session.flush()
-    ticket.number = ticket_number(settings, ticket.id)
-    article = article_from(mail, raw, ticket, now)
-    session.add(article)
-    session.flush()
-    return article
-
-
-def article_from(mail: ParsedMail, raw: RawMail, ticket: Ticket, now: datetime) -> Article:
-    return Article(
-        ticket=ticket,
-        direction=Direction.INBOUND,
-        dedup_key=mail.dedup_key,
-        mailbox=raw.mailbox,
-        message_id=mail.message_id,
-        in_reply_to=mail.in_reply_to,
-        references=list(mail.references),
-        subject=mail.subject,
-        from_name=mail.sender.name if mail.sender else "",
-        from_address=mail.sender.address.lower() if mail.sender else "",
-        to=[a.as_json() for a in mail.to],
-        cc=[a.as_json() for a in mail.cc],
-        reply_to=[a.as_json() for a in mail.reply_to],
-        sent_at=mail.date,
-        text=mail.text,
-        html=mail.html,
-        raw_sha256=mail.raw_sha256,
-        raw_size=mail.raw_size,
-        defects=list(mail.defects),
-        created_at=now,
-        attachments=[
-            Attachment(
-                filename=p.filename,
-                content_type=p.content_type,
-                size=p.size,
-                sha256=p.sha256,
-                content_id=p.content_id,
-                inline=p.inline,
-            )
-            for p in mail.attachments
+    senders = [mail.sender or UNKNOWN_SENDER for _, mail in mails]
+    contact_ids = _contacts(session, senders, now)
+    ticket_ids = _insert_ids(
+        session,
+        Ticket,
+        [
+            {
+                "status": TicketStatus.NEW,
+                "subject": _text(mail.subject),
+                "customer_id": contact_ids[contact_key(sender)],
+                "mailbox": raw.mailbox,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for (raw, mail), sender in zip(mails, senders, strict=True)
         ],
     )
+    numbers = [ticket_number(settings, ticket_id) for ticket_id in ticket_ids]
+    session.execute(update(Ticket), [{"id": i, "number": n} for i, n in zip(ticket_ids, numbers, strict=True)])
+    article_ids = _insert_ids(
+        session,
+        Article,
+        [_article_row(raw, mail, ticket_id, now) for (raw, mail), ticket_id in zip(mails, ticket_ids, strict=True)],
+    )
+    attachments = [
+        {
+            "article_id": article_id,
+            "filename": part.filename,
+            "content_type": part.content_type,
+            "size": part.size,
+            "sha256": part.sha256,
+            "content_id": part.content_id,
+            "inline": part.inline,
+        }
+        for (_, mail), article_id in zip(mails, article_ids, strict=True)
+        for part in mail.attachments
+    ]
+    if attachments:
+        session.execute(insert(Attachment), attachments)
+    return [Stored(a, n) for a, n in zip(article_ids, numbers, strict=True)]
+
+
+def contact_key(sender: Address) -> str:
+    return sender.address.strip().lower()
+
+
+def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> dict[str, int]:
+    names: dict[str, str] = {}
+    for sender in senders:
+        address = contact_key(sender)
+        if not names.get(address):
+            names[address] = _text(sender.name)
+    rows = session.execute(select(Contact.address, Contact.id).where(Contact.address.in_(list(names))))
+    ids: dict[str, int] = {address: contact_id for address, contact_id in rows}
+    new = [a for a in names if a not in ids]
+    if new:
+        values = [{"address": a, "name": names[a], "created_at": now} for a in new]
+        ids.update(zip(new, _insert_ids(session, Contact, values), strict=True))
+    contacts = Contact.__table__
+    assert isinstance(contacts, Table)
+    unnamed = [{"id": ids[a], "name": n} for a, n in names.items() if n and a in ids]
+    if unnamed:  # a contact first seen without a display name gets the one a later mail shows
+        session.execute(
+            update(contacts)
+            .where(contacts.c.id == bindparam("b_id"), contacts.c.name == "")
+            .values(name=bindparam("b_name")),
+            [{"b_id": row["id"], "b_name": row["name"]} for row in unnamed],
+        )
+    return ids
+
+
+def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """INSERT many rows and return their ids in the rows' order (one statement where the driver allows)."""
+    result = session.execute(insert(table).returning(table.id, sort_by_parameter_order=True), rows)
+    return list(result.scalars())
+
+
+def _article_row(raw: RawMail, mail: ParsedMail, ticket_id: int, now: datetime) -> dict[str, Any]:
+    return {
+        "ticket_id": ticket_id,
+        "direction": Direction.INBOUND,
+        "dedup_key": mail.dedup_key,
+        "mailbox": raw.mailbox,
+        "message_id": mail.message_id,
+        "in_reply_to": mail.in_reply_to,
+        "references": list(mail.references),
+        "subject": _text(mail.subject),
+        "from_name": _text(mail.sender.name) if mail.sender else "",
+        "from_address": mail.sender.address.lower() if mail.sender else "",
+        "to": [a.as_json() for a in mail.to],
+        "cc": [a.as_json() for a in mail.cc],
+        "reply_to": [a.as_json() for a in mail.reply_to],
+        "sent_at": mail.date,
+        "text": _text(mail.text),
+        "html": _text(mail.html) if mail.html is not None else None,
+        "raw_sha256": mail.raw_sha256,
+        "raw_size": mail.raw_size,
+        "defects": list(mail.defects),
+        "created_at": now,
+    }
+
+
+def _text(value: str) -> str:
+    # PostgreSQL refuses NUL in text, and neither backend takes lone surrogates.
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value

@@ -222,3 +222,34 @@ def wait_for(predicate: Any, timeout: float) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"condition not met within {timeout} s")
         time.sleep(0.2)
+
+
+def test_a_mail_that_cannot_be_stored_is_quarantined_and_the_rest_of_its_batch_is_not(
+    tmp_path: Path, config_file: Path
+) -> None:
+    import sqlite3
+
+    cli("db", "upgrade", "--config", str(config_file))
+    db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
+    # Stands in for any fault of ours while storing one mail (a bug, a constraint nobody foresaw).
+    db.execute(
+        "CREATE TRIGGER poison BEFORE INSERT ON articles WHEN NEW.subject = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned article'); END"
+    )
+    db.commit()
+    for name, subject in (("a", "fine 1"), ("b", "poison"), ("c", "fine 2")):
+        (tmp_path / f"{name}.eml").write_bytes(sample_mail(subject))
+    paths = [str(tmp_path / f"{n}.eml") for n in "abc"]
+    summary = cli("ingest", *paths, "--json", "--config", str(config_file))
+    assert summary == {"read": 3, "stored": 2, "duplicates": 0, "quarantined": 1}
+    [item] = cli("quarantine", "list", "--json", "--config", str(config_file))
+    assert item["stage"] == "store" and item["retryable"] and "poisoned article" in item["reason"]
+
+    db.execute("DROP TRIGGER poison")  # the fix
+    db.commit()
+    assert cli("quarantine", "retry", str(item["id"]), "--config", str(config_file)).startswith("stored: ticket")
+    assert {t["subject"] for t in cli("tickets", "list", "--json", "--config", str(config_file))} == {
+        "fine 1",
+        "poison",
+        "fine 2",
+    }

@@ -1,0 +1,95 @@
+"""Receipts: one row per mail taken from a source, written in the same transaction as the ticket.
+
+The receipt is what makes a mail fetched twice (after a crash, before the server was told) a no-op,
+and what `mailbridge status` reconciles: fetched = stored + duplicates + quarantined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from mailbridge.ingest.raw import RawMail
+from mailbridge.models import Article, Outcome, Receipt, Ticket
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    outcome: Outcome
+    article_id: int | None
+    quarantine_id: int | None
+    message_id: str | None
+    ticket: str | None
+
+
+def known(session: Session, source_keys: Sequence[str]) -> dict[str, Known]:
+    found: dict[str, Known] = {}
+    keys = list(source_keys)
+    for start in range(0, len(keys), 500):
+        rows = session.execute(
+            select(
+                Receipt.source_key,
+                Receipt.outcome,
+                Receipt.article_id,
+                Receipt.quarantine_id,
+                Receipt.message_id,
+                Ticket.number,
+            )
+            .outerjoin(Article, Article.id == Receipt.article_id)
+            .outerjoin(Ticket, Ticket.id == Article.ticket_id)
+            .where(Receipt.source_key.in_(keys[start : start + 500]))
+        )
+        for key, outcome, article_id, quarantine_id, message_id, number in rows:
+            if key is not None:
+                found[key] = Known(Outcome(outcome), article_id, quarantine_id, message_id, number)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class NewReceipt:
+    raw: RawMail
+    outcome: Outcome
+    sha256: str
+    message_id: str | None
+    article_id: int | None = None
+    quarantine_id: int | None = None
+
+
+def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
+    if not receipts:
+        return
+    session.execute(
+        insert(Receipt),
+        [
+            {
+                "mailbox": r.raw.mailbox,
+                "source_key": r.raw.source_key,
+                "uidvalidity": r.raw.uidvalidity,
+                "uid": r.raw.uid,
+                "sha256": r.sha256,
+                "message_id": r.message_id,
+                "outcome": r.outcome,
+                "article_id": r.article_id,
+                "quarantine_id": r.quarantine_id,
+                "server_done": r.raw.source_key is None,  # nothing to tell a server about a file import
+            }
+            for r in receipts
+        ],
+    )
+
+
+def mark_server_done(session: Session, source_keys: Sequence[str]) -> None:
+    keys = list(source_keys)
+    for start in range(0, len(keys), 500):
+        session.execute(
+            update(Receipt).where(Receipt.source_key.in_(keys[start : start + 500])).values(server_done=True)
+        )
+
+
+def resolve_quarantined(session: Session, quarantine_id: int, outcome: Outcome, article_id: int | None) -> None:
+    session.execute(
+        update(Receipt).where(Receipt.quarantine_id == quarantine_id).values(outcome=outcome, article_id=article_id)
+    )
