@@ -52,7 +52,7 @@ class Pipeline:
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
         """Start parsing at once; callers overlap this with recording the previous batch."""
-        return asyncio.gather(*(self.parser.parse(raw.data) for raw in batch))
+        return asyncio.ensure_future(self.parser.parse_many([raw.data for raw in batch]))
 
     async def record(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
         results = await self.db.run(self._record_batch, batch, parsed)
