@@ -51,15 +51,20 @@ Parsed = ParsedMail | ParseFailure
 
 # --- worker side ----------------------------------------------------------------------------------
 
-_stores: dict[tuple[str, bool], BlobStore] = {}
+_stores: dict[str, BlobStore] = {}
 
 
-def parse_and_stash(raw: bytes, blob_root: str, fsync: bool) -> ParsedMail:
+def _store(blob_root: str) -> BlobStore:
+    store = _stores.get(blob_root)
+    if store is None:  # one per worker process, so it remembers which directories exist
+        store = _stores[blob_root] = BlobStore(Path(blob_root))
+    return store
+
+
+def parse_and_stash(raw: bytes, blob_root: str) -> ParsedMail:
     """Parse, write the raw mail and its attachments to the blob store, return the metadata."""
     mail = parse(raw)
-    store = _stores.get((blob_root, fsync))
-    if store is None:  # one per worker process, so it remembers which directories exist
-        store = _stores[(blob_root, fsync)] = BlobStore(Path(blob_root), fsync=fsync)
+    store = _store(blob_root)
     try:
         store.put(raw, mail.raw_sha256)
         for part in mail.attachments:
@@ -75,11 +80,18 @@ def parse_chunk(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: flo
     for raw in raws:
         try:
             with _soft_limit(timeout):
-                results.append(parse_and_stash(raw, blob_root, fsync))
+                results.append(parse_and_stash(raw, blob_root))
         except _SoftTimeout:
             results.append(_too_slow(timeout))
         except Exception as exc:
             results.append(_failure(exc))
+    if fsync:
+        # Durable before the worker answers, hence before the commit and the IMAP move that follow.
+        try:
+            _store(blob_root).sync()
+        except OSError as exc:
+            failed = ParseFailure("store", f"cannot sync the blob store: {exc}")
+            results = [failed if isinstance(r, ParsedMail) else r for r in results]
     return results
 
 
