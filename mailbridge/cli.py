@@ -18,7 +18,6 @@ import yaml
 from mailbridge.app import App, build_app, install_signal_handlers
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailbridge.ingest.maildir import ensure_maildir
-from mailbridge.ingest.parse import ParseError, parse
 from mailbridge.logs import setup_logging
 from mailbridge.quarantine import list_quarantined
 
@@ -227,6 +226,8 @@ def parse_command(
     json_out: JsonOption = False,
 ) -> None:
     """Show what the parser makes of one mail (nothing is stored)."""
+    from mailbridge.ingest.parse import ParseError, parse
+
     try:
         mail = parse(file.read_bytes())
     except ParseError as exc:

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 from mailbridge import receipts, tickets
 from mailbridge.config import TicketSettings
 from mailbridge.db import Database
-from mailbridge.ingest.parse import ParsedMail
-from mailbridge.ingest.parse_pool import ParseFailure, ParsePool
+from mailbridge.ingest.mail import ParsedMail, ParseFailure
+from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome, QuarantinedMail, utcnow
 from mailbridge.quarantine import quarantine

@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.config import TicketSettings
-from mailbridge.ingest.parse import Address, ParsedMail
+from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Article, Attachment, Contact, Direction, Ticket, TicketStatus, utcnow
 

@@ -1,0 +1,102 @@
+"""What the parse stage hands on: plain frozen values, cheap to import and to pickle between processes.
+
+The daemon's main process only ever sees these; the parsing libraries live in the worker processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    name: str
+    address: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"name": self.name, "address": self.address}
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """An attachment or inline image. `payload` is dropped once the bytes are in the blob store."""
+
+    filename: str
+    content_type: str
+    size: int
+    sha256: str
+    content_id: str | None
+    inline: bool
+    payload: bytes | None = field(default=None, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename,
+            "content_type": self.content_type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "content_id": self.content_id,
+            "inline": self.inline,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMail:
+    subject: str
+    sender: Address | None
+    to: tuple[Address, ...]
+    cc: tuple[Address, ...]
+    reply_to: tuple[Address, ...]
+    date: datetime | None
+    message_id: str | None
+    in_reply_to: str | None
+    references: tuple[str, ...]
+    text: str
+    html: str | None
+    attachments: tuple[Part, ...]
+    body_parts: int  # leaf parts that became text or html; with the attachments, every leaf of the mail
+    defects: tuple[str, ...]
+    headers: tuple[tuple[str, str], ...]  # lower-cased names, decoded values, in order
+    raw_sha256: str
+    raw_size: int
+    dedup_key: str
+
+    def without_payloads(self) -> ParsedMail:
+        return replace(self, attachments=tuple(replace(p, payload=None) for p in self.attachments))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "from": self.sender.as_json() if self.sender else None,
+            "to": [a.as_json() for a in self.to],
+            "cc": [a.as_json() for a in self.cc],
+            "reply_to": [a.as_json() for a in self.reply_to],
+            "date": self.date.isoformat() if self.date else None,
+            "message_id": self.message_id,
+            "in_reply_to": self.in_reply_to,
+            "references": list(self.references),
+            "text": self.text,
+            "html": self.html,
+            "attachments": [p.as_json() for p in self.attachments],
+            "body_parts": self.body_parts,
+            "defects": list(self.defects),
+            "sha256": self.raw_sha256,
+            "size": self.raw_size,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ParseFailure:
+    """Why a mail could not be parsed (or its parts not stored); it goes to quarantine with its raw bytes."""
+
+    stage: str  # "parse": the mail is at fault; "store"/"internal": we are, and a retry may succeed
+    reason: str
+
+    @property
+    def retryable(self) -> bool:
+        return self.stage != "parse"
+
+
+Parsed = ParsedMail | ParseFailure

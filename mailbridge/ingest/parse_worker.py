@@ -1,0 +1,96 @@
+"""The worker-process side of the parse pool: parse a chunk of mails, each under a soft time limit, and
+write their raw bytes and attachments to the blob store. Imported only in the worker processes (and by
+`mailbridge parse`), so the daemon's main process never loads the parsing libraries."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mailbridge.blobstore import BlobStore
+from mailbridge.ingest.mail import Parsed, ParsedMail, ParseFailure
+from mailbridge.ingest.parse import ParseError, parse
+
+
+class StashError(Exception):
+    """The parsed mail could not be written to the blob store (disk full, permissions)."""
+
+
+class _SoftTimeout(Exception):
+    pass
+
+
+_stores: dict[str, BlobStore] = {}
+
+
+def _store(blob_root: str) -> BlobStore:
+    store = _stores.get(blob_root)
+    if store is None:  # one per worker process, so it remembers which directories exist
+        store = _stores[blob_root] = BlobStore(Path(blob_root))
+    return store
+
+
+def parse_and_stash(raw: bytes, blob_root: str) -> ParsedMail:
+    """Parse, write the raw mail and its attachments to the blob store, return the metadata."""
+    mail = parse(raw)
+    store = _store(blob_root)
+    try:
+        store.put(raw, mail.raw_sha256)
+        for part in mail.attachments:
+            assert part.payload is not None
+            store.put(part.payload, part.sha256)
+    except OSError as exc:
+        raise StashError(f"cannot write to the blob store: {exc}") from None
+    return mail.without_payloads()
+
+
+def parse_chunk(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float) -> list[Parsed]:
+    results: list[Parsed] = []
+    for raw in raws:
+        try:
+            with _soft_limit(timeout):
+                results.append(parse_and_stash(raw, blob_root))
+        except _SoftTimeout:
+            results.append(too_slow(timeout))
+        except Exception as exc:
+            results.append(_failure(exc))
+    if fsync:
+        # Durable before the worker answers, hence before the commit and the IMAP move that follow.
+        try:
+            _store(blob_root).sync()
+        except OSError as exc:
+            failed = ParseFailure("store", f"cannot sync the blob store: {exc}")
+            results = [failed if isinstance(r, ParsedMail) else r for r in results]
+    return results
+
+
+@contextmanager
+def _soft_limit(seconds: float) -> Iterator[None]:
+    def expire(signum: int, frame: Any) -> None:
+        raise _SoftTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def too_slow(timeout: float) -> ParseFailure:
+    return ParseFailure("parse", f"parsing took longer than {timeout:g} s and was stopped")
+
+
+def _failure(exc: BaseException) -> ParseFailure:
+    if isinstance(exc, ParseError):
+        return ParseFailure("parse", str(exc))
+    if isinstance(exc, StashError):
+        return ParseFailure("store", str(exc))
+    if isinstance(exc, RecursionError):
+        return ParseFailure("parse", "MIME structure nested too deeply to parse")
+    # A bug of ours or of a library: keep the mail, let a fixed version retry it.
+    return ParseFailure("internal", f"{type(exc).__name__}: {exc}")
