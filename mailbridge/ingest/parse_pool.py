@@ -22,6 +22,7 @@ from pebble import ProcessExpired, ProcessPool
 from mailbridge.ingest.mail import Parsed, ParseFailure
 
 CHUNK = 25  # mails per task: amortises the task overhead and the syncfs; batches still spread over workers
+MAX_TASKS_PER_WORKER = 40
 WORKER_MODULE = "mailbridge.ingest.parse_worker"
 
 
@@ -42,7 +43,8 @@ class ParsePool:
         # forkserver: the daemon has threads (the database thread) and a running loop; forking it is unsafe.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([WORKER_MODULE])
-        self._pool = ProcessPool(max_workers=workers, context=context)
+        # Recycling workers now and then caps their memory high-water mark (CPython keeps freed arenas).
+        self._pool = ProcessPool(max_workers=workers, max_tasks=MAX_TASKS_PER_WORKER, context=context)
 
     async def parse(self, raw: bytes) -> Parsed:
         return (await self.parse_many([raw]))[0]
