@@ -92,10 +92,12 @@ def test_dedup_key_differs_when_a_mailer_reuses_a_message_id() -> None:
     assert parse(_mail(body="first\n")).dedup_key != parse(_mail(body="second\n")).dedup_key
 
 
-def test_dedup_key_helper_is_stable() -> None:
-    raw = _mail()
-    message = email.message_from_bytes(raw)
-    assert dedup_key(raw, "a@b", message) == dedup_key(raw, "a@b", message)
+def test_dedup_key_depends_on_the_authors_headers() -> None:
+    message = email.message_from_bytes(_mail())
+    other = email.message_from_bytes(_mail().replace(b"Subject: s", b"Subject: t"))
+    assert dedup_key(message, "a@b", "Body", None, ()) == dedup_key(message, "a@b", "Body", None, ())
+    assert dedup_key(message, "a@b", "Body", None, ()) != dedup_key(other, "a@b", "Body", None, ())
+    assert dedup_key(message, "a@b", "Body", None, ()) != dedup_key(message, "c@d", "Body", None, ())
 
 
 def test_references_in_reply_to_first_then_newest() -> None:

@@ -66,8 +66,9 @@ def parse(raw: bytes) -> ParsedMail:
     walker = _PartWalker(defects)
     walker.walk(message)
 
-    text = "\n\n".join(t for t in walker.texts if t.strip())
-    html_source = "\n".join(walker.htmls)
+    # Line endings follow the transport (CRLF over IMAP, LF in files); the text does not.
+    text = "\n\n".join(t for t in walker.texts if t.strip()).replace("\r\n", "\n")
+    html_source = "\n".join(walker.htmls).replace("\r\n", "\n")
     html = nh3.clean(html_source, url_schemes=HTML_URL_SCHEMES) if html_source.strip() else None
     if not text and html_source:
         text = html_to_text(html_source)
@@ -92,7 +93,7 @@ def parse(raw: bytes) -> ParsedMail:
         headers=headers,
         raw_sha256=raw_sha,
         raw_size=raw_size,
-        dedup_key=dedup_key(raw, message_id, message),
+        dedup_key=dedup_key(message, message_id, text, html, walker.parts),
     )
 
 
@@ -155,19 +156,21 @@ def _skip_leading_non_header_lines(raw: bytes, max_lines: int = 3) -> bytes | No
     return None
 
 
-def dedup_key(raw: bytes, message_id: str | None, message: email.message.Message) -> str:
-    """Equal for the same mail delivered to two mailboxes (headers differ: Received, Delivered-To).
-
-    Message-ID alone is not enough: some mailers reuse one for different mails, and we must never
-    drop a real mail as a duplicate. The body bytes and the author's own headers make it specific.
-    """
-    head_end = min((i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0), default=len(raw))
-    body = raw[head_end:].lstrip(b"\r\n").replace(b"\r\n", b"\n")
+def dedup_key(
+    message: email.message.Message, message_id: str | None, text: str, html: str | None, parts: Sequence[Part]
+) -> str:
+    """Equal for the same mail delivered to two mailboxes (headers differ: Received, Delivered-To; line
+    endings may too). Message-ID alone is not enough: some mailers reuse one for different mails, and we
+    must never drop a real mail as a duplicate. The author's own headers and the decoded content (text,
+    HTML, each part's hash) make it specific, and are all at hand once the mail is parsed."""
     digest = hashlib.sha256()
     for name in ("From", "Date", "Subject"):
         digest.update(str(message.get(name, "")).encode("utf-8", "surrogateescape") + b"\0")
     digest.update((message_id or "").encode("utf-8", "surrogateescape") + b"\0")
-    digest.update(body)
+    digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    digest.update((html or "").encode("utf-8", "surrogatepass") + b"\0")
+    for part in parts:
+        digest.update(f"{part.content_type}:{part.sha256}\0".encode())
     return digest.hexdigest()
 
 
