@@ -64,6 +64,7 @@ BENCHMARKS = ("imap", "ingest")
 MAILBOX_NAME = "support"
 PASSWORD = "bench-secret"
 SAMPLE_INTERVAL = 0.05
+PSS_EVERY = 5  # read PSS on every 5th sample (250 ms)
 RUN_TIMEOUT = 1800.0
 CORPUS_MARKER = ".corpus.json"  # a dot file: `mailbridge ingest` skips it
 
@@ -75,7 +76,9 @@ FIGURES: dict[str, str] = {
     "peak_rss_tree_mib": "{:.0f}",
     "peak_rss_main_mib": "{:.0f}",
     "maxrss_single_mib": "{:.0f}",
+    "peak_pss_tree_mib": "{:.0f}",
     "cpu_s": "{:.1f}",
+    "cpu_main_s": "{:.1f}",
     "dovecot_cpu_s": "{:.1f}",
 }
 
@@ -143,9 +146,13 @@ def ensure_corpus(cache_root: Path, count: int, seed: int) -> Corpus:
 # ------------------------------------------------------------------------------------ measurement
 
 
-def _read_proc_tree(root: int) -> list[int]:
-    """``root`` and all its live descendants (one scan of /proc)."""
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _read_proc_tree(root: int) -> tuple[list[int], dict[tuple[int, int], int]]:
+    """``root`` and its live descendants (one scan of /proc), and their CPU ticks by (pid, start time)."""
     children: dict[int, list[int]] = {}
+    ticks: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -154,14 +161,17 @@ def _read_proc_tree(root: int) -> list[int]:
                 stat = handle.read()
         except OSError:
             continue
+        # after "comm)": state ppid ... utime(11) stime(12) ... starttime(19)
         fields = stat.rsplit(b")", 1)[1].split()
-        children.setdefault(int(fields[1]), []).append(int(entry))
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = (int(fields[19]), int(fields[11]) + int(fields[12]))
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
         tree.append(pid)
         todo.extend(children.get(pid, ()))
-    return tree
+    return tree, {(pid, ticks[pid][0]): ticks[pid][1] for pid in tree if pid in ticks}
 
 
 def _vm_rss_kib(pid: int) -> int:
@@ -175,8 +185,33 @@ def _vm_rss_kib(pid: int) -> int:
     return 0  # gone, or a zombie (no VmRSS line)
 
 
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _label(pid: int, root: int) -> str:
+    if pid == root:
+        return "main"
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return "forkserver/worker" if b"forkserver" in cmdline else cmdline.split(b"\0")[0].decode(errors="replace")
+
+
 class RssSampler(threading.Thread):
-    """Samples VmRSS of a process and its descendants every ``interval`` seconds; keeps the peaks."""
+    """Samples VmRSS and CPU time of a process and its descendants every ``interval`` seconds.
+
+    Keeps the peak of the summed VmRSS, the peak of the main process alone, and the last CPU time seen
+    of every process that was ever part of the tree (short-lived workers included).
+    """
 
     def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
         super().__init__(name=f"rss-{pid}", daemon=True)
@@ -184,8 +219,12 @@ class RssSampler(threading.Thread):
         self.interval = interval
         self.peak_tree_kib = 0
         self.peak_main_kib = 0
+        self.peak_pss_tree_kib = 0
+        self.peak_breakdown: list[tuple[str, int]] = []  # (process, VmRSS KiB) at the peak of the tree sum
         self.max_processes = 0
         self.samples = 0
+        self._cpu_ticks: dict[tuple[int, int], int] = {}
+        self._main_key: tuple[int, int] | None = None
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -194,15 +233,30 @@ class RssSampler(threading.Thread):
             self._stop_event.wait(self.interval)
 
     def sample(self) -> None:
-        tree = _read_proc_tree(self.pid)
+        tree, ticks = _read_proc_tree(self.pid)
         sizes = [_vm_rss_kib(pid) for pid in tree]
         main = sizes[0] if sizes else 0
         if main == 0:  # the main process has exited (zombie) or not yet exec'd anything
             return
         self.samples += 1
         self.peak_main_kib = max(self.peak_main_kib, main)
-        self.peak_tree_kib = max(self.peak_tree_kib, sum(sizes))
+        if sum(sizes) > self.peak_tree_kib:
+            self.peak_tree_kib = sum(sizes)
+            self.peak_breakdown = [(_label(pid, self.pid), size) for pid, size in zip(tree, sizes, strict=True)]
+        if self.samples % PSS_EVERY == 1:  # PSS (shared pages split between processes) costs ~1 ms/process
+            self.peak_pss_tree_kib = max(self.peak_pss_tree_kib, sum(_pss_kib(pid) for pid in tree))
         self.max_processes = max(self.max_processes, sum(1 for s in sizes if s))
+        self._cpu_ticks.update(ticks)
+        if self._main_key is None:
+            self._main_key = next((key for key in ticks if key[0] == self.pid), None)
+
+    @property
+    def cpu_tree_s(self) -> float:
+        return sum(self._cpu_ticks.values()) / _CLK_TCK
+
+    @property
+    def cpu_main_s(self) -> float:
+        return self._cpu_ticks.get(self._main_key, 0) / _CLK_TCK if self._main_key else 0.0
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -214,9 +268,12 @@ class Measurement:
     returncode: int
     wall_s: float
     cpu_s: float
+    cpu_main_s: float
     peak_rss_tree_mib: float
     peak_rss_main_mib: float
     maxrss_single_mib: float
+    peak_pss_tree_mib: float
+    peak_breakdown_mib: dict[str, float]
     processes: int
     samples: int
     stdout: str
@@ -255,10 +312,17 @@ def measure(cmd: Sequence[str], *, cwd: Path, log_dir: Path, timeout: float = RU
     return Measurement(
         returncode=proc.returncode,
         wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
+        # The sampled tree CPU misses at most one interval per process; the main process's own
+        # rusage (which includes whatever children it reaped) is exact, so take the larger.
+        cpu_s=max(sampler.cpu_tree_s, usage.ru_utime + usage.ru_stime),
+        cpu_main_s=sampler.cpu_main_s,
         peak_rss_tree_mib=sampler.peak_tree_kib / 1024,
         peak_rss_main_mib=sampler.peak_main_kib / 1024,
         maxrss_single_mib=usage.ru_maxrss / 1024,
+        peak_pss_tree_mib=sampler.peak_pss_tree_kib / 1024,
+        peak_breakdown_mib={
+            f"{i}:{name}": round(kib / 1024, 1) for i, (name, kib) in enumerate(sampler.peak_breakdown)
+        },
         processes=sampler.max_processes,
         samples=sampler.samples,
         stdout=out_path.read_text(errors="replace"),
@@ -285,7 +349,7 @@ def dovecot_cpu_s(server: Dovecot) -> float:
     """CPU seconds used so far by the Dovecot instance (live processes + reaped children of the master)."""
     master = server._proc.pid if server._proc is not None else None
     ticks = sum(_cpu_ticks(pid, children=pid == master) for pid in server.pids())
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks / _CLK_TCK
 
 
 # -------------------------------------------------------------------------------- configuration
@@ -359,7 +423,9 @@ class RunResult:
     peak_rss_tree_mib: float
     peak_rss_main_mib: float
     maxrss_single_mib: float
+    peak_pss_tree_mib: float
     cpu_s: float
+    cpu_main_s: float
     processes: int
     samples: int
     dovecot_cpu_s: float | None = None
@@ -375,6 +441,7 @@ class Bench:
         self._server: Dovecot | None = None
         self._users = 0
         self._runs = 0
+        self.kept_failed = False
 
     # --- Dovecot -------------------------------------------------------------------------------
 
@@ -443,7 +510,26 @@ class Bench:
         return path
 
     def _mailbridge(self, *args: str, profile: Path | None = None) -> list[str]:
-        prefix = [self.python, "-m", "cProfile", "-o", str(profile)] if profile else [self.python]
+        prefix = [self.python]
+        if profile is not None and profile.suffix == ".prof":
+            prefix = [self.python, "-m", "cProfile", "-o", str(profile)]
+        elif profile is not None:  # py-spy: every thread and the parser workers, collapsed stacks
+            py_spy = shutil.which("py-spy") or str(Path(self.python).with_name("py-spy"))
+            prefix = [
+                py_spy,
+                "record",
+                "--subprocesses",
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "200",
+                "--output",
+                str(profile),
+                "--",
+                self.python,
+            ]
         return [*prefix, "-m", "mailbridge", *args]
 
     def _status(self, config: Path, cwd: Path) -> list[dict[str, Any]]:
@@ -469,6 +555,7 @@ class Bench:
 
     def _cleanup(self, run_dir: Path, *, failed: bool) -> None:
         if failed and self.args.keep_failed:
+            self.kept_failed = True
             log(f"keeping {run_dir} for inspection")
             return
         if not self.args.keep:
@@ -476,7 +563,14 @@ class Bench:
 
     @staticmethod
     def _result(
-        benchmark: str, variant: Variant, repeat: int, corpus: Corpus, m: Measurement, **extra: Any
+        benchmark: str,
+        variant: Variant,
+        repeat: int,
+        corpus: Corpus,
+        m: Measurement,
+        *,
+        extra: dict[str, Any],
+        **figures: Any,
     ) -> RunResult:
         return RunResult(
             benchmark=benchmark,
@@ -490,16 +584,20 @@ class Bench:
             peak_rss_tree_mib=m.peak_rss_tree_mib,
             peak_rss_main_mib=m.peak_rss_main_mib,
             maxrss_single_mib=m.maxrss_single_mib,
+            peak_pss_tree_mib=m.peak_pss_tree_mib,
             cpu_s=m.cpu_s,
+            cpu_main_s=m.cpu_main_s,
             processes=m.processes,
             samples=m.samples,
-            **extra,
+            extra={**extra, "peak_rss_breakdown_mib": m.peak_breakdown_mib},
+            **figures,
         )
 
     # --- the benchmarks ------------------------------------------------------------------------
 
     def run_imap(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
         run_dir = self._run_dir("imap")
+        load = os.getloadavg()[0]
         started = time.perf_counter()
         user = self.fresh_user(corpus.files())
         setup = time.perf_counter() - started
@@ -532,10 +630,13 @@ class Bench:
             self._cleanup(run_dir, failed=failed)
             if not failed or not self.args.keep_failed:
                 self.drop_user(user)
-        return self._result("imap", variant, repeat, corpus, m, dovecot_cpu_s=dovecot_cpu, setup_s=setup)
+        return self._result(
+            "imap", variant, repeat, corpus, m, dovecot_cpu_s=dovecot_cpu, setup_s=setup, extra={"loadavg_1m": load}
+        )
 
     def run_ingest(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
         run_dir = self._run_dir("ingest")
+        load = os.getloadavg()[0]
         config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", None, variant)
         failed = True
         try:
@@ -546,8 +647,8 @@ class Bench:
             )
             if m.returncode != 0:
                 raise BenchError(f"mailbridge ingest exited with {m.returncode}:\n{_tail(m.stderr_path)}")
-            try:
-                summary = json.loads(m.stdout)
+            try:  # under py-spy, its own messages surround the JSON
+                summary = json.loads(m.stdout[m.stdout.index("{") : m.stdout.rindex("}") + 1])
             except ValueError:
                 raise BenchError(f"mailbridge ingest printed no JSON: {m.stdout[-2000:]!r}") from None
             if summary.get("read") != corpus.count or summary.get("stored") != corpus.count:
@@ -560,10 +661,10 @@ class Bench:
             failed = False
         finally:
             self._cleanup(run_dir, failed=failed)
-        return self._result("ingest", variant, repeat, corpus, m)
+        return self._result("ingest", variant, repeat, corpus, m, extra={"loadavg_1m": load})
 
-    def startup(self, benchmark: str, variant: Variant) -> float:
-        """Wall time of the same command with nothing to do: interpreter, imports, migrations, login."""
+    def startup(self, benchmark: str, variant: Variant) -> Measurement:
+        """The same command with nothing to do: interpreter, imports, migrations, login (time and RSS)."""
         run_dir = self._run_dir(f"startup-{benchmark}")
         empty = run_dir / "empty"
         empty.mkdir()
@@ -582,7 +683,7 @@ class Bench:
         self._cleanup(run_dir, failed=False)
         if benchmark == "imap":
             self.drop_user(user)
-        return m.wall_s
+        return m
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -622,7 +723,9 @@ def print_table(groups: list[dict[str, Any]]) -> None:
         ("wall s", "wall_s"),
         ("peak RSS tree MiB", "peak_rss_tree_mib"),
         ("peak RSS main MiB", "peak_rss_main_mib"),
-        ("CPU s", "cpu_s"),
+        ("peak PSS tree MiB", "peak_pss_tree_mib"),
+        ("CPU s tree", "cpu_s"),
+        ("CPU s main", "cpu_main_s"),
         ("dovecot CPU s", "dovecot_cpu_s"),
         ("startup s", None),
     ]
@@ -700,9 +803,17 @@ def _run_all(
         if args.startup:
             for variant in variants:
                 for benchmark in args.benchmarks:
-                    wall = bench.startup(benchmark, variant)
-                    groups[(count, variant.name, benchmark)]["startup_s"] = wall
-                    log(f"startup {benchmark:6s} [{variant.name}]: {wall:.2f} s with nothing to do")
+                    m = bench.startup(benchmark, variant)
+                    wall = m.wall_s
+                    groups[(count, variant.name, benchmark)].update(
+                        startup_s=wall,
+                        startup_peak_rss_tree_mib=m.peak_rss_tree_mib,
+                        startup_peak_rss_main_mib=m.peak_rss_main_mib,
+                    )
+                    log(
+                        f"startup {benchmark:6s} [{variant.name}]: {wall:.2f} s, peak RSS "
+                        f"{m.peak_rss_tree_mib:.0f} MiB with nothing to do"
+                    )
         # Repeats are interleaved (r1: all variants, r2: all variants ...) so slow drifts of a noisy
         # machine hit every variant alike.
         for repeat in range(1, args.repeat + 1):
@@ -716,7 +827,8 @@ def _run_all(
                     log(
                         f"  {result.wall_s:.2f} s: {result.mails_per_s:.0f} mails/s, {result.mb_per_s:.2f} MB/s, "
                         f"peak RSS tree {result.peak_rss_tree_mib:.0f} MiB / main {result.peak_rss_main_mib:.0f} "
-                        f"MiB ({result.processes} processes), CPU {result.cpu_s:.1f} s{extra}"
+                        f"MiB ({result.processes} processes), CPU {result.cpu_s:.1f} s "
+                        f"(main {result.cpu_main_s:.1f} s){extra}"
                     )
     out: list[dict[str, Any]] = []
     for group in groups.values():
@@ -731,14 +843,68 @@ def _profile(bench: Bench, args: argparse.Namespace, variants: Sequence[Variant]
     out_dir.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         for benchmark in args.benchmarks:
-            prof = out_dir / f"profile-{benchmark}-n{args.count}.prof"
+            suffix = ".prof" if args.profiler == "cprofile" else ".txt"
+            prof = out_dir / f"profile-{benchmark}-{_slug(variant.name)}-n{args.count}{suffix}"
             runner = bench.run_imap if benchmark == "imap" else bench.run_ingest
-            log(f"profiling {benchmark} [{variant.name}] with cProfile (main process only) -> {prof}")
+            log(f"profiling {benchmark} [{variant.name}] with {args.profiler} -> {prof}")
             result = runner(corpus, variant, 1, profile=prof)
             log(f"  {result.wall_s:.2f} s under the profiler ({result.mails_per_s:.0f} mails/s)")
-            stats = pstats.Stats(str(prof))
-            stats.sort_stats("cumulative").print_stats(35)
-            stats.sort_stats("tottime").print_stats(25)
+            if args.profiler == "cprofile":
+                stats = pstats.Stats(str(prof))
+                stats.sort_stats("cumulative").print_stats(35)
+                stats.sort_stats("tottime").print_stats(25)
+            else:
+                print_collapsed_summary(prof)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")
+
+
+def _short_root(frame: str) -> str:
+    if not frame.startswith("process"):
+        return frame
+    pid, _, cmdline = frame.partition(":")
+    words = cmdline.strip('"').split()
+    kind = "parser worker" if "forkserver" in cmdline else " ".join(w for w in words[1:5] if not w.startswith("/"))
+    return f"{pid} ({kind})"
+
+
+def print_collapsed_summary(path: Path, top: int = 30) -> None:
+    """Summarise py-spy's collapsed stacks: samples per process/thread, and the hottest functions."""
+    per_root: dict[str, int] = {}
+    self_time: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        # With --subprocesses --threads the first frames are "process ..." and "thread ...".
+        roots = [f for f in frames[:2] if f.startswith(("process", "thread"))]
+        # 'process 123:"python -m mailbridge run ..."' -> 'process 123 (python -m mailbridge run)'
+        label = " / ".join(_short_root(f) for f in roots) or "?"
+        per_root[label] = per_root.get(label, 0) + count
+        code = frames[len(roots) :]
+        if code:
+            self_time[code[-1]] = self_time.get(code[-1], 0) + count
+        for frame in set(code):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    if not total:
+        print(f"no samples in {path}")
+        return
+    print(f"\n{total} samples in {path}\n\nby process / thread:")
+    for name, count in sorted(per_root.items(), key=lambda kv: -kv[1]):
+        print(f"  {100 * count / total:5.1f}%  {name[:150]}")
+    print("\nself time (leaf frames):")
+    for name, count in sorted(self_time.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * count / total:5.1f}%  {name[:150]}")
+    print("\ninclusive time:")
+    for name, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {100 * count / total:5.1f}%  {name[:150]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -771,7 +937,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="one run per benchmark with the main process under cProfile; prints the hot spots",
+        help="one run per benchmark under a profiler (see --profiler); prints the hot spots",
+    )
+    parser.add_argument(
+        "--profiler",
+        choices=("cprofile", "py-spy"),
+        default="cprofile",
+        help="for --profile: cProfile (main thread of the main process only) or py-spy (all threads and "
+        "the parser workers; pip install py-spy)",
     )
     parser.add_argument(
         "--no-startup",
@@ -832,7 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         bench.close()
-        if not args.keep and not args.keep_failed:
+        if not args.keep and not bench.kept_failed:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"scratch directory kept: {work}")
@@ -845,7 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "memory-check" if args.memory_check else "throughput",
         "repeat": args.repeat,
-        "environment": {**meta, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "environment": {
+            **meta,
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            # Others may commit while a long run is going; if these differ, the runs saw different code.
+            "git_commit_at_end": _git("rev-parse", "HEAD"),
+            "mailbridge_uncommitted_changes_at_end": bool(_git("status", "--porcelain", "--", "mailbridge")),
+        },
         "groups": groups,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
