@@ -16,9 +16,9 @@ single process, not sampled), and CPU seconds of mailbridge (and of Dovecot for 
 
 Usage (see bench/README.md)::
 
-    /tmp/venv/bin/python bench/run_bench.py --count 1000 --repeat 1
-    /tmp/venv/bin/python bench/run_bench.py --variant storage.fsync=false --variant parsing.workers=1
-    /tmp/venv/bin/python bench/run_bench.py --memory-check
+    .venv/bin/python bench/run_bench.py --count 1000 --repeat 1
+    .venv/bin/python bench/run_bench.py --variant storage.fsync=false --variant parsing.workers=1
+    .venv/bin/python bench/run_bench.py --memory-check
 """
 
 from __future__ import annotations
