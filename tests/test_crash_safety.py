@@ -39,6 +39,17 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def start_connected(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A daemon that has logged in to the mailbox, so a kill lands in the middle of the work."""
+    offset = log.stat().st_size if log.exists() else 0
+    daemon = start_daemon(config, log)
+    deadline = time.monotonic() + 30
+    while "connected to" not in log.read_bytes()[offset:].decode(errors="replace"):
+        assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    return daemon
+
+
 def tickets(db: Path) -> int:
     if not db.exists():
         return 0
@@ -55,15 +66,15 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(server: Dovecot,
     for n in range(TOTAL):
         body = "Proszę o pomoc. " * rng.randint(5, 400)
         server.append(sample_mail(body=body), flags=r"\Seen" if n % 7 == 0 else "", user=user.name)
-    config = write_config(tmp_path, [imap_box(server, user, poll_interval=0.5)], fetch={"batch_size": 10})
+    config = write_config(tmp_path, [imap_box(server, user, poll_interval=0.5)], fetch={"batch_size": 5})
     db = tmp_path / "data" / "mailbridge.db"
     log = tmp_path / "daemon.log"
 
     kills = 0
     progress: list[int] = []
-    while kills < 12 and server.uids("INBOX", user=user.name):
-        daemon = start_daemon(config, log)
-        time.sleep(rng.uniform(0.5, 1.6))
+    while kills < 15 and server.uids("INBOX", user=user.name):
+        daemon = start_connected(config, log)
+        time.sleep(rng.uniform(0.0, 0.5))
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
         kills += 1
@@ -73,11 +84,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(server: Dovecot,
     assert len(set(mid_import)) >= 2, "the daemon was not killed often enough mid-import; the test proves little"
 
     # A last run, stopped cleanly: SIGTERM finishes the mail in hand and exits 0.
-    offset = log.stat().st_size
-    daemon = start_daemon(config, log)
-    while "connected to" not in log.read_bytes()[offset:].decode(errors="replace"):
-        time.sleep(0.1)
-        assert daemon.poll() is None, log.read_text()[-3000:]
+    daemon = start_connected(config, log)
     deadline = time.monotonic() + 120
     while (server.uids("INBOX", user=user.name) or tickets(db) < TOTAL) and time.monotonic() < deadline:
         time.sleep(0.2)
