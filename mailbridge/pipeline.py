@@ -64,7 +64,7 @@ class Pipeline:
         self,
         batches: AsyncGenerator[list[RawMail], None],
         committed: Callable[[list[Result]], Awaitable[None]],
-        depth: int = 2,
+        depth: int = 3,
     ) -> None:
         """Keep every resource busy during a backlog: batch k is recorded (database thread) while batch
         k+1 is parsed (worker processes) and the source fetches batch k+2. Batches are committed in order,
