@@ -23,6 +23,22 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
+def db_text(value: str, limit: int | None = None) -> str:
+    """Text every backend accepts: PostgreSQL refuses NUL, neither takes lone surrogates, and VARCHAR
+    columns have a length (what a hostile mail puts in a header has none)."""
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value[:limit] if limit is not None else value
+
+
+def db_text_or_none(value: str | None, limit: int | None = None) -> str | None:
+    return None if value is None else db_text(value, limit)
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

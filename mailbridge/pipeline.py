@@ -55,7 +55,16 @@ class Pipeline:
         return asyncio.ensure_future(self.parser.parse_many([raw.data for raw in batch]))
 
     async def record(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
-        results = await self.db.run(self._record_batch, batch, parsed)
+        try:
+            results = await self.db.run(self._record_batch, batch, parsed)
+        except Exception:
+            if len(batch) == 1:
+                results = await self.db.run(self._record_alone, batch[0], parsed[0])
+            else:
+                log.exception("recording a batch of %d failed; recording its mails one at a time", len(batch))
+                results = []
+                for raw, mail in zip(batch, parsed, strict=True):
+                    results += await self.db.run(self._record_alone, raw, mail)
         for result in results:
             _log_result(result)
         return results
@@ -140,9 +149,28 @@ class Pipeline:
             for index, mail in enumerate(parsed):  # the same mail twice in one batch
                 if results[index] is None:
                     assert isinstance(mail, ParsedMail)
-                    results[index] = _duplicate(batch[index], mail, stored[mail.dedup_key], new)
+                    if mail.dedup_key in stored:
+                        results[index] = _duplicate(batch[index], mail, stored[mail.dedup_key], new)
+                    else:  # its first copy could not be stored either: keep this one too
+                        first = results[fresh[mail.dedup_key]]
+                        reason = first.reason if first and first.reason else "its first copy could not be stored"
+                        results[index] = self._quarantine(session, batch[index], "store", reason, True, new)
             receipts.add(session, new)
+            assert all(r is not None for r in results)
             return [r for r in results if r is not None]
+
+    def _record_alone(self, raw: RawMail, parsed: ParsedMail | ParseFailure) -> list[Result]:
+        """Last resort for a batch that cannot be committed: this mail on its own, and if even that fails,
+        a bare quarantine row (raw bytes, hash, a short reason) so the mailbox is not blocked by it."""
+        try:
+            return self._record_batch([raw], [parsed])
+        except Exception as exc:
+            log.exception("recording %s failed; keeping it in quarantine as it is", raw.source)
+            with self.db.unit_of_work() as session:
+                new: list[receipts.NewReceipt] = []
+                result = self._quarantine(session, raw, "store", f"{type(exc).__name__}: {exc}"[:2000], True, new)
+                receipts.add(session, new)
+                return [result]
 
     def _store_fresh(
         self,

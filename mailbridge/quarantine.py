@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import QuarantinedMail
+from mailbridge.models import QuarantinedMail, db_text
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*<?([^\s<>]+)>?", re.IGNORECASE | re.MULTILINE)
 
@@ -18,14 +18,14 @@ def quarantine(session: Session, raw: RawMail, *, stage: str, reason: str, retry
     match = _MESSAGE_ID.search(raw.data[:65536])  # best effort: the mail may be too broken to parse
     item = QuarantinedMail(
         mailbox=raw.mailbox,
-        source=raw.source,
+        source=db_text(raw.source),
         stage=stage,
-        reason=reason,
+        reason=db_text(reason, 10_000),
         retryable=retryable,
         raw=raw.data,
         sha256=hashlib.sha256(raw.data).hexdigest(),
         size=len(raw.data),
-        message_id=match.group(1).decode("utf-8", "replace") if match else None,
+        message_id=db_text(match.group(1).decode("utf-8", "replace"), 998) if match else None,
     )
     session.add(item)
     session.flush()

@@ -13,7 +13,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import Article, Outcome, Receipt, Ticket
+from mailbridge.models import Article, Outcome, Receipt, Ticket, db_text_or_none
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
                 "uidvalidity": r.raw.uidvalidity,
                 "uid": r.raw.uid,
                 "sha256": r.sha256,
-                "message_id": r.message_id,
+                "message_id": db_text_or_none(r.message_id, 998),
                 "outcome": r.outcome,
                 "article_id": r.article_id,
                 "quarantine_id": r.quarantine_id,

@@ -19,7 +19,17 @@ from sqlalchemy.orm import Session
 from mailbridge.config import TicketSettings
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import Article, Attachment, Contact, Direction, Ticket, TicketStatus, utcnow
+from mailbridge.models import (
+    Article,
+    Attachment,
+    Contact,
+    Direction,
+    Ticket,
+    TicketStatus,
+    db_text,
+    db_text_or_none,
+    utcnow,
+)
 
 UNKNOWN_SENDER = Address(name="Unknown sender", address="unknown-sender@invalid")
 
@@ -61,7 +71,7 @@ def store(session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], setting
         [
             {
                 "status": TicketStatus.NEW,
-                "subject": _text(mail.subject),
+                "subject": db_text(mail.subject),
                 "customer_id": contact_ids[contact_key(sender)],
                 "mailbox": raw.mailbox,
                 "created_at": now,
@@ -80,11 +90,11 @@ def store(session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], setting
     attachments = [
         {
             "article_id": article_id,
-            "filename": part.filename,
-            "content_type": part.content_type,
+            "filename": db_text(part.filename, 255),
+            "content_type": db_text(part.content_type, 255),
             "size": part.size,
             "sha256": part.sha256,
-            "content_id": part.content_id,
+            "content_id": db_text_or_none(part.content_id, 998),
             "inline": part.inline,
         }
         for (_, mail), article_id in zip(mails, article_ids, strict=True)
@@ -96,7 +106,7 @@ def store(session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], setting
 
 
 def contact_key(sender: Address) -> str:
-    return sender.address.strip().lower()
+    return db_text(sender.address.strip().lower(), 320)
 
 
 def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> dict[str, int]:
@@ -104,7 +114,7 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
     for sender in senders:
         address = contact_key(sender)
         if not names.get(address):
-            names[address] = _text(sender.name)
+            names[address] = db_text(sender.name, 500)
     rows = session.execute(select(Contact.address, Contact.id).where(Contact.address.in_(list(names))))
     ids: dict[str, int] = {address: contact_id for address, contact_id in rows}
     new = [a for a in names if a not in ids]
@@ -136,31 +146,20 @@ def _article_row(raw: RawMail, mail: ParsedMail, ticket_id: int, now: datetime) 
         "direction": Direction.INBOUND,
         "dedup_key": mail.dedup_key,
         "mailbox": raw.mailbox,
-        "message_id": mail.message_id,
-        "in_reply_to": mail.in_reply_to,
-        "references": list(mail.references),
-        "subject": _text(mail.subject),
-        "from_name": _text(mail.sender.name) if mail.sender else "",
-        "from_address": mail.sender.address.lower() if mail.sender else "",
+        "message_id": db_text_or_none(mail.message_id, 998),
+        "in_reply_to": db_text_or_none(mail.in_reply_to),
+        "references": [db_text(r) for r in mail.references],
+        "subject": db_text(mail.subject),
+        "from_name": db_text(mail.sender.name) if mail.sender else "",
+        "from_address": contact_key(mail.sender) if mail.sender else "",
         "to": [a.as_json() for a in mail.to],
         "cc": [a.as_json() for a in mail.cc],
         "reply_to": [a.as_json() for a in mail.reply_to],
         "sent_at": mail.date,
-        "text": _text(mail.text),
-        "html": _text(mail.html) if mail.html is not None else None,
+        "text": db_text(mail.text),
+        "html": db_text_or_none(mail.html),
         "raw_sha256": mail.raw_sha256,
         "raw_size": mail.raw_size,
         "defects": list(mail.defects),
         "created_at": now,
     }
-
-
-def _text(value: str) -> str:
-    # PostgreSQL refuses NUL in text, and neither backend takes lone surrogates.
-    if "\x00" in value:
-        value = value.replace("\x00", "")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    return value

@@ -100,3 +100,7 @@ class ParseFailure:
 
 
 Parsed = ParsedMail | ParseFailure
+
+
+def too_slow(timeout: float) -> ParseFailure:
+    return ParseFailure("parse", f"parsing took longer than {timeout:g} s and was stopped")

@@ -47,9 +47,10 @@ class MaildirWatcher:
         while not stop.is_set():
             try:
                 await self.run_once()
-            except OSError as exc:
-                log.warning("maildir %s: %s", self.name, exc)
-                await self.ledger.failed(str(exc))
+            except Exception as exc:  # this mailbox retries at its next poll; the others go on regardless
+                log.warning("maildir %s: %s", self.name, exc, exc_info=not isinstance(exc, OSError))
+                with contextlib.suppress(Exception):  # the database may be what failed
+                    await self.ledger.failed(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.box.poll_interval)
         await self.ledger.disconnected()

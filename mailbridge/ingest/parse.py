@@ -110,7 +110,10 @@ class _HeaderView:
         raw = self.message.get(name)
         diagnostics: list[dict[str, Any]] = []
         try:
-            pairs = get_addresses(raw, defects=diagnostics, decode_names=True) if raw is not None else []
+            # Raw 8-bit bytes are decoded first (mail-parser would keep them as escapes), and encoded
+            # words are left for mail-parser, which decodes them in their lexical context.
+            text = _decode_8bit(raw) if raw is not None else None
+            pairs = get_addresses(text, defects=diagnostics, decode_names=True) if text is not None else []
         except Exception:  # mail-parser's recovery is best effort; the stdlib parser is the fallback
             pairs = email.utils.getaddresses([str(raw)])
         self.defects.extend(f"AddressHeaderDefect: {name}: {d.get('reason')}" for d in diagnostics)
@@ -266,10 +269,14 @@ def decode_text(payload: bytes, declared: str | None, defects: list[str]) -> str
     if charset is not None and not (non_ascii and charset in ("us-ascii", "ascii")):
         try:
             return payload.decode(_codec_alias(charset))
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, UnicodeError):
             defects.append(f"CharsetDecodeDefect: declared {charset} does not decode this text")
     if not non_ascii:
         return payload.decode("ascii")
+    if len(payload) < 24:
+        # Too short for a statistical guess to beat the most common legacy charset.
+        defects.append("CharsetGuessed: decoded as cp1252")
+        return payload.decode("cp1252", "replace")
     best = charset_normalizer.from_bytes(payload).best()
     if best is not None:
         defects.append(f"CharsetGuessed: decoded as {best.encoding}")
@@ -281,6 +288,20 @@ def decode_text(payload: bytes, declared: str | None, defects: list[str]) -> str
 def _codec_alias(charset: str) -> str:
     # Outlook and friends write names Python does not know.
     return {"ks_c_5601-1987": "cp949", "x-user-defined": "cp1252", "unicode-1-1-utf-7": "utf-7"}.get(charset, charset)
+
+
+def _decode_8bit(value: Any) -> str:
+    """A header value as str with raw 8-bit bytes decoded, but RFC 2047 encoded words left alone."""
+    if isinstance(value, email.header.Header):
+        # compat32 wraps a header with raw 8-bit bytes in a Header whose chunks are those bytes.
+        value = "".join(
+            _decode_chunk(chunk, charset) if isinstance(chunk, bytes) else chunk
+            for chunk, charset in email.header.decode_header(value)
+        )
+    text = str(value)
+    if not text.isascii() and _SURROGATE.search(text):
+        text = decode_text(text.encode("ascii", "surrogateescape"), None, [])
+    return text
 
 
 def decode_header_value(value: Any) -> str:
@@ -315,7 +336,7 @@ def _decode_chunk(chunk: bytes, charset: str | None) -> str:
     if charset and charset.lower() != "unknown-8bit":
         try:
             return chunk.decode(_codec_alias(charset.lower()))
-        except (LookupError, UnicodeDecodeError):
+        except (LookupError, UnicodeError):
             pass
     return decode_text(chunk, None, [])
 
@@ -404,7 +425,8 @@ def _addresses(pairs: Sequence[tuple[str, str]] | None) -> tuple[Address, ...]:
     return tuple(out)
 
 
-_ADDR_SPEC = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# RFC 6531 allows UTF-8 in both halves; \w covers letters of every script.
+_ADDR_SPEC = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
 
 
 def _lenient_addresses(text: str) -> tuple[Address, ...]:

@@ -13,17 +13,28 @@ from __future__ import annotations
 import asyncio
 import math
 import multiprocessing
+import signal
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from pebble import ProcessExpired, ProcessPool
 
-from mailbridge.ingest.mail import Parsed, ParseFailure
+from mailbridge.ingest.mail import Parsed, ParseFailure, too_slow
 
 CHUNK = 25  # mails per task: amortises the task overhead and the syncfs; batches still spread over workers
 MAX_TASKS_PER_WORKER = 40
 WORKER_MODULE = "mailbridge.ingest.parse_worker"
+
+
+def _init_worker() -> None:
+    from mailbridge.ingest.parse_worker import ignore_stop_signals
+
+    ignore_stop_signals()
+
+
+class ParserStopped(Exception):
+    """A parser process was stopped from outside (not by its mail): record nothing, fetch again later."""
 
 
 def _parse_chunk_in_worker(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float) -> list[Parsed]:
@@ -44,7 +55,9 @@ class ParsePool:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([WORKER_MODULE])
         # Recycling workers now and then caps their memory high-water mark (CPython keeps freed arenas).
-        self._pool = ProcessPool(max_workers=workers, max_tasks=MAX_TASKS_PER_WORKER, context=context)
+        self._pool = ProcessPool(
+            max_workers=workers, max_tasks=MAX_TASKS_PER_WORKER, initializer=_init_worker, context=context
+        )
 
     async def parse(self, raw: bytes) -> Parsed:
         return (await self.parse_many([raw]))[0]
@@ -77,16 +90,19 @@ class ParsePool:
         try:
             return await asyncio.wrap_future(future)
         except (FutureTimeout, ProcessExpired) as exc:
+            if isinstance(exc, ProcessExpired) and exc.exitcode in (-signal.SIGTERM, -signal.SIGINT):
+                raise ParserStopped(f"parser process stopped by signal {-exc.exitcode}") from None
             if len(raws) > 1:  # find the mail that did it; the others are parsed normally
                 singles = await asyncio.gather(*(self._parse_chunk([raw]) for raw in raws))
                 return [result for single in singles for result in single]
             if isinstance(exc, ProcessExpired):
                 return [ParseFailure("parse", f"the parser process died on this mail (exit code {exc.exitcode})")]
-            return [ParseFailure("parse", f"parsing took longer than {self.timeout:g} s and was stopped")]
+            return [too_slow(self.timeout)]
 
     def close(self) -> None:
         self._pool.close()
-        self._pool.join(timeout=5)
-        if self._pool.active:  # a worker still busy with a pathological mail: do not wait for it
-            self._pool.stop()
+        try:
             self._pool.join(timeout=5)
+        except TimeoutError:  # a worker still busy with a pathological mail: do not wait for it
+            self._pool.stop()
+            self._pool.join()

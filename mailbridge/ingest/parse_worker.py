@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mailbridge.blobstore import BlobStore
-from mailbridge.ingest.mail import Parsed, ParsedMail, ParseFailure
+from mailbridge.ingest.mail import Parsed, ParsedMail, ParseFailure, too_slow
 from mailbridge.ingest.parse import ParseError, parse
 
 
@@ -19,7 +19,9 @@ class StashError(Exception):
     """The parsed mail could not be written to the blob store (disk full, permissions)."""
 
 
-class _SoftTimeout(Exception):
+class _SoftTimeout(BaseException):
+    # BaseException: the parsing code catches Exception in places to recover from broken input, and
+    # must not recover from its own time limit.
     pass
 
 
@@ -50,13 +52,15 @@ def parse_and_stash(raw: bytes, blob_root: str) -> ParsedMail:
 def parse_chunk(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float) -> list[Parsed]:
     results: list[Parsed] = []
     for raw in raws:
+        result: Parsed
         try:
             with _soft_limit(timeout):
-                results.append(parse_and_stash(raw, blob_root))
+                result = parse_and_stash(raw, blob_root)
         except _SoftTimeout:
-            results.append(too_slow(timeout))
+            result = too_slow(timeout)
         except Exception as exc:
-            results.append(_failure(exc))
+            result = _failure(exc)
+        results.append(result)
     if fsync:
         # Durable before the worker answers, hence before the commit and the IMAP move that follow.
         try:
@@ -65,6 +69,13 @@ def parse_chunk(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: flo
             failed = ParseFailure("store", f"cannot sync the blob store: {exc}")
             results = [failed if isinstance(r, ParsedMail) else r for r in results]
     return results
+
+
+def ignore_stop_signals() -> None:
+    """Worker initializer: Ctrl-C and systemd's SIGTERM reach the whole process group, but only the
+    daemon decides when to stop; it finishes the mails in hand and then closes the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager
@@ -79,10 +90,6 @@ def _soft_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def too_slow(timeout: float) -> ParseFailure:
-    return ParseFailure("parse", f"parsing took longer than {timeout:g} s and was stopped")
 
 
 def _failure(exc: BaseException) -> ParseFailure:
