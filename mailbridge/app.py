@@ -7,7 +7,7 @@ import logging
 import signal
 from collections import Counter
 from collections.abc import AsyncGenerator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -29,18 +29,16 @@ Watcher = ImapWatcher | MaildirWatcher
 
 @dataclass
 class IngestSummary:
-    read: int = 0
+    read: int = 0  # counted where the mails are read, independently of what became of them
     stored: int = 0
     duplicates: int = 0
     quarantined: int = 0
-    quarantined_sources: list[str] = field(default_factory=list)
 
     def add(self, results: Iterable[Result]) -> None:
         counts = Counter(r.outcome for r in results)
         self.stored += counts[Outcome.STORED]
         self.duplicates += counts[Outcome.DUPLICATE]
         self.quarantined += counts[Outcome.QUARANTINED]
-        self.read = self.stored + self.duplicates + self.quarantined
 
     def as_json(self) -> dict[str, int]:
         return {
@@ -124,6 +122,7 @@ class App:
             batch: list[RawMail] = []
             size = 0
             for raw in read_paths(paths, mailbox):
+                summary.read += 1
                 batch.append(raw)
                 size += len(raw.data)
                 if len(batch) >= self.settings.fetch.batch_size or size >= self.settings.fetch.batch_bytes:

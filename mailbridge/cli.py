@@ -191,6 +191,9 @@ def ingest(
             f"read {summary.read} = stored {summary.stored} + duplicates {summary.duplicates}"
             f" + quarantined {summary.quarantined}"
         )
+    if summary.read != summary.stored + summary.duplicates + summary.quarantined:
+        typer.echo("error: the counts do not add up; some mail was not accounted for (a bug: please report)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

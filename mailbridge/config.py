@@ -81,7 +81,7 @@ class ImapMailbox(_Strict):
     password_file: Path | None = None
     folder: str = "INBOX"
     after_store: AfterStore = MoveTo()
-    quarantine_folder: str = "Quarantine"
+    quarantine_folder: str = Field(default="Quarantine", min_length=1)
     poll_interval: float = Field(default=60.0, gt=0)
     idle: bool = True
     existing_mail: ExistingMail = "import"
@@ -95,6 +95,12 @@ class ImapMailbox(_Strict):
         if secret is None:
             raise ValueError("a password is required: give password, password_env or password_file")
         object.__setattr__(self, "password", secret)
+        targets = {"quarantine_folder": self.quarantine_folder}
+        if isinstance(self.after_store, MoveTo):
+            targets["after_store.move"] = self.after_store.move
+        for key, target in targets.items():
+            if target.casefold() == self.folder.casefold():
+                raise ValueError(f"{key} is the watched folder {self.folder!r}: mail would be imported forever")
         if self.ca_file is not None and not self.ca_file.is_file():
             raise ValueError(f"ca_file {self.ca_file} does not exist")
         if self.port is None:

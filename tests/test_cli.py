@@ -239,11 +239,13 @@ def test_a_mail_that_cannot_be_stored_is_quarantined_and_the_rest_of_its_batch_i
     db.commit()
     for name, subject in (("a", "fine 1"), ("b", "poison"), ("c", "fine 2")):
         (tmp_path / f"{name}.eml").write_bytes(sample_mail(subject))
-    paths = [str(tmp_path / f"{n}.eml") for n in "abc"]
+    (tmp_path / "d.eml").write_bytes((tmp_path / "b.eml").read_bytes())  # the same mail twice in one batch
+    paths = [str(tmp_path / f"{n}.eml") for n in "abcd"]
     summary = cli("ingest", *paths, "--json", "--config", str(config_file))
-    assert summary == {"read": 3, "stored": 2, "duplicates": 0, "quarantined": 1}
-    [item] = cli("quarantine", "list", "--json", "--config", str(config_file))
+    assert summary == {"read": 4, "stored": 2, "duplicates": 0, "quarantined": 2}
+    item, copy = cli("quarantine", "list", "--json", "--config", str(config_file))
     assert item["stage"] == "store" and item["retryable"] and "poisoned article" in item["reason"]
+    assert copy["source"].endswith("d.eml") and "poisoned article" in copy["reason"]
 
     db.execute("DROP TRIGGER poison")  # the fix
     db.commit()

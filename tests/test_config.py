@@ -82,6 +82,10 @@ def test_mailbox_defaults_and_password_file(tmp_path: Path) -> None:
             "mailboxes:\n  - {name: a, host: h, user: u, password: p}\n  - {name: a, host: h, user: u, password: p}\n",
             "mailbox names must be unique; repeated: a",
         ),
+        (
+            "mailboxes:\n  - {name: sup, host: h, user: u, password: p, after_store: {move: inbox}}\n",
+            "after_store.move is the watched folder 'INBOX': mail would be imported forever",
+        ),
         ("- just a list\n", "the top level must be a mapping"),
         ("key: [unclosed\n", "not valid YAML"),
     ],

@@ -87,6 +87,21 @@ async def test_flag_seen_mode_keeps_mail_and_imports_only_new(server: Dovecot, t
         app.close()
 
 
+async def test_folders_with_non_ascii_names(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    server.append(sample_mail(), user=user.name)
+    server.append(b"not a mail at all\r\n\r\n", user=user.name)
+    box = _box(server, user, after_store={"move": "Obsłużone"}, quarantine_folder="Błędne")
+    app = make_app(tmp_path, [box])
+    try:
+        await app.run_once()
+        assert len(server.uids("Obsłużone", user=user.name)) == 1
+        assert len(server.uids("Błędne", user=user.name)) == 1
+        assert server.uids("INBOX", user=user.name) == []
+    finally:
+        app.close()
+
+
 async def test_delete_mode_expunges_after_storing(server: Dovecot, tmp_path: Path) -> None:
     user = new_user(server)
     server.append(sample_mail(), user=user.name)

@@ -111,3 +111,16 @@ def test_leading_from_line_and_bom_are_tolerated() -> None:
     assert mail.sender is not None and mail.sender.address == "jan@example.com"
     mail = parse(b"---- Original message ----\nFrom: jan@example.com\nSubject: forwarded\n\nhi\n")
     assert mail.subject == "forwarded"
+
+
+def test_a_uid_without_a_body_blocks_only_until_it_is_given_up() -> None:
+    from mailbridge.ingest.imap import UNDELIVERABLE_AFTER, ImapWatcher
+
+    watcher = ImapWatcher.__new__(ImapWatcher)
+    watcher._strikes = {}
+    watcher.box = type("Box", (), {"name": "support"})()  # type: ignore[assignment]
+    for _ in range(UNDELIVERABLE_AFTER - 1):
+        assert watcher._missing(7, [1, 2, 3], {1: b"a", 3: b"c"}) == [2]
+    bodies = {1: b"a", 3: b"c"}
+    assert watcher._missing(7, [1, 2, 3], bodies) == []
+    assert bodies[2] == b""  # recorded as an empty mail: quarantined and moved aside

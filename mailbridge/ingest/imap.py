@@ -7,6 +7,7 @@ Outlook is still a ticket. The server is told (move / flag / delete) only after 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Sequence
@@ -30,6 +31,8 @@ _CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT) (\d+)\]")
 _EXISTS = re.compile(rb"^(\d+) EXISTS")
 _IDLE_RENEW_SECONDS = 20 * 60  # RFC 2177: re-issue IDLE at least every 29 minutes
 _LISTING_CHUNK = 200  # aioimaplib recurses once per response line; keep any single response short
+AUTH_RETRY_MAX_SECONDS = 15 * 60
+UNDELIVERABLE_AFTER = 3  # drains in a row without a body for the same UID
 
 
 class ImapError(Exception):
@@ -38,6 +41,10 @@ class ImapError(Exception):
 
 class AuthenticationError(ImapError):
     pass
+
+
+class CommandRefused(ImapError):
+    """The server answered NO/BAD (over quota, a folder it will not create …): the connection is fine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +96,8 @@ class ImapConnection:
         loop = asyncio.get_running_loop()
         context = self.box.ssl_context()
         protocol.transport = await loop.start_tls(protocol.transport, protocol, context, server_hostname=self.box.host)
-        await protocol.capability()  # RFC 3501 6.2.1: capabilities may change after STARTTLS
+        # RFC 3501 6.2.1: capabilities may change after STARTTLS.
+        await self._call(protocol.capability(), "CAPABILITY")
 
     def _on_lost(self, exc: Exception | None) -> None:
         self.lost.set()
@@ -129,7 +137,11 @@ class ImapConnection:
         exists = next((int(m.group(1)) for line in response.lines if (m := _EXISTS.match(_b(line)))), 0)
         if b"UIDVALIDITY" not in codes:
             raise ImapError(f"the server sent no UIDVALIDITY for {self.box.folder}")
-        return FolderStatus(codes[b"UIDVALIDITY"], codes.get(b"UIDNEXT", 0), exists)
+        uidnext = codes.get(b"UIDNEXT")
+        if uidnext is None:  # optional before IMAP4rev2; derive it, the first-run baseline depends on it
+            uids = await self.uids_above(0)
+            uidnext = (max(uids) + 1) if uids else 1
+        return FolderStatus(codes[b"UIDVALIDITY"], uidnext, exists)
 
     async def ensure_folder(self, name: str) -> None:
         assert self.client is not None
@@ -264,6 +276,7 @@ class ImapWatcher:
         self.pipeline = pipeline
         self.ledger = ledger
         self.settings = fetch
+        self._strikes: dict[tuple[int, int], int] = {}
 
     @property
     def name(self) -> str:
@@ -287,7 +300,11 @@ class ImapWatcher:
                 with suppress(Exception):  # the database may be what failed
                     await self.ledger.failed(reason)
                 await _wait(stop, delay)
-                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+                if isinstance(exc, AuthenticationError):
+                    # Retrying a refused password every minute can lock the account (AD, fail2ban).
+                    delay = min(max(delay * 2, self.settings.reconnect_max_seconds), AUTH_RETRY_MAX_SECONDS)
+                else:
+                    delay = min(delay * 2, self.settings.reconnect_max_seconds)
         await self.ledger.disconnected()
 
     async def run_once(self) -> None:
@@ -322,9 +339,9 @@ class ImapWatcher:
             await self._finish_pending(conn, plan)
         todo = await self._initial_uids(conn, plan) if not plan.initial_done else []
         todo += await conn.uids_above(max(plan.high_water, plan.baseline_uid))
-        if todo:
-            await self._import(conn, plan, sorted(set(todo)), stop)
-        if not plan.initial_done and not stop.is_set():
+        complete = await self._import(conn, plan, sorted(set(todo)), stop) if todo else True
+        if not plan.initial_done and complete:
+            # Only now: the initial set is recomputed (minus what has receipts) until every mail of it is in.
             await self.ledger.initial_import_done()
         after = await conn.select()
         await self.ledger.fetched(after.exists)
@@ -345,17 +362,30 @@ class ImapWatcher:
         known = await self.ledger.known_uids(plan.uidvalidity, uids)
         return [u for u in uids if u not in known]
 
-    async def _import(self, conn: ImapConnection, plan: FolderPlan, uids: list[int], stop: asyncio.Event) -> None:
+    async def _import(self, conn: ImapConnection, plan: FolderPlan, uids: list[int], stop: asyncio.Event) -> bool:
+        """Import these UIDs in order; False when it stopped early (stop requested, or a gap on the server)."""
         sizes = await conn.sizes(uids)
-        batches = list(_batches([u for u in uids if u in sizes], sizes, self.settings))
+        progress = _Progress(complete=all(u in sizes for u in uids))
+        if not progress.complete:
+            # Never import past a mail we could not see: the high-water mark would skip it for good.
+            gap = next(u for u in uids if u not in sizes)
+            log.warning("mailbox %s: no size for UID %d; importing up to it", self.name, gap)
+            uids = [u for u in uids if u < gap]
+        batches = list(_batches(uids, sizes, self.settings))
 
         async def tell_server(results: list[Result]) -> None:
             await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in results])
 
-        await self.pipeline.process_stream(self._fetched(conn, plan, batches, stop), tell_server)
+        await self.pipeline.process_stream(self._fetched(conn, plan, batches, stop, progress), tell_server)
+        return progress.complete
 
     async def _fetched(
-        self, conn: ImapConnection, plan: FolderPlan, batches: list[list[int]], stop: asyncio.Event
+        self,
+        conn: ImapConnection,
+        plan: FolderPlan,
+        batches: list[list[int]],
+        stop: asyncio.Event,
+        progress: _Progress,
     ) -> AsyncGenerator[list[RawMail], None]:
         """The batches' mails, one UID FETCH each, the next one already travelling while a batch is handed on."""
         if not batches:
@@ -367,13 +397,15 @@ class ImapWatcher:
                 bodies = await next_fetch
                 next_fetch = None
                 if stop.is_set():
+                    progress.complete = False
                     return
-                missing = [u for u in batch if u not in bodies]
+                missing = self._missing(plan.uidvalidity, batch, bodies)
                 if missing:
                     # Expunged by someone else meanwhile, or a server hiccup. Store only what precedes the
                     # gap, so the high-water mark never passes a mail we have not seen; the next drain
                     # looks again.
                     log.warning("mailbox %s: server returned no body for UIDs %s", self.name, uid_set(missing))
+                    progress.complete = False
                     batch = [u for u in batch if u < missing[0]]
                 elif index + 1 < len(batches):
                     next_fetch = asyncio.ensure_future(conn.fetch(batches[index + 1]))
@@ -385,6 +417,25 @@ class ImapWatcher:
                 # Let the command finish rather than cancel it: a half-read FETCH would desync the protocol.
                 with suppress(Exception):
                     await next_fetch
+
+    def _missing(self, uidvalidity: int, batch: list[int], bodies: dict[int, bytes]) -> list[int]:
+        """UIDs of the batch without a body. One that stays without a body drain after drain (a damaged
+        message the server cannot deliver) is recorded as empty, so it is quarantined and moved aside
+        instead of blocking every mail after it."""
+        missing = [u for u in batch if u not in bodies]
+        if missing:
+            key = (uidvalidity, missing[0])
+            self._strikes[key] = self._strikes.get(key, 0) + 1
+            if self._strikes[key] >= UNDELIVERABLE_AFTER:
+                log.error(
+                    "mailbox %s: UID %d has no body after %d tries; quarantining it as an empty mail",
+                    self.name,
+                    missing[0],
+                    self._strikes[key],
+                )
+                bodies[missing[0]] = b""
+                return self._missing(uidvalidity, batch, bodies)
+        return missing
 
     def _raw(self, uidvalidity: int, uid: int, data: bytes) -> RawMail:
         return RawMail(
@@ -409,17 +460,29 @@ class ImapWatcher:
                 continue
             (quarantined if outcome is Outcome.QUARANTINED else done_uids).append(uid)
             keys.append(key)
-        if quarantined:
-            await conn.move(quarantined, self.box.quarantine_folder)
-        if done_uids:
-            action = self.box.after_store
-            if isinstance(action, MoveTo):
-                await conn.move(done_uids, action.move)
-            elif action == "flag_seen":
-                await conn.flag_seen(done_uids)
-            else:
-                await conn.delete(done_uids)
+        try:
+            if quarantined:
+                await conn.move(quarantined, self.box.quarantine_folder)
+            if done_uids:
+                action = self.box.after_store
+                if isinstance(action, MoveTo):
+                    await conn.move(done_uids, action.move)
+                elif action == "flag_seen":
+                    await conn.flag_seen(done_uids)
+                else:
+                    await conn.delete(done_uids)
+        except CommandRefused as exc:
+            # The mails are stored; only the server-side tidy-up is refused (over quota, …). Intake goes
+            # on (the receipts, not the folder, say what is new) and the next drain tries again.
+            log.warning("mailbox %s: %s; will retry", self.name, exc)
+            await self.ledger.failed(str(exc))
+            return
         await self.pipeline.mark_server_done(keys)
+
+
+@dataclass
+class _Progress:
+    complete: bool
 
 
 def _batches(uids: Sequence[int], sizes: dict[int, int], settings: FetchSettings) -> Iterable[list[int]]:
@@ -466,7 +529,29 @@ def _search_uids(lines: Sequence[bytes | bytearray]) -> list[int]:
     return uids
 
 
+def imap_utf7(name: str) -> str:
+    """RFC 3501 5.1.3 modified UTF-7 for folder names ("Wysłane" -> "Wys&AUI-ane")."""
+    out: list[str] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            encoded = base64.b64encode("".join(pending).encode("utf-16-be")).decode("ascii").rstrip("=")
+            out.append("&" + encoded.replace("/", ",") + "-")
+            pending.clear()
+
+    for ch in name:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            pending.append(ch)
+    flush()
+    return "".join(out)
+
+
 def _quote(name: str) -> str:
+    name = imap_utf7(name)
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -479,6 +564,8 @@ def _text(lines: Sequence[bytes | bytearray | str]) -> str:
 
 
 def _check(response: aioimaplib.Response, what: str) -> None:
+    if response.result in ("NO", "BAD"):
+        raise CommandRefused(f"{what} refused: {response.result} {_text(response.lines)}")
     if response.result != "OK":
         raise ImapError(f"{what} failed: {response.result} {_text(response.lines)}")
 
