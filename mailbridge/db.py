@@ -19,6 +19,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration. Checked against Alembic by the tests; lets a current database skip importing
 # Alembic at all (it is a tenth of the daemon's memory).
 SCHEMA_HEAD = "0001"
+WRITE_OPTION = "mailbridge_write"
 
 
 class Database:
@@ -48,6 +49,10 @@ class Database:
     def unit_of_work(self) -> Iterator[Session]:
         """One transaction: commit on normal exit, rollback on any exception."""
         with self._sessions() as session, session.begin():
+            # A write transaction takes SQLite's write lock up front (BEGIN IMMEDIATE): it waits its turn
+            # (busy timeout) instead of failing when another process commits between its first read and
+            # its first write (SQLITE_BUSY_SNAPSHOT, which the busy timeout does not cover).
+            session.connection(execution_options={WRITE_OPTION: True})
             yield session
 
     @contextlib.contextmanager
@@ -103,4 +108,5 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    immediate = connection.get_execution_options().get(WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

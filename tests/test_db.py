@@ -36,3 +36,40 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     with db.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     db.close()
+
+
+def test_a_write_that_read_first_waits_for_another_writer(tmp_path: Path) -> None:
+    """Another process commits between this transaction's first read and its first write: it must wait
+    and succeed, not fail with 'database is locked' (SQLITE_BUSY_SNAPSHOT)."""
+    import threading
+
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    first, second = Database(url), Database(url)
+    first.upgrade()
+    insert = "INSERT INTO contacts (address, name, created_at) VALUES (:a, '', '2026-01-01')"
+    holding = threading.Event()
+    errors: list[BaseException] = []
+
+    def read_then_write() -> None:
+        holding.wait(5)
+        try:
+            with second.unit_of_work() as session:
+                session.execute(text("SELECT count(*) FROM contacts")).scalar()
+                session.execute(text(insert), {"a": "b@x"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader_writer = threading.Thread(target=read_then_write)
+    reader_writer.start()
+    with first.unit_of_work() as session:
+        session.execute(text(insert), {"a": "a@x"})
+        holding.set()
+        reader_writer.join(0.5)  # let the other transaction start and read meanwhile
+    reader_writer.join(10)
+    assert not errors, errors
+    with second.reader() as session:
+        assert session.execute(text("SELECT count(*) FROM contacts")).scalar() == 2
+    first.close()
+    second.close()
