@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import sys
@@ -14,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from sqlalchemy.engine import make_url
 
 from mailbridge.app import App, build_app, install_signal_handlers
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
@@ -63,19 +65,29 @@ def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
         application.close()
 
 
+# Mail is written by strangers: escape sequences in a subject must not drive the admin's terminal.
+_TERMINAL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _say(text: str) -> None:
+    typer.echo(_TERMINAL_CONTROL.sub("\ufffd", text))
+
+
 def _print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
+    # json escapes C0 controls but not C1 (\x80-\x9f, e.g. CSI); escaping them keeps the JSON identical.
+    typer.echo(re.sub(r"[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text))
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     if not rows:
-        typer.echo("(none)")
+        _say("(none)")
         return
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    _say("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in cells:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        _say("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
 
 
 def _cell(value: Any) -> str:
@@ -83,6 +95,10 @@ def _cell(value: Any) -> str:
         return value["address"]
     text = "" if value is None else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _hide_password(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @app.command()
@@ -144,8 +160,8 @@ def demo(
             for index, eml in enumerate(sorted(source.glob("*.eml")), start=1):
                 shutil.copyfile(eml, inbox / "new" / f"demo{index:04d}.{eml.stem}")
                 copied += 1
-        typer.echo(f"Pre-filled the demo mailbox with {copied} mail(s) from {source}.")
-    typer.echo(
+        _say(f"Pre-filled the demo mailbox with {copied} mail(s) from {source}.")
+    _say(
         f"""
 mailbridge demo
   config:     {config_path}
@@ -187,7 +203,7 @@ def ingest(
     if json_out:
         _print_json(summary.as_json())
     else:
-        typer.echo(
+        _say(
             f"read {summary.read} = stored {summary.stored} + duplicates {summary.duplicates}"
             f" + quarantined {summary.quarantined}"
         )
@@ -241,14 +257,14 @@ def parse_command(
         _print_json(data)
         return
     sender = data["from"]
-    typer.echo(
+    _say(
         f"Subject: {data['subject']}\nFrom: {sender['name'] if sender else ''} <{sender['address'] if sender else ''}>"
     )
-    typer.echo(f"Date: {data['date']}\nMessage-ID: {data['message_id']}")
+    _say(f"Date: {data['date']}\nMessage-ID: {data['message_id']}")
     for part in data["attachments"]:
-        typer.echo(f"Attachment: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
-    typer.echo("")
-    typer.echo(data["text"])
+        _say(f"Attachment: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
+    _say("")
+    _say(data["text"])
 
 
 @tickets_app.command("list")
@@ -281,17 +297,17 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
     if json_out:
         _print_json(detail)
         return
-    typer.echo(f"{detail['number']}  [{detail['status']}]  {detail['subject']}")
-    typer.echo(f"customer: {detail['customer']['name']} <{detail['customer']['address']}>  via {detail['mailbox']}")
+    _say(f"{detail['number']}  [{detail['status']}]  {detail['subject']}")
+    _say(f"customer: {detail['customer']['name']} <{detail['customer']['address']}>  via {detail['mailbox']}")
     for article in detail["articles"]:
-        typer.echo(
+        _say(
             f"\n--- article {article['id']} ({article['direction']}) from {article['from']['address']}"
             f" at {article['date']}"
         )
         for part in article["attachments"]:
             kind = "inline" if part["inline"] else "attachment"
-            typer.echo(f"    {kind}: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
-        typer.echo(article["text"])
+            _say(f"    {kind}: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
+        _say(article["text"])
 
 
 @quarantine_app.command("list")
@@ -335,7 +351,7 @@ def quarantine_show(
         _print_json(row)
     else:
         for key, value in row.items():
-            typer.echo(f"{key}: {value}")
+            _say(f"{key}: {value}")
 
 
 @quarantine_app.command("retry")
@@ -350,27 +366,27 @@ def quarantine_retry(item_id: Annotated[int, typer.Argument(metavar="ID")], conf
     if result.outcome == "quarantined":
         typer.echo(f"still quarantined: {result.reason}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{result.outcome.value}: ticket {result.ticket}")
+    _say(f"{result.outcome.value}: ticket {result.ticket}")
 
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply the database migrations (the daemon also does this at start)."""
     with _app(config) as application:
-        typer.echo(f"database at {application.settings.database_url} is up to date")
+        _say(f"database at {_hide_password(application.settings.database_url)} is up to date")
 
 
 @app.command("check-config")
 def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to check.")]) -> None:
     """Validate a configuration file and print what it configures (secrets masked)."""
     settings = _settings(file)
-    typer.echo(f"{file}: OK")
-    typer.echo(f"  database: {settings.database_url}")
-    typer.echo(f"  storage:  {settings.storage_path}")
+    _say(f"{file}: OK")
+    _say(f"  database: {_hide_password(settings.database_url)}")
+    _say(f"  storage:  {settings.storage_path}")
     for box in settings.mailboxes:
         where = (
             f"{box.path}"
             if box.type == "maildir"
             else f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
         )
-        typer.echo(f"  mailbox {box.name}: {box.type} {where}")
+        _say(f"  mailbox {box.name}: {box.type} {where}")

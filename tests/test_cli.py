@@ -255,3 +255,15 @@ def test_a_mail_that_cannot_be_stored_is_quarantined_and_the_rest_of_its_batch_i
         "poison",
         "fine 2",
     }
+
+
+def test_escape_sequences_from_a_mail_never_reach_the_terminal(tmp_path: Path, config_file: Path) -> None:
+    hostile = sample_mail("=?utf-8?q?Pilne_=1B]0;pwned=07=1B[2J_=C2=9B31m?=", body="tekst \x1b[31mczerwony")
+    (tmp_path / "x.eml").write_bytes(hostile)
+    cli("ingest", str(tmp_path / "x.eml"), "--config", str(config_file))
+    listing = cli("tickets", "list", "--config", str(config_file))
+    shown = cli("tickets", "show", "MB-000001", "--config", str(config_file))
+    as_json = runner.invoke(app, ["tickets", "show", "MB-000001", "--json", "--config", str(config_file)]).stdout
+    for out in (listing, shown, as_json):
+        assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
+    assert json.loads(as_json)["subject"].startswith("Pilne \x1b]0;pwned")  # the data itself is kept as sent
