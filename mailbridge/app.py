@@ -105,7 +105,9 @@ class App:
                 for task in late:
                     log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
                     task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
+                # A cancelled watcher may still wait for a FETCH in flight; do not wait for it for long.
+                if late:
+                    await asyncio.wait(late, timeout=5)
             if crashed:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:

@@ -123,8 +123,7 @@ class ImapConnection:
         if task in done:
             return task.result()
         task.cancel()
-        with suppress(BaseException):
-            await task
+        await asyncio.wait({task})  # let it unwind; unlike `await task`, this keeps our own cancellation
         if self.lost.is_set():
             raise ImapError(f"{what}: connection lost")
         raise ImapError(f"{what}: no answer from the server within {limit:g} s")
@@ -283,6 +282,13 @@ class ImapWatcher:
         return self.box.name
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._watch(stop)
+        finally:
+            with suppress(Exception):  # also when cancelled: `status` must not say "connected"
+                await self.ledger.disconnected()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         delay = 1.0
         while not stop.is_set():
             try:
@@ -305,7 +311,6 @@ class ImapWatcher:
                     delay = min(max(delay * 2, self.settings.reconnect_max_seconds), AUTH_RETRY_MAX_SECONDS)
                 else:
                     delay = min(delay * 2, self.settings.reconnect_max_seconds)
-        await self.ledger.disconnected()
 
     async def run_once(self) -> None:
         """Drain what is waiting now and return (`mailbridge run --once`, the tests)."""

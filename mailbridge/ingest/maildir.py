@@ -44,18 +44,24 @@ class MaildirWatcher:
     async def run(self, stop: asyncio.Event) -> None:
         ensure_maildir(self.box.path)
         await self.ledger.connected()
+        try:
+            await self._watch(stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.ledger.disconnected()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                await self.run_once()
+                await self.run_once(stop)
             except Exception as exc:  # this mailbox retries at its next poll; the others go on regardless
                 log.warning("maildir %s: %s", self.name, exc, exc_info=not isinstance(exc, OSError))
                 with contextlib.suppress(Exception):  # the database may be what failed
                     await self.ledger.failed(f"{type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.box.poll_interval)
-        await self.ledger.disconnected()
 
-    async def run_once(self) -> None:
+    async def run_once(self, stop: asyncio.Event | None = None) -> None:
         ensure_maildir(self.box.path)
         files = self._waiting()
         known = await self.ledger.outcomes([_key(self.name, f) for f in files])
@@ -67,6 +73,8 @@ class MaildirWatcher:
 
         async def batches() -> AsyncGenerator[list[RawMail], None]:
             for start in range(0, len(fresh), size):
+                if stop is not None and stop.is_set():
+                    return  # the batches in hand are still finished
                 yield [self._raw(f) for f in fresh[start : start + size]]
 
         async def committed(results: list[Result]) -> None:

@@ -93,7 +93,7 @@ def parse(raw: bytes) -> ParsedMail:
         headers=headers,
         raw_sha256=raw_sha,
         raw_size=raw_size,
-        dedup_key=dedup_key(message, message_id, text, html, walker.parts),
+        dedup_key=dedup_key(message, message_id, text, html_source or None, walker.parts),
     )
 
 
@@ -165,7 +165,8 @@ def dedup_key(
     """Equal for the same mail delivered to two mailboxes (headers differ: Received, Delivered-To; line
     endings may too). Message-ID alone is not enough: some mailers reuse one for different mails, and we
     must never drop a real mail as a duplicate. The author's own headers and the decoded content (text,
-    HTML, each part's hash) make it specific, and are all at hand once the mail is parsed."""
+    HTML before sanitising, so an nh3 upgrade changes no key; each part's hash) make it specific, and are
+    all at hand once the mail is parsed."""
     digest = hashlib.sha256()
     for name in ("From", "Date", "Subject"):
         digest.update(str(message.get(name, "")).encode("utf-8", "surrogateescape") + b"\0")
