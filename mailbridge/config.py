@@ -204,12 +204,6 @@ class Settings(_Strict):
     def storage_path(self) -> Path:
         return self.storage.path or self.data_dir / "storage"
 
-    def mailbox(self, name: str) -> ImapMailbox | MaildirMailbox:
-        for box in self.mailboxes:
-            if box.name == name:
-                return box
-        raise KeyError(name)
-
 
 def default_data_dir() -> Path:
     if env := os.environ.get(DATA_DIR_ENV):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +20,12 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # Alembic at all (it is a tenth of the daemon's memory).
 SCHEMA_HEAD = "0001"
 WRITE_OPTION = "mailbridge_write"
+
+
+def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
+    """Long `IN (…)` lists go in pieces: SQLite limits the number of bound parameters per statement."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 class Database:

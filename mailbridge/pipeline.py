@@ -46,10 +46,6 @@ class Pipeline:
         self.parser = parser
         self.ticket_settings = ticket_settings
 
-    async def process(self, batch: Sequence[RawMail]) -> list[Result]:
-        """Parse the batch on the worker processes, then record every mail in one transaction."""
-        return await self.record(batch, await self.parse(batch))
-
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
         """Start parsing at once; callers overlap this with recording the previous batch."""
         return asyncio.ensure_future(self.parser.parse_many([raw.data for raw in batch]))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from mailbridge.db import chunked
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Article, Outcome, Receipt, Ticket, db_text_or_none
 
@@ -27,8 +28,7 @@ class Known:
 
 def known(session: Session, source_keys: Sequence[str]) -> dict[str, Known]:
     found: dict[str, Known] = {}
-    keys = list(source_keys)
-    for start in range(0, len(keys), 500):
+    for chunk in chunked(list(source_keys)):
         rows = session.execute(
             select(
                 Receipt.source_key,
@@ -40,7 +40,7 @@ def known(session: Session, source_keys: Sequence[str]) -> dict[str, Known]:
             )
             .outerjoin(Article, Article.id == Receipt.article_id)
             .outerjoin(Ticket, Ticket.id == Article.ticket_id)
-            .where(Receipt.source_key.in_(keys[start : start + 500]))
+            .where(Receipt.source_key.in_(chunk))
         )
         for key, outcome, article_id, quarantine_id, message_id, number in rows:
             if key is not None:
@@ -82,11 +82,8 @@ def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
 
 
 def mark_server_done(session: Session, source_keys: Sequence[str]) -> None:
-    keys = list(source_keys)
-    for start in range(0, len(keys), 500):
-        session.execute(
-            update(Receipt).where(Receipt.source_key.in_(keys[start : start + 500])).values(server_done=True)
-        )
+    for chunk in chunked(list(source_keys)):
+        session.execute(update(Receipt).where(Receipt.source_key.in_(chunk)).values(server_done=True))
 
 
 def resolve_quarantined(session: Session, quarantine_id: int, outcome: Outcome, article_id: int | None) -> None:

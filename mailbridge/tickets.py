@@ -17,6 +17,7 @@ from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.config import TicketSettings
+from mailbridge.db import chunked
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import (
@@ -46,13 +47,12 @@ def ticket_number(settings: TicketSettings, ticket_id: int) -> str:
 
 def find_articles(session: Session, dedup_keys: Iterable[str]) -> dict[str, Stored]:
     """The articles already holding these mails (by dedup key)."""
-    keys = list(set(dedup_keys))
     found: dict[str, Stored] = {}
-    for start in range(0, len(keys), 500):
+    for chunk in chunked(list(set(dedup_keys))):
         rows = session.execute(
             select(Article.dedup_key, Article.id, Ticket.number)
             .join(Ticket, Ticket.id == Article.ticket_id)
-            .where(Article.dedup_key.in_(keys[start : start + 500]))
+            .where(Article.dedup_key.in_(chunk))
         )
         found.update({key: Stored(article_id, number or "") for key, article_id, number in rows if key})
     return found

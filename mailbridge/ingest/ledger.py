@@ -8,14 +8,13 @@ from datetime import datetime
 
 from sqlalchemy import func, select, update
 
-from mailbridge.db import Database
+from mailbridge.db import Database, chunked
 from mailbridge.models import MailboxState, Outcome, Receipt, utcnow
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
     source_key: str
-    uidvalidity: int | None
     uid: int | None
     outcome: str
 
@@ -61,11 +60,7 @@ class Ledger:
             stale = [r.id for r in rows if r.uidvalidity != uidvalidity]
             if stale:  # their UIDs mean nothing now; the re-import finds those mails again
                 session.execute(update(Receipt).where(Receipt.id.in_(stale)).values(server_done=True))
-            pending = tuple(
-                Pending(r.source_key or "", r.uidvalidity, r.uid, r.outcome)
-                for r in rows
-                if r.uidvalidity == uidvalidity
-            )
+            pending = tuple(Pending(r.source_key or "", r.uid, r.outcome) for r in rows if r.uidvalidity == uidvalidity)
             session.flush()
             return FolderPlan(
                 uidvalidity=uidvalidity,
@@ -83,8 +78,7 @@ class Ledger:
     def _known_uids(self, uidvalidity: int, uids: list[int]) -> set[int]:
         known: set[int] = set()
         with self.db.reader() as session:
-            for start in range(0, len(uids), 500):
-                chunk = uids[start : start + 500]
+            for chunk in chunked(uids):
                 known.update(
                     uid
                     for uid in session.scalars(
@@ -105,12 +99,8 @@ class Ledger:
     def _outcomes(self, source_keys: list[str]) -> dict[str, Outcome]:
         found: dict[str, Outcome] = {}
         with self.db.reader() as session:
-            for start in range(0, len(source_keys), 500):
-                rows = session.execute(
-                    select(Receipt.source_key, Receipt.outcome).where(
-                        Receipt.source_key.in_(source_keys[start : start + 500])
-                    )
-                )
+            for chunk in chunked(source_keys):
+                rows = session.execute(select(Receipt.source_key, Receipt.outcome).where(Receipt.source_key.in_(chunk)))
                 found.update({key: Outcome(outcome) for key, outcome in rows if key})
         return found
 

@@ -79,6 +79,7 @@ class ParsePool:
         for chunk, parsed in zip(chunks, done, strict=True):
             for index, result in zip(chunk, parsed, strict=True):
                 results[index] = result
+        assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
     async def _parse_chunk(self, raws: list[bytes]) -> list[Parsed]:
