@@ -1,7 +1,7 @@
-"""The pipeline: parse -> (classify -> thread -> route, in later issues) -> store, one mail at a time,
-one transaction per batch, one savepoint per mail.
+"""The pipeline: parse -> (classify -> thread -> route, in later issues) -> store, one transaction per
+batch, with receipts that make a mail fetched twice a no-op.
 
-Side effects on the mail server are not done here: the caller does them after `process` returned,
+Side effects on the mail server are not done here: the source does them in its `committed` callback,
 i.e. after the commit, and then calls `mark_server_done`.
 """
 

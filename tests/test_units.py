@@ -8,7 +8,8 @@ import pytest
 
 from mailbridge.config import FetchSettings
 from mailbridge.ingest.html_text import html_to_text
-from mailbridge.ingest.imap import _batches, _search_uids, uid_set
+from mailbridge.ingest.imap import _batches
+from mailbridge.ingest.imap_client import _search_uids, imap_utf7, uid_set
 from mailbridge.ingest.parse import decode_header_value, decode_text, dedup_key, parse, safe_filename
 
 
@@ -124,3 +125,16 @@ def test_a_uid_without_a_body_blocks_only_until_it_is_given_up() -> None:
     bodies = {1: b"a", 3: b"c"}
     assert watcher._missing(7, [1, 2, 3], bodies) == []
     assert bodies[2] == b""  # recorded as an empty mail: quarantined and moved aside
+
+
+@pytest.mark.parametrize(
+    ("name", "encoded"),
+    [
+        ("INBOX", "INBOX"),
+        ("Wysłane", "Wys&AUI-ane"),
+        ("A & B", "A &- B"),
+        ("Отправленные", "&BB4EQgQ,BEAEMAQyBDsENQQ9BD0ESwQ1-"),
+    ],
+)
+def test_folder_names_in_modified_utf7(name: str, encoded: str) -> None:
+    assert imap_utf7(name) == encoded
