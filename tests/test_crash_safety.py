@@ -105,3 +105,35 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(server: Dovecot,
 
     assert {hashlib.sha256(raw).hexdigest() for raw in processed} == stored
     assert "Traceback" not in log.read_text()
+
+
+def test_sigterm_during_a_backlog_finishes_the_mail_in_hand_and_exits_0(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    total = 300
+    for _ in range(total):
+        server.append(sample_mail(body="Dzień dobry. " * 200), user=user.name)
+    config = write_config(tmp_path, [imap_box(server, user, poll_interval=0.5)], fetch={"batch_size": 10})
+    db = tmp_path / "data" / "mailbridge.db"
+    log = tmp_path / "daemon.log"
+    daemon = start_connected(config, log)
+    while tickets(db) == 0:
+        time.sleep(0.01)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(15) == 0, log.read_text()[-3000:]
+    stored = tickets(db)
+    assert 0 < stored < total, "the signal did not land during the backlog"
+    with sqlite3.connect(db) as conn:
+        # Everything committed was also moved on the server: nothing is left half done.
+        assert conn.execute("select count(*) from receipts where server_done = 0").fetchone()[0] == 0
+        assert conn.execute("select count(*) from mailbox_state where connected").fetchone()[0] == 0
+    assert len(server.uids("Processed", user=user.name)) == stored
+    assert len(server.uids("INBOX", user=user.name)) == total - stored
+    rerun = subprocess.run(
+        [sys.executable, "-m", "mailbridge", "run", "--once", "--config", str(config)],
+        capture_output=True,
+        env={**os.environ, "MAILBRIDGE_CONFIG": ""},
+        timeout=120,
+    )
+    assert rerun.returncode == 0
+    assert tickets(db) == total
+    assert server.uids("INBOX", user=user.name) == []

@@ -266,6 +266,7 @@ async def test_dropped_connection_mid_fetch_loses_nothing(server: Dovecot, tmp_p
     async with daemon(app):
         await wait_until(lambda: count(app, "select count(*) from tickets") > 0, 20, interval=0.01)
         server.kill_connections()
+        assert count(app, "select count(*) from tickets") < total, "the import finished before the drop"
         await wait_until(lambda: count(app, "select count(*) from tickets") == total, 60)
         await wait_until(lambda: len(server.uids("Processed", user=user.name)) == total, 20)
     assert count(app, "select count(distinct dedup_key) from articles") == total
