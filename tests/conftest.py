@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,3 +16,14 @@ def config_file(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "mailbridge.yaml"
     path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "storage": {"fsync": False}}))
     yield path
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print a line into the test run's output even though output is captured (figures worth seeing in CI)."""
+
+    def say(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n  {line}", flush=True)
+
+    return say

@@ -14,6 +14,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,9 @@ def mails_in(path: Path) -> list[bytes]:
     return [path.read_bytes()]
 
 
-def test_corpora_every_mail_is_a_ticket_or_quarantined(tmp_path: Path, config_file: Path) -> None:
+def test_corpora_every_mail_is_a_ticket_or_quarantined(
+    tmp_path: Path, config_file: Path, report: Callable[[str], None]
+) -> None:
     files = corpus_files()
     expected_mails = [m for f in files for m in mails_in(f)]
     listing = tmp_path / "files.txt"
@@ -84,14 +87,14 @@ def test_corpora_every_mail_is_a_ticket_or_quarantined(tmp_path: Path, config_fi
     for (sha,) in db.execute("select raw_sha256 from articles"):
         assert hashlib.sha256(BlobStore(blobs).path(sha).read_bytes()).hexdigest() == sha
 
-    print(f"\ncorpora: {len(files)} files, {summary}")
+    report(f"corpora: {len(files)} files, {summary}")
     for source, _raw, _sha, reason in quarantined:
-        print(f"  quarantined {Path(source).relative_to(CORPORA)}: {reason}")
+        report(f"quarantined {Path(source).relative_to(CORPORA)}: {reason}")
     # Real mail sets (not the header-less oddities) must become tickets, not quarantine.
     assert summary["quarantined"] <= 0.01 * summary["read"], [q[0] for q in quarantined]
 
 
-def test_corpora_no_mime_part_is_lost() -> None:
+def test_corpora_no_mime_part_is_lost(report: Callable[[str], None]) -> None:
     runner = CliRunner()
     checked = lost = 0
     failures: list[str] = []
@@ -110,7 +113,7 @@ def test_corpora_no_mime_part_is_lost() -> None:
                 f"{path.relative_to(CORPORA)}: {leaves} leaves, got {parsed['body_parts']} body + "
                 f"{len(parsed['attachments'])} attachments"
             )
-    print(f"\nchecked {checked} corpus mails for lost MIME parts: {lost} lose a part")
+    report(f"checked {checked} corpus mails for lost MIME parts: {lost} lose a part")
     assert checked > 400
     assert not failures, "\n".join(failures[:20])
 

@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,7 +60,9 @@ def tickets(db: Path) -> int:
             return 0
 
 
-def test_sigkill_at_random_moments_loses_and_duplicates_nothing(server: Dovecot, tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
+    server: Dovecot, tmp_path: Path, report: Callable[[str], None]
+) -> None:
     user = new_user(server)
     rng = random.Random(20261125)
     for n in range(TOTAL):
@@ -79,7 +81,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(server: Dovecot,
         daemon.wait(10)
         kills += 1
         progress.append(tickets(db))
-    print(f"\nkilled {kills} times; tickets after each kill: {progress}")
+    report(f"SIGKILLed {kills} times; tickets after each kill: {progress}")
     mid_import = [n for n in progress if 0 < n < TOTAL]
     assert len(set(mid_import)) >= 2, "the daemon was not killed often enough mid-import; the test proves little"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -146,7 +146,9 @@ async def test_existing_mail_since_date(server: Dovecot, tmp_path: Path) -> None
         app.close()
 
 
-async def test_idle_new_mail_is_a_ticket_within_two_seconds(server: Dovecot, tmp_path: Path) -> None:
+async def test_idle_new_mail_is_a_ticket_within_two_seconds(
+    server: Dovecot, tmp_path: Path, report: Callable[[str], None]
+) -> None:
     user = new_user(server)
     app = make_app(tmp_path, [_box(server, user, poll_interval=600)])  # polling alone would take 10 min
     async with daemon(app):
@@ -154,7 +156,7 @@ async def test_idle_new_mail_is_a_ticket_within_two_seconds(server: Dovecot, tmp
         await asyncio.sleep(0.3)  # let the watcher enter IDLE
         server.append(sample_mail("idle test"), user=user.name)
         took = await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 2.0)
-        print(f"\nIDLE: ticket committed {took:.2f} s after APPEND")
+        report(f"IDLE: ticket committed {took:.2f} s after APPEND")
 
 
 async def test_polling_when_the_server_has_no_idle(server_without_idle: Dovecot, tmp_path: Path) -> None:
