@@ -243,8 +243,10 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
 def parse_command(
     file: Annotated[Path, typer.Argument(help="One raw mail (.eml).", exists=True, dir_okay=False)],
     json_out: JsonOption = False,
+    config: ConfigOption = None,
 ) -> None:
-    """Show what the parser makes of one mail (nothing is stored)."""
+    """Show what the parser makes of one mail (nothing is stored, no database is needed)."""
+    _settings(config)  # a bad config is still reported, as by every command
     from mailbridge.ingest.parse import ParseError, parse
 
     try:
@@ -377,8 +379,15 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 
 @app.command("check-config")
-def check_config(file: Annotated[Path, typer.Argument(help="The YAML file to check.")]) -> None:
+def check_config(
+    file: Annotated[Path | None, typer.Argument(help="The YAML file to check (default: --config).")] = None,
+    config: ConfigOption = None,
+) -> None:
     """Validate a configuration file and print what it configures (secrets masked)."""
+    file = file or config
+    if file is None:
+        typer.echo("error: name the file to check (or give --config / MAILBRIDGE_CONFIG)", err=True)
+        raise typer.Exit(2)
     settings = _settings(file)
     _say(f"{file}: OK")
     _say(f"  database: {_hide_password(settings.database_url)}")
