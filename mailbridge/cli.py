@@ -357,18 +357,39 @@ def quarantine_show(
 
 
 @quarantine_app.command("retry")
-def quarantine_retry(item_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOption = None) -> None:
-    """Run the pipeline again on a quarantined mail (after a fix)."""
+def quarantine_retry(
+    item_ids: Annotated[list[int] | None, typer.Argument(metavar="[ID]...")] = None,
+    config: ConfigOption = None,
+    retryable: Annotated[
+        bool, typer.Option("--all-retryable", help="Every unresolved one that failed by our fault, not the mail's.")
+    ] = False,
+) -> None:
+    """Run the pipeline again on quarantined mails (after a fix); each becomes a ticket or stays."""
+    from mailbridge.models import Outcome
+
     with _app(config) as application:
-        try:
-            result = asyncio.run(application.pipeline.retry_quarantined(item_id))
-        except KeyError as exc:
-            typer.echo(f"error: {exc.args[0]}", err=True)
-            raise typer.Exit(1) from None
-    if result.outcome == "quarantined":
-        typer.echo(f"still quarantined: {result.reason}", err=True)
+        ids = list(item_ids or [])
+        if retryable:
+            with application.db.reader() as session:
+                ids += [q.id for q in list_quarantined(session) if q.retryable and q.id not in ids]
+        if not ids:
+            typer.echo("error: name the quarantined mails (IDs) or give --all-retryable", err=True)
+            raise typer.Exit(2)
+        still = 0
+        for item_id in ids:
+            try:
+                result = asyncio.run(application.pipeline.retry_quarantined(item_id))
+            except KeyError as exc:
+                typer.echo(f"error: {exc.args[0]}", err=True)
+                still += 1
+                continue
+            if result.outcome is Outcome.QUARANTINED:
+                typer.echo(f"{item_id}: still quarantined: {result.reason}", err=True)
+                still += 1
+            else:
+                _say(f"{item_id}: {result.outcome.value}: ticket {result.ticket}")
+    if still:
         raise typer.Exit(1)
-    _say(f"{result.outcome.value}: ticket {result.ticket}")
 
 
 @db_app.command("upgrade")

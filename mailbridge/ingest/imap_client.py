@@ -209,7 +209,9 @@ class ImapConnection:
     async def _uid(self, command: str, *args: str) -> None:
         assert self.client is not None
         what = f"UID {command.upper()} {' '.join(args)}"
-        _check(await self._call(self.client.uid(command, *args), what), what)
+        # MOVE/STORE wait in aioimaplib's queue behind the next batch's FETCH, which may be large on a
+        # slow link: their time limit covers that wait too.
+        _check(await self._call(self.client.uid(command, *args), what, self.box.timeout * 4), what)
 
     async def wait_for_news(self, stop: asyncio.Event, timeout: float) -> None:
         """Return when the server reports new mail, on `stop`, or after `timeout` seconds."""
