@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -106,7 +107,11 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     import hashlib
 
     assert {hashlib.sha256(raw).hexdigest() for raw in processed} == stored
-    assert "Traceback" not in log.read_text()
+    # No error of ours. (A daemon killed while its forkserver was starting a parser makes that process
+    # print "EOFError: Ran out of input" from multiprocessing; that is the kill, not a bug.)
+    text = log.read_text()
+    assert not re.search(r'File "[^"]*/mailbridge/', text), text[-3000:]
+    assert " ERROR mailbridge" not in text
 
 
 def test_sigterm_during_a_backlog_finishes_the_mail_in_hand_and_exits_0(server: Dovecot, tmp_path: Path) -> None:
