@@ -309,16 +309,7 @@ def decode_header_value(value: Any) -> str:
     """A header value as text: RFC 2047 words decoded, raw 8-bit bytes decoded by guess."""
     if value is None:
         return ""
-    if isinstance(value, email.header.Header):
-        # compat32 hands out Header objects for raw 8-bit headers; their chunks keep the bytes.
-        value = "".join(
-            _decode_chunk(chunk, charset) if isinstance(chunk, bytes) else chunk
-            for chunk, charset in email.header.decode_header(value)
-        )
-    text = str(value)
-    if not text.isascii() and _SURROGATE.search(text):
-        raw = text.encode("ascii", "surrogateescape")
-        text = decode_text(raw, None, [])
+    text = _decode_8bit(value)
     if "=?" in text and _ENCODED_WORD.search(text):
         text = _decode_encoded_words(text)
     return text
