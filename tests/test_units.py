@@ -58,6 +58,11 @@ def test_decode_text_fallbacks() -> None:
     russian = "Здравствуйте, у меня не работает принтер в офисе".encode("cp1251")
     assert decode_text(russian, None, defects) == "Здравствуйте, у меня не работает принтер в офисе"
     assert decode_text(b"plain", "x-unknown-charset", defects) == "plain"
+    # Too short for statistics: the charset that reads as words wins.
+    assert decode_text("тест тест".encode("koi8-r"), None, defects) == "тест тест"
+    assert decode_text("Zażółć".encode("iso-8859-2"), None, defects) == "Zażółć"
+    assert decode_text("Привет".encode("cp1251"), None, defects) == "Привет"
+    assert decode_text("Café crème".encode("cp1252"), None, defects) == "Café crème"
     assert any("CharsetMismatch" in d for d in defects)
 
 

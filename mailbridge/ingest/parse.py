@@ -274,16 +274,42 @@ def decode_text(payload: bytes, declared: str | None, defects: list[str]) -> str
             defects.append(f"CharsetDecodeDefect: declared {charset} does not decode this text")
     if not non_ascii:
         return payload.decode("ascii")
-    if len(payload) < 24:
-        # Too short for a statistical guess to beat the most common legacy charset.
-        defects.append("CharsetGuessed: decoded as cp1252")
-        return payload.decode("cp1252", "replace")
+    if len(payload) < 64:
+        # Too short for charset-normalizer's statistics (a 9-byte KOI8-R subject comes out as katakana).
+        charset = _guess_short(payload)
+        defects.append(f"CharsetGuessed: decoded as {charset}")
+        return payload.decode(charset, "replace")
     best = charset_normalizer.from_bytes(payload).best()
     if best is not None:
         defects.append(f"CharsetGuessed: decoded as {best.encoding}")
         return str(best)
     defects.append("CharsetDecodeDefect: undecodable bytes replaced")
     return payload.decode("utf-8", "replace")
+
+
+_SHORT_TEXT_CHARSETS = ("cp1252", "iso-8859-2", "cp1251", "koi8-r")  # western, central European, Cyrillic
+
+
+def _guess_short(payload: bytes) -> str:
+    """Pick the legacy charset under which a short text reads most like words. Real text is mostly
+    lower-case letters; a wrong charset yields capitals and symbols ("ÔÅÓÔ" for "тест"), runs of accented
+    Latin letters ("Ïðèâåò" for "Привет") or words that mix Latin and Cyrillic ("Zaїуіж" for "Zażółć")."""
+
+    def score(charset: str) -> float:
+        text = payload.decode(charset, "replace")
+        letters = [ch for ch in text if ch.isalpha()]
+        lower = sum(1 for ch in letters if ch.islower())
+        junk = sum(1 for ch in text if not ch.isascii() and not ch.isalpha())
+        accented = sum(1 for ch in letters if not ch.isascii() and "LATIN" in unicodedata.name(ch, ""))
+        mixed_words = sum(
+            1
+            for word in text.split()
+            if any(ch.isascii() and ch.isalpha() for ch in word)
+            and any("CYRILLIC" in unicodedata.name(ch, "") for ch in word)
+        )
+        return lower - 2 * junk - 2 * max(0.0, accented - 0.5 * len(letters)) - 3 * mixed_words
+
+    return max(_SHORT_TEXT_CHARSETS, key=score)  # ties keep the earlier, more common charset
 
 
 def _codec_alias(charset: str) -> str:
