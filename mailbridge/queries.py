@@ -105,7 +105,8 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
         ).all()
     )
     states = {s.mailbox: s for s in session.scalars(select(MailboxState))}
-    names = [box.name for box in settings.mailboxes]
+    configured = [box.name for box in settings.mailboxes]
+    names = list(configured)
     names += sorted(n for n in counts if n not in names)  # `ingest` imports and removed mailboxes
     rows = []
     for name in names:
@@ -119,7 +120,7 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
         rows.append(
             {
                 "mailbox": name,
-                "configured": name in {box.name for box in settings.mailboxes},
+                "configured": name in configured,
                 "connected": bool(state and state.connected),
                 "last_error": state.last_error if state else None,
                 "last_error_at": state.last_error_at.isoformat() if state and state.last_error_at else None,

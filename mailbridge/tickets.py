@@ -115,21 +115,21 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
         address = contact_key(sender)
         if not names.get(address):
             names[address] = db_text(sender.name, 500)
-    rows = session.execute(select(Contact.address, Contact.id).where(Contact.address.in_(list(names))))
-    ids: dict[str, int] = {address: contact_id for address, contact_id in rows}
+    rows = session.execute(
+        select(Contact.address, Contact.id, Contact.name).where(Contact.address.in_(list(names)))
+    ).all()
+    ids: dict[str, int] = {address: contact_id for address, contact_id, _ in rows}
     new = [a for a in names if a not in ids]
     if new:
         values = [{"address": a, "name": names[a], "created_at": now} for a in new]
         ids.update(zip(new, _insert_ids(session, Contact, values), strict=True))
-    contacts = Contact.__table__
-    assert isinstance(contacts, Table)
-    unnamed = [{"id": ids[a], "name": n} for a, n in names.items() if n and a in ids]
-    if unnamed:  # a contact first seen without a display name gets the one a later mail shows
+    # A contact first seen without a display name gets the one a later mail shows.
+    unnamed = [{"b_id": contact_id, "b_name": names[a]} for a, contact_id, name in rows if not name and names[a]]
+    if unnamed:
+        contacts = Contact.__table__
+        assert isinstance(contacts, Table)
         session.execute(
-            update(contacts)
-            .where(contacts.c.id == bindparam("b_id"), contacts.c.name == "")
-            .values(name=bindparam("b_name")),
-            [{"b_id": row["id"], "b_name": row["name"]} for row in unnamed],
+            update(contacts).where(contacts.c.id == bindparam("b_id")).values(name=bindparam("b_name")), unnamed
         )
     return ids
 

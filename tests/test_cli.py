@@ -268,3 +268,17 @@ def test_escape_sequences_from_a_mail_never_reach_the_terminal(tmp_path: Path, c
     for out in (listing, shown, as_json):
         assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
     assert json.loads(as_json)["subject"].startswith("Pilne \x1b]0;pwned")  # the data itself is kept as sent
+
+
+def test_one_contact_per_address_named_by_the_first_mail_that_gives_a_name(tmp_path: Path, config_file: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "a.eml").write_bytes(b"From: jan@example.com\nSubject: a\nMessage-ID: <a@x>\n\nno name\n")
+    cli("ingest", str(tmp_path / "a.eml"), "--config", str(config_file))
+    (tmp_path / "b.eml").write_bytes(b"From: Jan Nowak <JAN@example.com>\nSubject: b\nMessage-ID: <b@x>\n\nhi\n")
+    (tmp_path / "c.eml").write_bytes(b"From: Someone Else <jan@example.com>\nSubject: c\nMessage-ID: <c@x>\n\nhi\n")
+    cli("ingest", str(tmp_path / "b.eml"), "--config", str(config_file))
+    cli("ingest", str(tmp_path / "c.eml"), "--config", str(config_file))
+    db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
+    assert db.execute("select address, name from contacts").fetchall() == [("jan@example.com", "Jan Nowak")]
+    assert db.execute("select count(distinct customer_id) from tickets").fetchone()[0] == 1

@@ -112,6 +112,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     text = log.read_text()
     assert not re.search(r'File "[^"]*/mailbridge/', text), text[-3000:]
     assert " ERROR mailbridge" not in text
+    assert user.password not in text
 
 
 def test_sigterm_during_a_backlog_finishes_the_mail_in_hand_and_exits_0(server: Dovecot, tmp_path: Path) -> None:

@@ -243,6 +243,15 @@ async def test_a_failing_mailbox_never_stalls_the_others(server: Dovecot, tmp_pa
         )
         server.append(sample_mail(), user=good.name)
         await wait_until(lambda: count(app, "select count(*) from tickets") == 2, 5)
+        # What `mailbridge status` shows an admin for the two mailboxes.
+        from mailbridge.queries import mailbox_status
+
+        with app.db.reader() as session:
+            rows = {row["mailbox"]: row for row in mailbox_status(session, app.settings)}
+        assert rows[good.name]["connected"] and rows[good.name]["stored"] == 2 and not rows[good.name]["last_error"]
+        assert rows[good.name]["in_folder"] == 0 and rows[good.name]["last_fetch_at"]
+        assert not rows[bad.name]["connected"] and "refused" in rows[bad.name]["last_error"]
+        assert "wrong" not in rows[bad.name]["last_error"]  # the password is never echoed
 
 
 async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:

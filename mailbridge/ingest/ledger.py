@@ -61,7 +61,6 @@ class Ledger:
             if stale:  # their UIDs mean nothing now; the re-import finds those mails again
                 session.execute(update(Receipt).where(Receipt.id.in_(stale)).values(server_done=True))
             pending = tuple(Pending(r.source_key or "", r.uid, r.outcome) for r in rows if r.uidvalidity == uidvalidity)
-            session.flush()
             return FolderPlan(
                 uidvalidity=uidvalidity,
                 baseline_uid=state.baseline_uid,
