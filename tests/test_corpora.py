@@ -23,7 +23,9 @@ from typer.testing import CliRunner
 from mailbridge.blobstore import BlobStore
 from mailbridge.cli import app
 from mailbridge.ingest.files import NOT_MAIL_SUFFIXES
+from mailbridge.ingest.parse import message_from_bytes as fast_message_from_bytes
 from tests.conftest import CORPORA
+from tests.support.mime import mime_tree
 
 pytestmark = pytest.mark.skipif(not CORPORA.is_dir(), reason="../shared/corpora is not present")
 
@@ -123,3 +125,16 @@ def _leaf_count(part: email.message.Message) -> int:
         payload = part.get_payload()
         return sum(_leaf_count(child) for child in payload) if isinstance(payload, list) else 1
     return 1
+
+
+def test_corpora_fast_mime_reading_gives_the_stdlib_tree(report: Callable[[str], None]) -> None:
+    """The base64 shortcut in `message_from_bytes` must not change a single payload, header or defect."""
+    mails = [raw for path in corpus_files() for raw in mails_in(path)]
+    differ = [
+        i
+        for i, raw in enumerate(mails)
+        if mime_tree(fast_message_from_bytes(raw)) != mime_tree(email.message_from_bytes(raw))
+    ]
+    report(f"compared the MIME trees of {len(mails)} corpus mails: {len(differ)} differ")
+    assert len(mails) > 400
+    assert not differ

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mailbridge.ingest.parse import parse
+from mailbridge.ingest.parse import message_from_bytes, parse
+from tests.support.mime import mime_tree
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "emails"
 CASES = sorted(p.stem for p in FIXTURES.glob("*.eml"))
@@ -65,3 +67,44 @@ def test_no_mime_part_is_lost(case: str) -> None:
     raw = (FIXTURES / f"{case}.eml").read_bytes()
     mail = parse(raw)
     assert mail.body_parts + len(mail.attachments) == leaf_count(raw)
+
+
+def _attachment_mail(body_lines: list[bytes], eol: bytes = b"\r\n", after: bytes = b"") -> bytes:
+    lines = [
+        b"From: a@example.com",
+        b"Subject: files",
+        b'Content-Type: multipart/mixed; boundary="b1"',
+        b"",
+        b"--b1",
+        b"Content-Type: text/plain",
+        b"",
+        b"see attached",
+        b"--b1",
+        b"Content-Type: application/octet-stream",
+        b"Content-Transfer-Encoding: base64",
+        b"",
+        *body_lines,
+        b"--b1--",
+        b"",
+    ]
+    return eol.join(lines) + after
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n"])
+@pytest.mark.parametrize("extra", [b"", b"\x00"])
+def test_fast_mime_reading_keeps_every_payload_exact(eol: bytes, extra: bytes) -> None:
+    payload = bytes(range(256)) * 40
+    encoded = base64.encodebytes(payload).splitlines()
+    raw = _attachment_mail(encoded, eol, after=extra)
+    fast = message_from_bytes(raw)
+    assert mime_tree(fast) == mime_tree(email.message_from_bytes(raw))
+    attachment = fast.get_payload()[1]
+    assert attachment.get_payload(decode=True) == payload
+    # The last base64 line before a boundary keeps its place: the line break before "--b1" is the boundary's.
+    assert attachment.get_payload().endswith(encoded[-1].decode())
+
+
+def test_fixtures_fast_mime_reading_gives_the_stdlib_tree() -> None:
+    for case in CASES:
+        raw = (FIXTURES / f"{case}.eml").read_bytes()
+        assert mime_tree(message_from_bytes(raw)) == mime_tree(email.message_from_bytes(raw)), case

@@ -140,12 +140,59 @@ class _HeaderView:
 
 def _read_headers(raw: bytes, defects: list[str]) -> _HeaderView | None:
     try:
-        message = email.message_from_bytes(raw)
+        message = message_from_bytes(raw)
     except RecursionError:
         raise ParseError("MIME nesting too deep to parse") from None
     if not message.keys():
         return None
     return _HeaderView(message, defects)
+
+
+# Eight or more lines made only of base64 characters: an encoded attachment. A MIME boundary starts
+# with "--" and a header line holds a colon, so no such run can contain either.
+_BASE64_RUN = re.compile(rb"^(?:[A-Za-z0-9+/=]{40,}\r?\n){7,}[A-Za-z0-9+/=]{40,}(?=\r?\n)", re.MULTILINE)
+_RUN_TOKEN = re.compile("\x00mb([0-9]+)\x00")
+
+
+def message_from_bytes(raw: bytes) -> email.message.Message:
+    """`email.message_from_bytes`, twice as fast on mails with attachments.
+
+    The stdlib parser handles a body line by line in Python, and a 1 MB attachment is 13,000 lines.
+    Each run of base64 lines is swapped for one short token line before parsing and put back into the
+    payload afterwards, so the parser sees the same structure and every payload is the same string.
+    The token holds a NUL byte, so a mail that has one is parsed the plain way; so is any mail where a
+    token did not come back exactly once (it landed somewhere other than a payload)."""
+    if b"\x00" in raw:
+        return email.message_from_bytes(raw)
+    runs: list[bytes] = []
+
+    def stash(match: re.Match[bytes]) -> bytes:
+        runs.append(match.group())
+        return b"\x00mb%d\x00" % (len(runs) - 1)
+
+    shortened = _BASE64_RUN.sub(stash, raw)
+    message = email.message_from_bytes(shortened)
+    if not runs:
+        return message
+    restored = 0
+
+    def unstash(match: re.Match[str]) -> str:
+        nonlocal restored
+        restored += 1
+        return runs[int(match.group(1))].decode("ascii")
+
+    for part in message.walk():
+        # The stored payload itself: get_payload() would re-decode 8-bit text on the way out.
+        payload = part._payload  # type: ignore[attr-defined]
+        if isinstance(payload, str) and "\x00" in payload:
+            part._payload = _RUN_TOKEN.sub(unstash, payload)  # type: ignore[attr-defined]
+        for edge in ("preamble", "epilogue"):
+            value = getattr(part, edge)
+            if value and "\x00" in value:
+                setattr(part, edge, _RUN_TOKEN.sub(unstash, value))
+    if restored != len(runs) or any("\x00" in str(value) for value in message.values()):
+        return email.message_from_bytes(raw)
+    return message
 
 
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
