@@ -20,6 +20,8 @@ from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome
+from mailbridge.notify.acks import Acknowledger
+from mailbridge.notify.render import Renderer
 from mailbridge.pipeline import Pipeline, Result
 
 log = logging.getLogger("mailbridge")
@@ -67,7 +69,15 @@ class App:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        return Pipeline(self.db, self.parser, self.settings.tickets)
+        return Pipeline(self.db, self.parser, self.settings.tickets, self.answers)
+
+    @cached_property
+    def renderer(self) -> Renderer:
+        return Renderer(self.settings.templates.directory)
+
+    @cached_property
+    def answers(self) -> Acknowledger:
+        return Acknowledger(self.settings, self.renderer)
 
     @cached_property
     def watchers(self) -> list[Watcher]:
@@ -117,13 +127,13 @@ class App:
         """Drain every mailbox once and return (`mailbridge run --once`, tests)."""
         await asyncio.gather(*(w.run_once() for w in self.watchers))
 
-    async def ingest(self, paths: list[Path], mailbox: str = IMPORT_MAILBOX) -> IngestSummary:
+    async def ingest(self, paths: list[Path], mailbox: str = IMPORT_MAILBOX, notify: bool = True) -> IngestSummary:
         summary = IngestSummary()
 
         async def batches() -> AsyncGenerator[list[RawMail], None]:
             batch: list[RawMail] = []
             size = 0
-            for raw in read_paths(paths, mailbox):
+            for raw in read_paths(paths, mailbox, quiet=None if notify else "imported with --no-notify"):
                 summary.read += 1
                 batch.append(raw)
                 size += len(raw.data)

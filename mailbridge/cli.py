@@ -191,7 +191,14 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help=".eml files, directories, mbox files or Maildirs.")],
     config: ConfigOption = None,
     json_out: JsonOption = False,
-    mailbox: Annotated[str, typer.Option(help="Channel name recorded on the tickets.")] = "import",
+    mailbox: Annotated[
+        str,
+        typer.Option(help="Channel name recorded on the tickets; a configured mailbox's name lets them be answered."),
+    ] = "import",
+    notify: Annotated[
+        bool,
+        typer.Option("--notify/--no-notify", help="Acknowledge new tickets (through the outbox) as the mailbox would."),
+    ] = True,
 ) -> None:
     """Run the pipeline over local files and print a reconciliation: read = stored + duplicates + quarantined."""
     for path in paths:
@@ -199,7 +206,7 @@ def ingest(
             typer.echo(f"error: {path}: no such file or directory", err=True)
             raise typer.Exit(2)
     with _app(config) as application:
-        summary = asyncio.run(application.ingest(paths, mailbox))
+        summary = asyncio.run(application.ingest(paths, mailbox, notify))
     if json_out:
         _print_json(summary.as_json())
     else:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 import ssl
 from datetime import date
 from pathlib import Path
@@ -68,7 +70,68 @@ def _read_secret(value: SecretStr | None, env: str | None, file: Path | None, ke
     return value
 
 
-class ImapMailbox(_Strict):
+class SmtpServer(_Strict):
+    """Where outgoing mail is handed over (implicit TLS on 465, STARTTLS on 587, or plain on loopback)."""
+
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    security: Literal["tls", "starttls", "none"] = "starttls"
+    ca_file: Path | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> SmtpServer:
+        if self.security == "none" and not _is_loopback(self.host):
+            raise ValueError("security: none is only allowed for 127.0.0.1 / localhost (passwords in clear)")
+        secret = _read_secret(self.password, self.password_env, self.password_file, "password")
+        if self.user and secret is None:
+            raise ValueError("user is set but no password: give password, password_env or password_file")
+        if secret is not None and not self.user:
+            raise ValueError("a password is given but no user")
+        object.__setattr__(self, "password", secret)
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist")
+        if self.port is None:
+            object.__setattr__(self, "port", {"tls": 465, "starttls": 587, "none": 25}[self.security])
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+
+    @property
+    def secret(self) -> str | None:
+        return self.password.get_secret_value() if self.password is not None else None
+
+
+class RateLimit(_Strict):
+    """Automatic mails to one address (acknowledgements, status mails): a loop or a flood stops here."""
+
+    per_hour: int = Field(default=3, ge=0)
+    per_day: int = Field(default=10, ge=0)
+
+
+class _Answering(_Strict):
+    """What a mailbox sends: from which address, in which language, and when it acknowledges."""
+
+    address: str | None = Field(default=None, pattern=r"^[^@\s<>]+@[^@\s<>]+$")  # default: user if an address
+    from_name: str = "Support"
+    language: str = Field(default="en", pattern=r"^[a-z]{2}(_[A-Z]{2})?$")
+    acknowledge: bool = True
+    acknowledge_cc: bool = False  # the customer's Cc's get the acknowledgement too
+    acknowledge_backlog: bool = False  # mail already in the mailbox before its first run
+    rate_limit: RateLimit = RateLimit()
+    smtp: SmtpServer | None = None  # default: the top-level smtp
+
+    @property
+    def own_address(self) -> str | None:
+        return self.address.lower() if self.address else None
+
+
+class ImapMailbox(_Answering):
     type: Literal["imap"] = "imap"
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
     host: str = Field(min_length=1)
@@ -105,6 +168,8 @@ class ImapMailbox(_Strict):
             raise ValueError(f"ca_file {self.ca_file} does not exist")
         if self.port is None:
             object.__setattr__(self, "port", 993 if self.security == "tls" else 143)
+        if self.address is None and re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", self.user):
+            object.__setattr__(self, "address", self.user)
         return self
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -116,7 +181,7 @@ class ImapMailbox(_Strict):
         return self.password.get_secret_value()
 
 
-class MaildirMailbox(_Strict):
+class MaildirMailbox(_Answering):
     """A local Maildir watched for new files (the demo mailbox, or local delivery by an MTA)."""
 
     type: Literal["maildir"]
@@ -158,6 +223,11 @@ class StorageSettings(_Strict):
 class TicketSettings(_Strict):
     number_prefix: str = Field(default="MB", pattern=r"^[A-Za-z][A-Za-z0-9]{0,9}$")
     number_digits: int = Field(default=6, ge=1, le=12)
+    # How a ticket is named in the subjects of our mails; replies are threaded by it.
+    reference_format: str = Field(default="[{number}]", pattern=r"^[^{}]*\{number\}[^{}]*$")
+
+    def reference(self, number: str) -> str:
+        return self.reference_format.replace("{number}", number)
 
 
 class ParsingSettings(_Strict):
@@ -172,6 +242,27 @@ class FetchSettings(_Strict):
     reconnect_max_seconds: float = Field(default=60.0, gt=0)
 
 
+class OutboxSettings(_Strict):
+    retry_for_hours: float = Field(default=48.0, gt=0)  # then the mail is marked failed
+    first_retry_seconds: float = Field(default=30.0, gt=0)
+    max_retry_seconds: float = Field(default=3600.0, gt=0)
+    connections: int = Field(default=4, ge=1, le=32)  # SMTP sessions kept open and used at once
+    poll_seconds: float = Field(default=5.0, gt=0)
+    # Our Message-IDs end in this domain, and X-Loop names it, so our own mail coming back is recognised.
+    domain: str = Field(default_factory=lambda: _default_domain(), pattern=r"^[A-Za-z0-9.-]+$")
+    # Instead of SMTP, write each outgoing mail as a file here (the demo; or a dry run before going live).
+    deliver_to_directory: Path | None = None
+
+
+def _default_domain() -> str:
+    name = socket.getfqdn()
+    return name if re.fullmatch(r"[A-Za-z0-9.-]+", name) and "." in name else "mailbridge.invalid"
+
+
+class TemplateSettings(_Strict):
+    directory: Path | None = None  # templates here override the shipped ones, file by file
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -184,6 +275,9 @@ class Settings(_Strict):
     parsing: ParsingSettings = ParsingSettings()
     fetch: FetchSettings = FetchSettings()
     logging: LoggingSettings = LoggingSettings()
+    smtp: SmtpServer | None = None  # for every mailbox without its own smtp
+    outbox: OutboxSettings = OutboxSettings()
+    templates: TemplateSettings = TemplateSettings()
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     mailboxes: list[Mailbox] = Field(default_factory=list)
 
@@ -195,6 +289,23 @@ class Settings(_Strict):
         if doubled:
             raise ValueError(f"mailbox names must be unique; repeated: {', '.join(doubled)}")
         return boxes
+
+    @model_validator(mode="after")
+    def _can_answer(self) -> Settings:
+        for box in self.mailboxes:
+            if box.acknowledge and box.address is None and self.can_send(box):
+                raise ValueError(
+                    f"mailbox {box.name}: acknowledge is on but the mailbox has no address to send from: "
+                    "set address (or acknowledge: false)"
+                )
+        return self
+
+    def smtp_for(self, box: ImapMailbox | MaildirMailbox) -> SmtpServer | None:
+        return box.smtp or self.smtp
+
+    def can_send(self, box: ImapMailbox | MaildirMailbox) -> bool:
+        """Without an SMTP server (or a delivery directory) a mailbox only takes mail in."""
+        return self.outbox.deliver_to_directory is not None or self.smtp_for(box) is not None
 
     @property
     def database_url(self) -> str:
@@ -287,12 +398,18 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
             holder[key] = str(base / value)
 
     fix(data, "data_dir")
-    for section, key in (("storage", "path"),):
+    for section, key in (("storage", "path"), ("outbox", "deliver_to_directory"), ("templates", "directory")):
         if isinstance(data.get(section), dict):
             fix(data[section], key)
+    smtp_sections = [data.get("smtp")]
     boxes = data.get("mailboxes")
     for box in boxes if isinstance(boxes, list) else []:
         if isinstance(box, dict):
             fix(box, "path")
             fix(box, "password_file")
             fix(box, "ca_file")
+            smtp_sections.append(box.get("smtp"))
+    for smtp in smtp_sections:
+        if isinstance(smtp, dict):
+            fix(smtp, "password_file")
+            fix(smtp, "ca_file")

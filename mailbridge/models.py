@@ -85,6 +85,24 @@ class Outcome(enum.StrEnum):
     QUARANTINED = "quarantined"
 
 
+class MailKind(enum.StrEnum):
+    """What an incoming mail is, as far as answering it goes (the classify stage decides)."""
+
+    HUMAN = "human"
+    AUTO_REPLY = "auto_reply"  # out-of-office, vacation, other responders
+    BOUNCE = "bounce"  # delivery status notification, mailer-daemon
+    REPORT = "report"  # read receipt, abuse/feedback report
+    LIST = "list"  # mailing list, bulk
+    OWN = "own"  # our own mail come back (X-Loop, from one of our addresses)
+
+
+class OutboxStatus(enum.StrEnum):
+    PENDING = "pending"  # waiting to be sent (again: next_attempt_at)
+    SENT = "sent"  # the SMTP server accepted it
+    FAILED = "failed"  # refused for good, or retried until the deadline
+    BOUNCED = "bounced"  # accepted, then a bounce came back for it
+
+
 class Contact(Base):
     __tablename__ = "contacts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -134,6 +152,10 @@ class Article(Base):
     raw_sha256: Mapped[str] = mapped_column(String(64))
     raw_size: Mapped[int] = mapped_column(BigInteger)
     defects: Mapped[list[Any]] = mapped_column(default=list)
+    kind: Mapped[str] = mapped_column(String(16), default=MailKind.HUMAN)
+    # Why this mail got no automatic answer (an auto-reply, a list, the rate limit …); NULL if it got one
+    # or none was due (an outbound article).
+    no_answer_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     ticket: Mapped[Ticket] = relationship(back_populates="articles")
@@ -214,3 +236,39 @@ class MailboxState(Base):
     last_error_at: Mapped[datetime | None] = mapped_column()
     last_fetch_at: Mapped[datetime | None] = mapped_column()
     messages_in_folder: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class OutboxMail(Base):
+    """A mail we send, complete as it goes on the wire; written in the transaction of the event that
+    causes it, and delivered from here after that commit."""
+
+    __tablename__ = "outbox"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
+    # The inbound article this mail answers (an acknowledgement answers the ticket's first mail).
+    article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+    template: Mapped[str] = mapped_column(String(64))
+    mailbox: Mapped[str] = mapped_column(String(200))
+    message_id: Mapped[str] = mapped_column(String(998), unique=True)
+    envelope_from: Mapped[str] = mapped_column(String(320))
+    recipients: Mapped[list[Any]] = mapped_column(default=list)
+    # The first recipient, lower-cased: the rate limit counts automatic mail per address.
+    recipient: Mapped[str] = mapped_column(String(320))
+    automatic: Mapped[bool] = mapped_column(Boolean, default=True)
+    subject: Mapped[str] = mapped_column(Text, default="")
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deliver_until: Mapped[datetime] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column()
+    bounced_at: Mapped[datetime | None] = mapped_column()
+    # The bounce (an inbound article) that came back for this mail.
+    bounce_article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_recipient_created", "recipient", "created_at"),
+    )

@@ -1,8 +1,9 @@
-"""The pipeline: parse -> (classify -> thread -> route, in later issues) -> store, one transaction per
-batch, with receipts that make a mail fetched twice a no-op.
+"""The pipeline: parse -> classify -> thread (onto our own mails, for now) -> store -> notify, one
+transaction per batch, with receipts that make a mail fetched twice a no-op.
 
-Side effects on the mail server are not done here: the source does them in its `committed` callback,
-i.e. after the commit, and then calls `mark_server_done`.
+Side effects are not done here: the source moves the mail on the server in its `committed` callback,
+i.e. after the commit, and then calls `mark_server_done`; acknowledgements are only written to the
+outbox table, and the sender delivers them after the commit (`outbox_ready` wakes it).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import Outcome, QuarantinedMail, utcnow
+from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, utcnow
+from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
+from mailbridge.threading.our_mail import find_our_mails
 
 log = logging.getLogger("mailbridge.pipeline")
 
@@ -38,13 +41,16 @@ class Result:
     reason: str | None = None
     message_id: str | None = None
     seen_before: bool = False  # the receipt existed: fetched again after a crash before the server was told
+    acknowledged: bool = False  # an acknowledgement was put in the outbox
 
 
 class Pipeline:
-    def __init__(self, db: Database, parser: ParsePool, ticket_settings: TicketSettings) -> None:
+    def __init__(self, db: Database, parser: ParsePool, ticket_settings: TicketSettings, answers: Acknowledger) -> None:
         self.db = db
         self.parser = parser
         self.ticket_settings = ticket_settings
+        self.answers = answers
+        self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
         """Start parsing at once; callers overlap this with recording the previous batch."""
@@ -63,6 +69,8 @@ class Pipeline:
                     results += await self.db.run(self._record_alone, raw, mail)
         for result in results:
             _log_result(result)
+        if any(result.acknowledged for result in results):
+            self.outbox_ready.set()
         return results
 
     async def process_stream(
@@ -126,10 +134,15 @@ class Pipeline:
             for index, outcome in self._store_fresh(session, batch, parsed, list(fresh.values())).items():
                 mail = parsed[index]
                 assert isinstance(mail, ParsedMail)
-                if isinstance(outcome, tickets.Stored):
-                    stored[mail.dedup_key] = outcome
+                if isinstance(outcome, StoredNew):
+                    stored[mail.dedup_key] = outcome.stored
                     results[index] = Result(
-                        batch[index], Outcome.STORED, outcome.ticket, outcome.article_id, message_id=mail.message_id
+                        batch[index],
+                        Outcome.STORED,
+                        outcome.stored.ticket,
+                        outcome.stored.article_id,
+                        message_id=mail.message_id,
+                        acknowledged=outcome.acknowledged,
                     )
                     new.append(
                         receipts.NewReceipt(
@@ -137,7 +150,7 @@ class Pipeline:
                             Outcome.STORED,
                             mail.raw_sha256,
                             mail.message_id,
-                            article_id=outcome.article_id,
+                            article_id=outcome.stored.article_id,
                         )
                     )
                 else:
@@ -174,17 +187,17 @@ class Pipeline:
         batch: Sequence[RawMail],
         parsed: Sequence[ParsedMail | ParseFailure],
         indices: list[int],
-    ) -> dict[int, tickets.Stored | str]:
+    ) -> dict[int, StoredNew | str]:
         """Store the new mails in one go; if that fails, one by one, so one bad mail cannot sink the rest."""
         mails = [(batch[i], mail) for i in indices if isinstance(mail := parsed[i], ParsedMail)]
         try:
             with session.begin_nested():
-                return dict(zip(indices, tickets.store(session, mails, self.ticket_settings), strict=True))
+                return dict(zip(indices, self._store_and_answer(session, mails), strict=True))
         except Exception:
             if len(indices) == 1:
                 raise
             log.warning("storing a batch of %d failed; storing its mails one by one", len(indices))
-        outcomes: dict[int, tickets.Stored | str] = {}
+        outcomes: dict[int, StoredNew | str] = {}
         for index in indices:
             try:
                 outcomes[index] = self._store_fresh(session, batch, parsed, [index])[index]
@@ -192,6 +205,47 @@ class Pipeline:
                 log.exception("storing %s failed; quarantining it", batch[index].source)
                 outcomes[index] = f"{type(exc).__name__}: {exc}"
         return outcomes
+
+    def _store_and_answer(self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail]]) -> list[StoredNew]:
+        """classify -> thread onto our own mails -> store -> notify, for mails we have not stored before."""
+        now = utcnow()
+        verdicts = [self.answers.classify(mail) for _, mail in mails]
+        machine = [i for i, verdict in enumerate(verdicts) if verdict.kind is not MailKind.HUMAN]
+        answered = dict(zip(machine, find_our_mails(session, [mails[i][1] for i in machine]), strict=True))
+        opening = [i for i in range(len(mails)) if (ours := answered.get(i)) is None or ours.ticket_id is None]
+        plans = dict(
+            zip(
+                opening,
+                self.answers.plan(session, [(*mails[i], verdicts[i]) for i in opening], now),
+                strict=True,
+            )
+        )
+        items: list[tickets.Incoming] = []
+        for index, (raw, mail) in enumerate(mails):
+            verdict = verdicts[index]
+            ours = answered.get(index)
+            if index in plans:
+                items.append(tickets.Incoming(raw, mail, verdict.kind, plans[index].no_answer_reason))
+            else:
+                assert ours is not None
+                reason = f"{verdict.no_answer_reason}; it concerns our mail <{ours.message_id}>"
+                items.append(tickets.Incoming(raw, mail, verdict.kind, reason, ticket_id=ours.ticket_id))
+        stored = tickets.store(session, items, self.ticket_settings)
+        acknowledging = [
+            NewTicket(raw, mail, s.ticket_id, s.ticket, s.article_id, plans[i])
+            for i, ((raw, mail), s) in enumerate(zip(mails, stored, strict=True))
+            if i in plans and plans[i].to
+        ]
+        self.answers.enqueue(session, acknowledging, now)
+        for index, ours in answered.items():
+            if ours is not None and _returns_for_good(mails[index][1], verdicts[index].kind):
+                ours.status = OutboxStatus.BOUNCED
+                ours.bounced_at = now
+                ours.bounce_article_id = stored[index].article_id
+                ours.last_error = verdicts[index].no_answer_reason
+                log.warning("outbox mail %s bounced", ours.message_id, extra={"ticket": stored[index].ticket})
+        acknowledged = {t.article_id for t in acknowledging}
+        return [StoredNew(s, s.article_id in acknowledged) for s in stored]
 
     @staticmethod
     def _quarantine(
@@ -222,11 +276,23 @@ class Pipeline:
                 return Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=parsed.reason)
             existing = tickets.find_articles(session, [parsed.dedup_key]).get(parsed.dedup_key)
             outcome = Outcome.DUPLICATE if existing else Outcome.STORED
-            stored = existing or tickets.store(session, [(raw, parsed)], self.ticket_settings)[0]
+            stored = existing or self._store_and_answer(session, [(raw, parsed)])[0].stored
             item.resolved_at = utcnow()
             item.resolved_article_id = stored.article_id
             receipts.resolve_quarantined(session, item.id, outcome, stored.article_id)
             return Result(raw, outcome, stored.ticket, stored.article_id, message_id=parsed.message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredNew:
+    stored: tickets.Stored
+    acknowledged: bool
+
+
+def _returns_for_good(mail: ParsedMail, kind: MailKind) -> bool:
+    """A bounce that says our mail was not delivered (a delay notice does not)."""
+    report = mail.report
+    return kind is MailKind.BOUNCE and report is not None and (bool(report.failed) or not report.delayed)
 
 
 def _seen_before(raw: RawMail, known: receipts.Known) -> Result:

@@ -25,6 +25,7 @@ from mailbridge.models import (
     Attachment,
     Contact,
     Direction,
+    MailKind,
     Ticket,
     TicketStatus,
     db_text,
@@ -39,6 +40,19 @@ UNKNOWN_SENDER = Address(name="Unknown sender", address="unknown-sender@invalid"
 class Stored:
     article_id: int
     ticket: str
+    ticket_id: int = 0
+    new_ticket: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A mail to store: on a new ticket, or (`ticket_id`) on one it belongs to."""
+
+    raw: RawMail
+    mail: ParsedMail
+    kind: str = MailKind.HUMAN
+    no_answer_reason: str | None = None
+    ticket_id: int | None = None
 
 
 def ticket_number(settings: TicketSettings, ticket_id: int) -> str:
@@ -50,42 +64,63 @@ def find_articles(session: Session, dedup_keys: Iterable[str]) -> dict[str, Stor
     found: dict[str, Stored] = {}
     for chunk in chunked(list(set(dedup_keys))):
         rows = session.execute(
-            select(Article.dedup_key, Article.id, Ticket.number)
+            select(Article.dedup_key, Article.id, Ticket.number, Ticket.id)
             .join(Ticket, Ticket.id == Article.ticket_id)
             .where(Article.dedup_key.in_(chunk))
         )
-        found.update({key: Stored(article_id, number or "") for key, article_id, number in rows if key})
+        found.update(
+            {
+                key: Stored(article_id, number or "", ticket_id, False)
+                for key, article_id, number, ticket_id in rows
+                if key
+            }
+        )
     return found
 
 
-def store(session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], settings: TicketSettings) -> list[Stored]:
-    """One new ticket per mail, with its contact (found or created), first article and attachments."""
-    if not mails:
+def store(session: Session, items: Sequence[Incoming], settings: TicketSettings) -> list[Stored]:
+    """Each mail as an article: on a new ticket (with its contact, found or created) or on the ticket
+    given; with its attachments."""
+    if not items:
         return []
     now = utcnow()
-    senders = [mail.sender or UNKNOWN_SENDER for _, mail in mails]
-    contact_ids = _contacts(session, senders, now)
-    ticket_ids = _insert_ids(
-        session,
-        Ticket,
-        [
-            {
-                "status": TicketStatus.NEW,
-                "subject": db_text(mail.subject),
-                "customer_id": contact_ids[contact_key(sender)],
-                "mailbox": raw.mailbox,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for (raw, mail), sender in zip(mails, senders, strict=True)
-        ],
+    opening = [item for item in items if item.ticket_id is None]
+    senders = [item.mail.sender or UNKNOWN_SENDER for item in opening]
+    contact_ids = _contacts(session, senders, now) if opening else {}
+    new_ids = (
+        _insert_ids(
+            session,
+            Ticket,
+            [
+                {
+                    "status": TicketStatus.NEW,
+                    "subject": db_text(item.mail.subject),
+                    "customer_id": contact_ids[contact_key(sender)],
+                    "mailbox": item.raw.mailbox,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for item, sender in zip(opening, senders, strict=True)
+            ],
+        )
+        if opening
+        else []
     )
-    numbers = [ticket_number(settings, ticket_id) for ticket_id in ticket_ids]
-    session.execute(update(Ticket), [{"id": i, "number": n} for i, n in zip(ticket_ids, numbers, strict=True)])
+    numbers = {ticket_id: ticket_number(settings, ticket_id) for ticket_id in new_ids}
+    if numbers:
+        session.execute(update(Ticket), [{"id": i, "number": n} for i, n in numbers.items()])
+    existing = [item.ticket_id for item in items if item.ticket_id is not None]
+    if existing:
+        numbers.update(
+            (i, n or "") for i, n in session.execute(select(Ticket.id, Ticket.number).where(Ticket.id.in_(existing)))
+        )
+        session.execute(update(Ticket).where(Ticket.id.in_(existing)).values(updated_at=now))
+    opened = iter(new_ids)
+    ticket_ids = [item.ticket_id if item.ticket_id is not None else next(opened) for item in items]
     article_ids = _insert_ids(
         session,
         Article,
-        [_article_row(raw, mail, ticket_id, now) for (raw, mail), ticket_id in zip(mails, ticket_ids, strict=True)],
+        [_article_row(item, ticket_id, now) for item, ticket_id in zip(items, ticket_ids, strict=True)],
     )
     attachments = [
         {
@@ -97,12 +132,15 @@ def store(session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], setting
             "content_id": db_text_or_none(part.content_id, 998),
             "inline": part.inline,
         }
-        for (_, mail), article_id in zip(mails, article_ids, strict=True)
-        for part in mail.attachments
+        for item, article_id in zip(items, article_ids, strict=True)
+        for part in item.mail.attachments
     ]
     if attachments:
         session.execute(insert(Attachment), attachments)
-    return [Stored(a, n) for a, n in zip(article_ids, numbers, strict=True)]
+    return [
+        Stored(article_id, numbers[ticket_id] or "", ticket_id, item.ticket_id is None)
+        for item, article_id, ticket_id in zip(items, article_ids, ticket_ids, strict=True)
+    ]
 
 
 def contact_key(sender: Address) -> str:
@@ -140,7 +178,8 @@ def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]]) -> lis
     return list(result.scalars())
 
 
-def _article_row(raw: RawMail, mail: ParsedMail, ticket_id: int, now: datetime) -> dict[str, Any]:
+def _article_row(item: Incoming, ticket_id: int, now: datetime) -> dict[str, Any]:
+    raw, mail = item.raw, item.mail
     return {
         "ticket_id": ticket_id,
         "direction": Direction.INBOUND,
@@ -161,5 +200,7 @@ def _article_row(raw: RawMail, mail: ParsedMail, ticket_id: int, now: datetime) 
         "raw_sha256": mail.raw_sha256,
         "raw_size": mail.raw_size,
         "defects": list(mail.defects),
+        "kind": item.kind,
+        "no_answer_reason": db_text_or_none(item.no_answer_reason),
         "created_at": now,
     }

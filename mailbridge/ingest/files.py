@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mailbox
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from mailbridge.ingest.raw import RawMail
@@ -13,12 +14,15 @@ IMPORT_MAILBOX = "import"
 NOT_MAIL_SUFFIXES = {".yaml", ".yml", ".json", ".md", ".py", ".csv", ".html", ".htm", ".pdf", ".zip", ".gz"}
 
 
-def read_paths(paths: Iterable[Path], mailbox_name: str = IMPORT_MAILBOX) -> Iterator[RawMail]:
+def read_paths(
+    paths: Iterable[Path], mailbox_name: str = IMPORT_MAILBOX, quiet: str | None = None
+) -> Iterator[RawMail]:
     """Every mail under the given paths, one at a time (an archive never has to fit in memory)."""
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or directory")
-        yield from _read_path(path, mailbox_name)
+        for raw in _read_path(path, mailbox_name):
+            yield replace(raw, quiet=quiet) if quiet else raw
 
 
 def _read_path(path: Path, mailbox_name: str) -> Iterator[RawMail]:

@@ -35,6 +35,9 @@ AUTH_RETRY_MAX_SECONDS = 15 * 60
 UNDELIVERABLE_AFTER = 3  # drains in a row without a body for the same UID
 
 
+BACKLOG = "already in the mailbox before its first run (acknowledge_backlog is off)"
+
+
 class ImapWatcher:
     """Keeps one mailbox drained: connect, import what is new, wait, repeat; reconnect with backoff."""
 
@@ -182,7 +185,7 @@ class ImapWatcher:
                     batch = [u for u in batch if u < missing[0]]
                 elif index + 1 < len(batches):
                     next_fetch = asyncio.ensure_future(conn.fetch(batches[index + 1]))
-                yield [self._raw(plan.uidvalidity, uid, bodies[uid]) for uid in batch]
+                yield [self._raw(plan.uidvalidity, uid, bodies[uid], uid <= plan.baseline_uid) for uid in batch]
                 if missing:
                     return
         finally:
@@ -210,7 +213,8 @@ class ImapWatcher:
                 return self._missing(uidvalidity, batch, bodies)
         return missing
 
-    def _raw(self, uidvalidity: int, uid: int, data: bytes) -> RawMail:
+    def _raw(self, uidvalidity: int, uid: int, data: bytes, backlog: bool) -> RawMail:
+        quiet = BACKLOG if backlog and not self.box.acknowledge_backlog else None
         return RawMail(
             mailbox=self.name,
             source=f"imap://{self.name}/{self.box.folder};UIDVALIDITY={uidvalidity};UID={uid}",
@@ -218,6 +222,7 @@ class ImapWatcher:
             source_key=f"{self.name}/{uidvalidity}/{uid}",
             uidvalidity=uidvalidity,
             uid=uid,
+            quiet=quiet,
         )
 
     async def _finish_pending(self, conn: ImapConnection, plan: FolderPlan) -> None:

@@ -43,6 +43,26 @@ class Part:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """A mail that reports on another mail: a bounce, a delay notice, a read receipt, an abuse report."""
+
+    report_type: str | None  # multipart/report's report-type (delivery-status, disposition-notification …)
+    from_mail_system: bool  # sent by MAILER-DAEMON, postmaster …
+    failed: tuple[str, ...]  # recipients that failed for good
+    delayed: tuple[str, ...]  # recipients the mail system is still trying
+    returned_message_ids: tuple[str, ...]  # the mail(s) it is about
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "report_type": self.report_type,
+            "from_mail_system": self.from_mail_system,
+            "failed": list(self.failed),
+            "delayed": list(self.delayed),
+            "returned_message_ids": list(self.returned_message_ids),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedMail:
     subject: str
     sender: Address | None
@@ -62,6 +82,14 @@ class ParsedMail:
     raw_sha256: str
     raw_size: int
     dedup_key: str
+    report: DeliveryReport | None = None
+
+    def header(self, name: str) -> str | None:
+        """The first header of that (lower-case) name."""
+        return next((value for key, value in self.headers if key == name), None)
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
 
     def without_payloads(self) -> ParsedMail:
         return replace(self, attachments=tuple(replace(p, payload=None) for p in self.attachments))
@@ -84,6 +112,7 @@ class ParsedMail:
             "defects": list(self.defects),
             "sha256": self.raw_sha256,
             "size": self.raw_size,
+            "report": self.report.as_json() if self.report else None,
         }
 
 

@@ -27,6 +27,7 @@ from mailparser.utils import get_addresses
 
 from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.mail import Address, ParsedMail, Part
+from mailbridge.ingest.reports import read_report
 
 # mail-parser logs a warning for every part type it does not know; we handle those parts ourselves.
 logging.getLogger("mailparser").setLevel(logging.CRITICAL)
@@ -75,9 +76,10 @@ def parse(raw: bytes) -> ParsedMail:
 
     headers = tuple((name.lower(), decode_header_value(value)) for name, value in message.items())
     message_id = _first_msgid(message.get("Message-ID"))
+    sender = _first(view.addresses("from"))
     return ParsedMail(
         subject=_one_line(decode_header_value(message.get("Subject", ""))),
-        sender=_first(view.addresses("from")),
+        sender=sender,
         to=view.addresses("to"),
         cc=view.addresses("cc"),
         reply_to=view.addresses("reply-to"),
@@ -94,6 +96,7 @@ def parse(raw: bytes) -> ParsedMail:
         raw_sha256=raw_sha,
         raw_size=raw_size,
         dedup_key=dedup_key(message, message_id, text, html_source or None, walker.parts),
+        report=read_report(message, sender.address if sender else None),
     )
 
 

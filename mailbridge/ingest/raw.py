@@ -14,3 +14,5 @@ class RawMail:
     source_key: str | None = None
     uidvalidity: int | None = None
     uid: int | None = None
+    # Why this mail must get no automatic answer whatever it is ("imported with --no-notify", a backlog).
+    quiet: str | None = None

@@ -1,0 +1,161 @@
+"""Notify stage for new tickets: decide who gets an acknowledgement (and record why not), render it and
+put it in the outbox, all inside the pipeline's transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from mailbridge.classify import Verdict, classify
+from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
+from mailbridge.ingest.mail import Address, ParsedMail
+from mailbridge.ingest.raw import RawMail
+from mailbridge.notify.outbox import Outgoing, RecentCounts, automatic_mail_counts, enqueue
+from mailbridge.notify.render import Envelope, Renderer, compose, new_message_id
+
+log = logging.getLogger("mailbridge.notify")
+
+MailboxConfig = ImapMailbox | MaildirMailbox
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """The answer a new mail gets: recipients, or the reason it gets none."""
+
+    to: tuple[Address, ...] = ()
+    cc: tuple[Address, ...] = ()
+    no_answer_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTicket:
+    raw: RawMail
+    mail: ParsedMail
+    ticket_id: int
+    number: str
+    article_id: int
+    plan: Planned
+
+
+class Acknowledger:
+    def __init__(self, settings: Settings, renderer: Renderer) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        self.sending = {box.name: box for box in settings.mailboxes if settings.can_send(box)}
+        self.own_addresses = frozenset(a for box in settings.mailboxes if (a := box.own_address))
+        self.loop_id = f"mailbridge@{settings.outbox.domain}"
+        self.retry_for = timedelta(hours=settings.outbox.retry_for_hours)
+
+    def classify(self, mail: ParsedMail) -> Verdict:
+        return classify(mail, self.own_addresses, self.loop_id)
+
+    def plan(
+        self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail, Verdict]], now: datetime
+    ) -> list[Planned]:
+        """Who gets an acknowledgement. The rate limit counts what is already in the outbox and what this
+        batch adds, so a flood inside one batch is held back too."""
+        plans: list[Planned] = []
+        wanted: list[tuple[int, MailboxConfig, tuple[Address, ...], tuple[Address, ...]]] = []
+        for raw, mail, verdict in mails:
+            box = self.sending.get(raw.mailbox)
+            reason = (
+                verdict.no_answer_reason
+                or raw.quiet
+                or (None if box else f"mailbox {raw.mailbox} sends no mail (no smtp configured)")
+                or (None if box and box.acknowledge else f"acknowledgements are off for mailbox {raw.mailbox}")
+            )
+            to, cc = self._recipients(mail, box) if box and reason is None else ((), ())
+            if reason is None and not to:
+                reason = "every recipient is one of our own addresses"
+            plans.append(Planned(no_answer_reason=reason))
+            if reason is None and box is not None:
+                wanted.append((len(plans) - 1, box, to, cc))
+        counts = automatic_mail_counts(session, [to[0].address.lower() for _, _, to, _ in wanted], now)
+        for index, box, to, cc in wanted:
+            seen = counts.setdefault(to[0].address.lower(), RecentCounts())
+            limit = box.rate_limit
+            if seen.last_hour >= limit.per_hour:
+                reason = f"rate limit: {seen.last_hour} automatic mails to {to[0].address} in the last hour"
+            elif seen.last_day >= limit.per_day:
+                reason = f"rate limit: {seen.last_day} automatic mails to {to[0].address} in the last day"
+            else:
+                seen.last_hour += 1
+                seen.last_day += 1
+                plans[index] = Planned(to=to, cc=cc)
+                continue
+            plans[index] = Planned(no_answer_reason=reason)
+        return plans
+
+    def enqueue(self, session: Session, tickets: Sequence[NewTicket], now: datetime) -> int:
+        outgoing = [self._acknowledgement(t) for t in tickets if t.plan.to]
+        enqueue(session, outgoing, now, self.retry_for)
+        return len(outgoing)
+
+    def _recipients(self, mail: ParsedMail, box: MailboxConfig) -> tuple[tuple[Address, ...], tuple[Address, ...]]:
+        # Reply-To is where the customer asked answers to go; otherwise the sender.
+        candidates = mail.reply_to or ((mail.sender,) if mail.sender else ())
+        to = tuple(_unique(a for a in candidates if a.address.lower() not in self.own_addresses))
+        cc: tuple[Address, ...] = ()
+        if box.acknowledge_cc:
+            taken = {a.address.lower() for a in to}
+            cc = tuple(a for a in _unique(mail.cc) if a.address.lower() not in self.own_addresses | taken)
+        return to, cc
+
+    def _acknowledgement(self, ticket: NewTicket) -> Outgoing:
+        box = self.sending[ticket.raw.mailbox]
+        assert box.address is not None
+        mail = ticket.mail
+        customer = ticket.plan.to[0]
+        context = {
+            "ticket": {
+                "id": ticket.ticket_id,
+                "number": ticket.number,
+                "reference": self.settings.tickets.reference(ticket.number),
+                "subject": mail.subject,
+                "status": "new",
+            },
+            "customer": {"name": customer.name, "address": customer.address},
+            "mailbox": {"name": box.name, "address": box.address, "from_name": box.from_name},
+            "original": {
+                "subject": mail.subject,
+                "date": mail.date.isoformat() if mail.date else None,
+                "message_id": mail.message_id,
+            },
+        }
+        rendered = self.renderer.render("ack", box.language, context)
+        message_id = new_message_id(ticket.ticket_id, self.settings.outbox.domain)
+        envelope = Envelope(
+            sender=Address(box.from_name, box.address),
+            to=ticket.plan.to,
+            cc=ticket.plan.cc,
+            message_id=message_id,
+            in_reply_to=mail.message_id,
+            references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
+            loop_id=self.loop_id,
+        )
+        return Outgoing(
+            ticket_id=ticket.ticket_id,
+            article_id=ticket.article_id,
+            template="ack",
+            mailbox=box.name,
+            message_id=message_id,
+            envelope_from=box.address,
+            recipients=envelope.recipients,
+            subject=rendered.subject,
+            raw=compose(rendered, envelope),
+        )
+
+
+def _unique(addresses: Iterable[Address]) -> list[Address]:
+    seen: set[str] = set()
+    result: list[Address] = []
+    for address in addresses:
+        key = address.address.lower()
+        if key and key not in seen and "@" in key:
+            seen.add(key)
+            result.append(address)
+    return result

@@ -1,0 +1,144 @@
+"""Templates -> a complete mail: subject, text part and HTML part from Jinja2, in a sandbox (an admin's
+template cannot reach Python internals), HTML autoescaped; header values made safe before they are set.
+
+Templates live in `<directory>/<language>/<name>.subject.txt|.txt|.html`; an admin's directory (config
+`templates.directory`) overrides the shipped ones file by file.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mailbridge.ingest.mail import Address
+from mailbridge.models import TicketStatus, utcnow
+
+SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = ("ack", "status_changed", "closed")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_MAX_SUBJECT = 500
+_MAX_REFERENCES = 20
+
+STATUS_LABELS: dict[str, dict[str, str]] = {
+    "en": {
+        TicketStatus.NEW: "New",
+        TicketStatus.OPEN: "Open",
+        TicketStatus.WAITING_CUSTOMER: "Waiting for your reply",
+        TicketStatus.WAITING_THIRD_PARTY: "Waiting for a third party",
+        TicketStatus.CLOSED: "Closed",
+    },
+    "pl": {
+        TicketStatus.NEW: "Nowe",
+        TicketStatus.OPEN: "W realizacji",
+        TicketStatus.WAITING_CUSTOMER: "Czeka na Twoją odpowiedź",
+        TicketStatus.WAITING_THIRD_PARTY: "Czeka na stronę trzecią",
+        TicketStatus.CLOSED: "Zamknięte",
+    },
+}
+
+
+class TemplateProblem(Exception):
+    """A template is missing or does not render; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    subject: str
+    text: str
+    html: str
+
+
+class Renderer:
+    def __init__(self, override: Path | None = None, shipped: Path = SHIPPED_TEMPLATES) -> None:
+        loaders = [FileSystemLoader(str(d)) for d in (override, shipped) if d is not None]
+        options: dict[str, Any] = {"loader": ChoiceLoader(loaders), "undefined": StrictUndefined}
+        self._text = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True, **options)
+        self._html = ImmutableSandboxedEnvironment(autoescape=True, **options)
+
+    def check(self, languages: Iterable[str], names: Sequence[str] = TEMPLATES) -> None:
+        """At start-up: every template every mailbox needs exists and compiles."""
+        for language in sorted(set(languages)):
+            for name in names:
+                for suffix, env in ((".subject.txt", self._text), (".txt", self._text), (".html", self._html)):
+                    path = f"{language}/{name}{suffix}"
+                    try:
+                        env.get_template(path)
+                    except TemplateNotFound:
+                        raise TemplateProblem(f"template {path} not found (language {language!r})") from None
+                    except TemplateError as exc:
+                        raise TemplateProblem(f"template {path}: {exc}") from None
+
+    def render(self, name: str, language: str, context: dict[str, Any]) -> Rendered:
+        try:
+            subject = self._text.get_template(f"{language}/{name}.subject.txt").render(context)
+            text = self._text.get_template(f"{language}/{name}.txt").render(context)
+            html = self._html.get_template(f"{language}/{name}.html").render(context)
+        except TemplateError as exc:
+            raise TemplateProblem(f"template {language}/{name}: {exc}") from None
+        return Rendered(subject=header_safe(subject)[:_MAX_SUBJECT], text=text, html=html)
+
+
+def header_safe(value: str) -> str:
+    """One line: a value that reaches a header can never start another header."""
+    return " ".join(_CONTROL.sub(" ", value).split())
+
+
+def new_message_id(ticket_id: int | None, domain: str) -> str:
+    return f"mb.{ticket_id if ticket_id is not None else 0}.{secrets.token_hex(8)}@{domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    sender: Address
+    to: Sequence[Address]
+    cc: Sequence[Address] = ()
+    message_id: str = ""
+    in_reply_to: str | None = None
+    references: Sequence[str] = ()
+    loop_id: str = ""
+    automatic: bool = True
+
+    @property
+    def recipients(self) -> list[str]:
+        return list(dict.fromkeys(a.address for a in (*self.to, *self.cc)))
+
+
+def compose(rendered: Rendered, envelope: Envelope) -> bytes:
+    """RFC 5322 bytes, CRLF line ends, non-ASCII headers RFC 2047-encoded, text and HTML alternatives."""
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = _header_address(envelope.sender)
+    message["To"] = [_header_address(a) for a in envelope.to]
+    if envelope.cc:
+        message["Cc"] = [_header_address(a) for a in envelope.cc]
+    message["Subject"] = rendered.subject
+    message["Date"] = format_datetime(utcnow())
+    message["Message-ID"] = f"<{envelope.message_id}>"
+    if envelope.in_reply_to:
+        message["In-Reply-To"] = f"<{header_safe(envelope.in_reply_to)}>"
+    references = [header_safe(r) for r in envelope.references if r][-_MAX_REFERENCES:]
+    if references:
+        message["References"] = " ".join(f"<{r}>" for r in references)
+    if envelope.automatic:
+        # RFC 3834: responders must not answer this; Exchange: no out-of-office back to us.
+        message["Auto-Submitted"] = "auto-replied"
+        message["X-Auto-Response-Suppress"] = "All"
+        message["Precedence"] = "auto_reply"
+    message["X-Loop"] = envelope.loop_id
+    message.set_content(rendered.text, cte="quoted-printable")
+    message.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
+    return message.as_bytes()
+
+
+def _header_address(address: Address) -> HeaderAddress:
+    return HeaderAddress(display_name=header_safe(address.name), addr_spec=header_safe(address.address))
