@@ -22,6 +22,7 @@ from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
+from mailbridge.notify.sender import OutboxSender
 from mailbridge.pipeline import Pipeline, Result
 
 log = logging.getLogger("mailbridge")
@@ -80,6 +81,14 @@ class App:
         return Acknowledger(self.settings, self.renderer)
 
     @cached_property
+    def sender(self) -> OutboxSender:
+        return OutboxSender(self.db, self.settings, self.pipeline.outbox_ready)
+
+    @property
+    def sends_mail(self) -> bool:
+        return any(self.settings.can_send(box) for box in self.settings.mailboxes)
+
+    @cached_property
     def watchers(self) -> list[Watcher]:
         watchers: list[Watcher] = []
         for box in self.settings.mailboxes:
@@ -95,11 +104,17 @@ class App:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
         self.db.upgrade()
+        self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
+        for box in self.settings.mailboxes:
+            if box.acknowledge and not self.settings.can_send(box):
+                log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)
 
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""
         tasks = [asyncio.create_task(w.run(stop), name=f"fetch:{w.name}") for w in self.watchers]
         log.info("mailbridge running with %d mailbox(es)", len(tasks))
+        if self.sends_mail:
+            tasks.append(asyncio.create_task(self.sender.run(stop), name="outbox"))
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -124,8 +139,10 @@ class App:
             stopper.cancel()
 
     async def run_once(self) -> None:
-        """Drain every mailbox once and return (`mailbridge run --once`, tests)."""
+        """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`)."""
         await asyncio.gather(*(w.run_once() for w in self.watchers))
+        if self.sends_mail:
+            await self.sender.deliver_due()
 
     async def ingest(self, paths: list[Path], mailbox: str = IMPORT_MAILBOX, notify: bool = True) -> IngestSummary:
         summary = IngestSummary()

@@ -21,6 +21,7 @@ from mailbridge.app import App, build_app, install_signal_handlers
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailbridge.ingest.maildir import ensure_maildir
 from mailbridge.logs import setup_logging
+from mailbridge.notify.render import TemplateProblem
 from mailbridge.quarantine import list_quarantined
 
 app = typer.Typer(help="mailbridge: e-mail to tickets, nothing lost, nothing twice.", no_args_is_help=True)
@@ -31,6 +32,8 @@ quarantine_app = typer.Typer(
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(quarantine_app, name="quarantine")
+outbox_app = typer.Typer(help="Outgoing mail: acknowledgements and notifications.", no_args_is_help=True)
+app.add_typer(outbox_app, name="outbox")
 app.add_typer(db_app, name="db")
 
 ConfigOption = Annotated[
@@ -59,7 +62,11 @@ def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
     application = build_app(settings)
     try:
         if migrate:
-            application.prepare()
+            try:
+                application.prepare()
+            except TemplateProblem as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
         yield application
     finally:
         application.close()
@@ -147,7 +154,17 @@ def demo(
             yaml.safe_dump(
                 {
                     "data_dir": str(data_dir),
-                    "mailboxes": [{"type": "maildir", "name": "demo", "path": str(inbox), "poll_interval": 0.5}],
+                    # No SMTP server in the demo: acknowledgements are written as files instead.
+                    "outbox": {"deliver_to_directory": str(data_dir / "sent")},
+                    "mailboxes": [
+                        {
+                            "type": "maildir",
+                            "name": "demo",
+                            "path": str(inbox),
+                            "poll_interval": 0.5,
+                            "address": "support@demo.invalid",
+                        }
+                    ],
                 },
                 sort_keys=False,
             ),
@@ -167,6 +184,7 @@ mailbridge demo
   config:     {config_path}
   database:   {data_dir / "mailbridge.db"}
   mailbox:    {inbox}/new   (drop an .eml file here and it becomes a ticket)
+  sent mail:  {data_dir / "sent"}   (the acknowledgements, as .eml files)
   look with:  mailbridge --help, e.g.
               mailbridge tickets list --config {config_path}
               mailbridge status --config {config_path}
@@ -396,6 +414,82 @@ def quarantine_retry(
             else:
                 _say(f"{item_id}: {result.outcome.value}: ticket {result.ticket}")
     if still:
+        raise typer.Exit(1)
+
+
+@outbox_app.command("list")
+def outbox_list(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    status: Annotated[str | None, typer.Option(help="Only pending, sent, failed or bounced mails.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+) -> None:
+    """Outgoing mails: what was sent, what waits for a retry (and why), what failed or bounced."""
+    from mailbridge.queries import outbox_mails, outbox_row
+
+    with _app(config) as application, application.db.reader() as session:
+        rows = [outbox_row(m) for m in outbox_mails(session, status, limit)]
+    if json_out:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "status", "template", "to", "attempts", "created_at", "subject", "last_error"])
+
+
+@outbox_app.command("show")
+def outbox_show(
+    mail_id: Annotated[int, typer.Argument(metavar="ID")],
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Write the mail as it is sent to stdout.")] = False,
+) -> None:
+    """One outgoing mail; --raw writes its bytes."""
+    from mailbridge.models import OutboxMail
+    from mailbridge.queries import outbox_row
+
+    with _app(config) as application, application.db.reader() as session:
+        mail = session.get(OutboxMail, mail_id)
+        if mail is None:
+            typer.echo(f"error: no outgoing mail with id {mail_id}", err=True)
+            raise typer.Exit(1)
+        if raw:
+            sys.stdout.buffer.write(mail.raw)
+            return
+        row = outbox_row(mail)
+    if json_out:
+        _print_json(row)
+    else:
+        for key, value in row.items():
+            _say(f"{key}: {value}")
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    mail_ids: Annotated[list[int] | None, typer.Argument(metavar="[ID]...")] = None,
+    config: ConfigOption = None,
+    failed: Annotated[bool, typer.Option("--all-failed", help="Every mail marked failed.")] = False,
+) -> None:
+    """Send failed (or waiting) mails again now, with a fresh delivery deadline; the daemon delivers them."""
+    from datetime import timedelta
+
+    from mailbridge.models import OutboxStatus
+    from mailbridge.queries import outbox_mails, retry_outbox
+
+    with _app(config) as application:
+        ids = list(mail_ids or [])
+        with application.db.unit_of_work() as session:
+            if failed:
+                ids += [m.id for m in outbox_mails(session, OutboxStatus.FAILED, 1_000_000) if m.id not in ids]
+            if not ids:
+                typer.echo("error: name the outgoing mails (IDs) or give --all-failed", err=True)
+                raise typer.Exit(2)
+            hours = application.settings.outbox.retry_for_hours
+            queued = retry_outbox(session, ids, timedelta(hours=hours))
+    for mail_id in ids:
+        if mail_id in queued:
+            _say(f"{mail_id}: queued again")
+        else:
+            typer.echo(f"{mail_id}: not found, or already sent or bounced", err=True)
+    if len(queued) != len(ids):
         raise typer.Exit(1)
 
 

@@ -1,14 +1,25 @@
-"""Read-only views of the database for the CLI: tickets, quarantine, mailbox status."""
+"""Views of the database for the CLI: tickets, quarantine, outbox, mailbox status."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from mailbridge.config import Settings
-from mailbridge.models import Article, MailboxState, Outcome, QuarantinedMail, Receipt, Ticket
+from mailbridge.models import (
+    Article,
+    MailboxState,
+    OutboxMail,
+    OutboxStatus,
+    Outcome,
+    QuarantinedMail,
+    Receipt,
+    Ticket,
+    utcnow,
+)
 
 
 def ticket_rows(session: Session, limit: int) -> list[dict[str, Any]]:
@@ -60,6 +71,8 @@ def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
                 "has_html": a.html is not None,
                 "raw_sha256": a.raw_sha256,
                 "raw_size": a.raw_size,
+                "kind": a.kind,
+                "no_answer_reason": a.no_answer_reason,
                 "attachments": [
                     {
                         "filename": p.filename,
@@ -75,6 +88,48 @@ def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
             for a in ticket.articles
         ],
     }
+
+
+def outbox_row(mail: OutboxMail) -> dict[str, Any]:
+    return {
+        "id": mail.id,
+        "status": mail.status,
+        "template": mail.template,
+        "mailbox": mail.mailbox,
+        "ticket_id": mail.ticket_id,
+        "to": ", ".join(mail.recipients),
+        "subject": mail.subject,
+        "message_id": mail.message_id,
+        "attempts": mail.attempts,
+        "created_at": mail.created_at.isoformat(),
+        "next_attempt_at": mail.next_attempt_at.isoformat() if mail.status == OutboxStatus.PENDING else None,
+        "deliver_until": mail.deliver_until.isoformat(),
+        "sent_at": mail.sent_at.isoformat() if mail.sent_at else None,
+        "bounced_at": mail.bounced_at.isoformat() if mail.bounced_at else None,
+        "last_error": mail.last_error,
+    }
+
+
+def outbox_mails(session: Session, status: str | None, limit: int) -> list[OutboxMail]:
+    query = select(OutboxMail).order_by(OutboxMail.id.desc()).limit(limit)
+    if status:
+        query = query.where(OutboxMail.status == status)
+    return list(session.scalars(query))
+
+
+def retry_outbox(session: Session, ids: list[int], retry_for: timedelta) -> list[int]:
+    """Failed or pending mails go (back) to the front of the queue, with a fresh delivery deadline."""
+    now = utcnow()
+    mails = session.scalars(
+        select(OutboxMail).where(
+            OutboxMail.id.in_(ids), OutboxMail.status.in_([OutboxStatus.FAILED, OutboxStatus.PENDING])
+        )
+    ).all()
+    for mail in mails:
+        mail.status = OutboxStatus.PENDING
+        mail.next_attempt_at = now
+        mail.deliver_until = now + retry_for
+    return [mail.id for mail in mails]
 
 
 def quarantine_row(item: QuarantinedMail) -> dict[str, Any]:

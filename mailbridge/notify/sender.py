@@ -1,0 +1,365 @@
+"""Delivers the outbox: claims due mails, hands them to the SMTP server (or a directory), and records each
+outcome in its own commit before that connection sends the next mail, so a crash repeats at most the mails
+in flight (one per connection), each with its fixed Message-ID.
+
+Temporary failures (4xx, connection trouble) are retried with exponential backoff until the mail's
+`deliver_until`; permanent ones (5xx) fail the mail at once. A server that cannot be reached is left alone
+until its own backoff ends, so an outage costs one attempt, not one per waiting mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+from sqlalchemy import select, update
+
+from mailbridge.config import OutboxSettings, Settings, SmtpServer
+from mailbridge.db import Database
+from mailbridge.models import OutboxMail, OutboxStatus, db_text, utcnow
+
+log = logging.getLogger("mailbridge.outbox")
+
+CLAIM_SIZE = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    id: int
+    mailbox: str
+    message_id: str
+    envelope_from: str
+    recipients: list[str]
+    raw: bytes
+    attempts: int
+    deliver_until: datetime
+
+
+class DeliveryError(Exception):
+    def __init__(self, message: str, *, permanent: bool, server_trouble: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.server_trouble = server_trouble  # the server, not this mail: back off the whole server
+
+
+class Transport(Protocol):
+    async def send(self, mail: Due) -> str | None:
+        """Deliver or raise DeliveryError; returns a note (e.g. recipients refused) or None."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SmtpTransport:
+    """One SMTP session, opened on first use and kept for the mails that follow."""
+
+    def __init__(self, server: SmtpServer) -> None:
+        self.server = server
+        self._client: aiosmtplib.SMTP | None = None
+
+    async def _connected(self) -> aiosmtplib.SMTP:
+        if self._client is not None and self._client.is_connected:
+            return self._client
+        server = self.server
+        client = aiosmtplib.SMTP(
+            hostname=server.host,
+            port=server.port,
+            use_tls=server.security == "tls",
+            start_tls=server.security == "starttls",
+            tls_context=server.ssl_context() if server.security != "none" else None,
+            timeout=server.timeout,
+        )
+        try:
+            await client.connect()
+            if server.user:
+                await client.login(server.user, server.secret or "")
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            await _quietly_close(client)
+            raise DeliveryError(
+                f"SMTP login refused by {server.host}: {exc.code} {exc.message}", permanent=False, server_trouble=True
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            await _quietly_close(client)
+            raise DeliveryError(
+                f"cannot connect to {server.host}:{server.port}: {_describe(exc)}", permanent=False, server_trouble=True
+            ) from None
+        self._client = client
+        return client
+
+    async def send(self, mail: Due) -> str | None:
+        client = await self._connected()
+        try:
+            refused, _ = await client.sendmail(mail.envelope_from, mail.recipients, mail.raw)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            raise DeliveryError(f"recipients refused: {detail}", permanent=all(c >= 500 for c in codes)) from None
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code >= 500:
+                raise DeliveryError(f"refused: {exc.code} {exc.message}", permanent=True) from None
+            await self._drop()
+            raise DeliveryError(f"deferred: {exc.code} {exc.message}", permanent=False) from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            await self._drop()
+            raise DeliveryError(
+                f"connection to {self.server.host} lost: {_describe(exc)}", permanent=False, server_trouble=True
+            ) from None
+        if refused:
+            return "some recipients refused: " + "; ".join(f"{a}: {r.code} {r.message}" for a, r in refused.items())
+        return None
+
+    async def _drop(self) -> None:
+        if self._client is not None:
+            await _quietly_close(self._client)
+            self._client = None
+
+    async def close(self) -> None:
+        if self._client is not None and self._client.is_connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.quit(), timeout=5)
+        await self._drop()
+
+
+class DirectoryTransport:
+    """Writes each mail as `<Message-ID>.eml` (the demo, or a dry run): the file appears whole or not at all."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def send(self, mail: Due) -> str | None:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", mail.message_id)[:200] + ".eml"
+        try:
+            await asyncio.to_thread(_write_atomically, self.directory / name, mail.raw)
+        except OSError as exc:
+            raise DeliveryError(f"cannot write to {self.directory}: {exc.strerror}", permanent=False) from None
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class OutboxSender:
+    def __init__(self, db: Database, settings: Settings, ready: asyncio.Event) -> None:
+        self.db = db
+        self.settings: OutboxSettings = settings.outbox
+        self.ready = ready
+        self._servers: dict[str, SmtpServer | Path] = {}
+        for box in settings.mailboxes:
+            route = settings.outbox.deliver_to_directory or settings.smtp_for(box)
+            if route is not None:
+                self._servers[box.name] = route
+        self._server_retry_at: dict[str, float] = {}  # server key -> monotonic time it may be tried again
+        self._server_failures: dict[str, int] = {}
+        self._in_flight: set[int] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """The daemon's sender task: deliver what is due, then wait for new mail, a retry, or stop."""
+        while not stop.is_set():
+            try:
+                await self.deliver_due(stop)
+            except Exception:
+                log.exception("delivering the outbox failed; trying again shortly")
+            self.ready.clear()
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.ready.wait())]
+            await asyncio.wait(waiters, timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _idle_wait(self) -> float:
+        wait = self.settings.poll_seconds
+        now = time.monotonic()
+        for retry_at in self._server_retry_at.values():
+            wait = min(wait, max(0.05, retry_at - now))
+        return wait
+
+    async def deliver_due(self, stop: asyncio.Event | None = None) -> int:
+        """Deliver every mail that is due now (round after round of claims); returns how many were tried."""
+        tried = 0
+        while stop is None or not stop.is_set():
+            due = await self.db.run(self._claim)
+            due = [mail for mail in due if self._server_ready(mail.mailbox)]
+            if not due:
+                return tried
+            tried += len(due)
+            await self._deliver(due, stop)
+        return tried
+
+    async def _deliver(self, due: Sequence[Due], stop: asyncio.Event | None) -> None:
+        queue: asyncio.Queue[Due] = asyncio.Queue()
+        for mail in due:
+            queue.put_nowait(mail)
+            self._in_flight.add(mail.id)
+        recorder = _Recorder(self.db, self.settings)
+        committer = asyncio.create_task(recorder.run(), name="outbox-recorder")
+        try:
+            workers = min(self.settings.connections, len(due))
+            await asyncio.gather(*(self._worker(queue, recorder, stop) for _ in range(workers)))
+        finally:
+            await recorder.close()
+            await committer
+            self._in_flight.difference_update(mail.id for mail in due)
+
+    async def _worker(self, queue: asyncio.Queue[Due], recorder: _Recorder, stop: asyncio.Event | None) -> None:
+        transports: dict[str, Transport] = {}
+        try:
+            while not queue.empty() and (stop is None or not stop.is_set()):
+                mail = queue.get_nowait()
+                key = self._server_key(mail.mailbox)
+                if key is None or not self._server_ready(mail.mailbox):
+                    continue  # its server is in backoff: the mail stays due for later
+                transport = transports.get(key) or transports.setdefault(key, self._transport(mail.mailbox))
+                try:
+                    note = await transport.send(mail)
+                except DeliveryError as exc:
+                    if exc.server_trouble:
+                        self._server_down(key, str(exc))
+                    await recorder.record(_Result(mail, sent=False, error=str(exc), permanent=exc.permanent))
+                    continue
+                self._server_failures.pop(key, None)
+                # Recorded (committed) before this connection sends the next mail.
+                await recorder.record(_Result(mail, sent=True, error=note))
+        finally:
+            for transport in transports.values():
+                await transport.close()
+
+    def _server_key(self, mailbox: str) -> str | None:
+        route = self._servers.get(mailbox)
+        if route is None:
+            return None
+        if isinstance(route, Path):
+            return f"dir:{route}"
+        return f"smtp:{route.host}:{route.port}:{route.user or ''}"
+
+    def _transport(self, mailbox: str) -> Transport:
+        route = self._servers[mailbox]
+        return DirectoryTransport(route) if isinstance(route, Path) else SmtpTransport(route)
+
+    def _server_ready(self, mailbox: str) -> bool:
+        key = self._server_key(mailbox)
+        return key is not None and self._server_retry_at.get(key, 0.0) <= time.monotonic()
+
+    def _server_down(self, key: str, error: str) -> None:
+        failures = self._server_failures.get(key, 0) + 1
+        self._server_failures[key] = failures
+        delay = min(self.settings.first_retry_seconds * 2 ** (failures - 1), self.settings.max_retry_seconds)
+        self._server_retry_at[key] = time.monotonic() + delay
+        log.warning("outgoing mail server %s unavailable (%s); next try in %.0f s", key, error, delay)
+
+    def _claim(self) -> list[Due]:
+        now = utcnow()
+        with self.db.reader() as session:
+            rows = session.scalars(
+                select(OutboxMail)
+                .where(OutboxMail.status == OutboxStatus.PENDING, OutboxMail.next_attempt_at <= now)
+                .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
+                .limit(CLAIM_SIZE + len(self._in_flight))
+            )
+            return [
+                Due(
+                    m.id,
+                    m.mailbox,
+                    m.message_id,
+                    m.envelope_from,
+                    list(m.recipients),
+                    m.raw,
+                    m.attempts,
+                    m.deliver_until,
+                )
+                for m in rows
+                if m.id not in self._in_flight
+            ][:CLAIM_SIZE]
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    mail: Due
+    sent: bool
+    error: str | None = None
+    permanent: bool = False
+
+
+class _Recorder:
+    """Group commit: the outcomes of all connections that finish while one commit runs go into the next."""
+
+    def __init__(self, db: Database, settings: OutboxSettings) -> None:
+        self.db = db
+        self.settings = settings
+        self._pending: list[tuple[_Result, asyncio.Future[None]]] = []
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    async def record(self, result: _Result) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((result, future))
+        self._wakeup.set()
+        await future
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            items, self._pending = self._pending, []
+            if items:
+                try:
+                    await self.db.run(self._write, [result for result, _ in items])
+                except Exception as exc:
+                    for _, future in items:
+                        future.set_exception(exc)
+                else:
+                    for _, future in items:
+                        future.set_result(None)
+            if self._closed and not self._pending:
+                return
+
+    def _write(self, results: list[_Result]) -> None:
+        now = utcnow()
+        with self.db.unit_of_work() as session:
+            for result in results:
+                session.execute(
+                    update(OutboxMail).where(OutboxMail.id == result.mail.id).values(**self._values(result, now))
+                )
+
+    def _values(self, result: _Result, now: datetime) -> dict[str, object]:
+        mail = result.mail
+        attempts = mail.attempts + 1
+        if result.sent:
+            return {"status": OutboxStatus.SENT, "sent_at": now, "attempts": attempts, "last_error": result.error}
+        delay = min(self.settings.first_retry_seconds * 2**mail.attempts, self.settings.max_retry_seconds)
+        retry_at = now + timedelta(seconds=delay)
+        error = db_text(result.error or "unknown error", 2000)
+        if result.permanent or retry_at > mail.deliver_until:
+            why = "refused for good" if result.permanent else f"still failing after {attempts} attempts"
+            log.error("outbox mail %s to %s failed (%s): %s", mail.message_id, ", ".join(mail.recipients), why, error)
+            return {"status": OutboxStatus.FAILED, "attempts": attempts, "last_error": error}
+        log.warning("outbox mail %s not sent (%s); retry in %.0f s", mail.message_id, error, delay)
+        return {"attempts": attempts, "last_error": error, "next_attempt_at": retry_at}
+
+
+async def _quietly_close(client: aiosmtplib.SMTP) -> None:
+    with contextlib.suppress(Exception):
+        client.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
