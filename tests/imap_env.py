@@ -46,6 +46,7 @@ def imap_box(server: Dovecot, user: MailUser, **extra: Any) -> dict[str, Any]:
 
 
 def write_config(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "mailbridge.yaml"
     data = {
         "data_dir": str(tmp_path / "data"),

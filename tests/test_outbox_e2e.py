@@ -1,0 +1,411 @@
+"""Outgoing mail end to end: acknowledgements through the outbox to a real SMTP server (aiosmtpd) on
+127.0.0.1, incoming mail from the real Dovecot or from files, and no answer to anything that is not a person."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from collections import Counter
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from mailbridge.app import App
+from mailbridge.models import Article, OutboxMail, OutboxStatus, Ticket
+from tests.imap_env import count, make_app, new_user, sample_mail, wait_until
+from tests.support.dovecot import Dovecot
+from tests.support.smtp_sink import SmtpSink
+
+SUPPORT = "support@helpdesk.example"
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    smtp = SmtpSink().start()
+    yield smtp
+    smtp.stop()
+
+
+def outbox_settings(**extra: Any) -> dict[str, Any]:
+    return {
+        "first_retry_seconds": 0.2,
+        "max_retry_seconds": 1,
+        "poll_seconds": 0.2,
+        "domain": "helpdesk.example",
+        **extra,
+    }
+
+
+def files_app(tmp_path: Path, sink: SmtpSink, box: dict[str, Any] | None = None, **top: Any) -> App:
+    """A mailbox named `support` fed by `App.ingest(..., mailbox="support")`."""
+    mailbox = {"type": "maildir", "name": "support", "path": str(tmp_path / "maildir"), "address": SUPPORT}
+    return make_app(
+        tmp_path,
+        [{**mailbox, **(box or {})}],
+        smtp=sink.config(),
+        outbox=outbox_settings(**top.pop("outbox", {})),
+        **top,
+    )
+
+
+def write_mails(directory: Path, mails: list[bytes]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for index, raw in enumerate(mails):
+        (directory / f"{index:05d}.eml").write_bytes(raw)
+    return directory
+
+
+def outbox(app: App) -> list[OutboxMail]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(OutboxMail).order_by(OutboxMail.id)))
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+@pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
+async def test_acknowledgement_from_imap_carries_the_ticket_and_threads_in_the_mail_client(
+    tmp_path: Path, sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
+    try:
+        user = new_user(server)
+        app = make_app(
+            tmp_path,
+            [
+                {
+                    "name": user.name,
+                    "host": server.host,
+                    "port": server.port,
+                    "security": "none",
+                    "user": user.name,
+                    "password": user.password,
+                    "address": SUPPORT,
+                    "from_name": "Obsługa klienta",
+                    "language": "pl",
+                    "existing_mail": "import",
+                    "acknowledge_backlog": True,
+                }
+            ],
+            smtp=sink.config(),
+            outbox=outbox_settings(),
+        )
+        customer_mail = sample_mail(subject="Faktura nr 12/2026", sender="anna.nowak@klient.example")
+        server.append(customer_mail, user=user.name)
+        try:
+            await app.run_once()
+        finally:
+            app.close()
+    finally:
+        server.stop()
+    [received] = sink.received
+    ack = received.message
+    original = parsed(customer_mail)
+    assert received.rcpt_tos == ["anna.nowak@klient.example"]
+    assert received.mail_from == SUPPORT
+    assert ack["Subject"] == "[MB-000001] Re: Faktura nr 12/2026"
+    assert ack["From"].addresses[0].addr_spec == SUPPORT
+    assert ack["From"].addresses[0].display_name == "Obsługa klienta"
+    assert ack["To"].addresses[0].addr_spec == "anna.nowak@klient.example"
+    assert ack["In-Reply-To"] == original["Message-ID"]
+    assert ack["References"] == original["Message-ID"]
+    assert ack["Auto-Submitted"] == "auto-replied"
+    assert ack["X-Auto-Response-Suppress"] == "All"
+    assert ack["X-Loop"] == "mailbridge@helpdesk.example"
+    assert ack["Message-ID"].startswith("<mb.1.") and ack["Message-ID"].endswith("@helpdesk.example>")
+    text = ack.get_body(("plain",))
+    html = ack.get_body(("html",))
+    assert text is not None and html is not None
+    assert "zgłoszenie MB-000001" in text.get_content() and "[MB-000001]" in text.get_content()
+    assert "<strong>MB-000001</strong>" in html.get_content()
+    [row] = outbox(app)
+    assert row.status == OutboxStatus.SENT and row.attempts == 1 and row.template == "ack"
+    assert row.message_id == received.message_id
+
+
+@pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
+async def test_backlog_gets_no_acknowledgement_but_new_mail_does(
+    tmp_path: Path, sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
+    try:
+        user = new_user(server)
+        box = {
+            "name": user.name,
+            "host": server.host,
+            "port": server.port,
+            "security": "none",
+            "user": user.name,
+            "password": user.password,
+            "address": SUPPORT,
+        }
+        for _ in range(3):
+            server.append(sample_mail(sender="old@klient.example"), user=user.name)
+        app = make_app(tmp_path, [box], smtp=sink.config(), outbox=outbox_settings())
+        try:
+            await app.run_once()
+            assert count(app, "select count(*) from tickets") == 3
+            assert sink.received == []
+            reasons = {a.no_answer_reason for a in _articles(app)}
+            assert reasons == {"already in the mailbox before its first run (acknowledge_backlog is off)"}
+            server.append(sample_mail(sender="new@klient.example"), user=user.name)
+            await app.run_once()
+        finally:
+            app.close()
+    finally:
+        server.stop()
+    assert [r.rcpt_tos for r in sink.received] == [["new@klient.example"]]
+
+
+async def test_smtp_outage_loses_nothing_and_sends_each_acknowledgement_once(tmp_path: Path, sink: SmtpSink) -> None:
+    sink.stop()
+    mails = [sample_mail(sender=f"klient{i}@example.com") for i in range(100)]
+    folder = write_mails(tmp_path / "in", mails)
+    app = files_app(tmp_path, sink)
+    try:
+        summary = await app.ingest([folder], mailbox="support")
+        assert summary.stored == 100
+        await app.sender.deliver_due()  # the server is down: one attempt, then the server is backed off
+        rows = outbox(app)
+        assert len(rows) == 100 and all(r.status == OutboxStatus.PENDING for r in rows)
+        assert sum(r.attempts for r in rows) >= 1
+        assert any(r.last_error and "cannot connect" in r.last_error for r in rows)
+        sink.start()
+        stop = asyncio.Event()
+        sender = asyncio.create_task(app.sender.run(stop))
+        await wait_until(lambda: len(sink.received) >= 100, timeout=30)
+        await asyncio.sleep(0.5)  # anything sent twice would arrive now
+        stop.set()
+        await asyncio.wait_for(sender, 10)
+    finally:
+        app.close()
+    _assert_once_each(sink, 100)
+    assert {r.rcpt_tos[0] for r in sink.received} == {f"klient{i}@example.com" for i in range(100)}
+
+
+async def test_smtp_outage_across_a_daemon_restart(tmp_path: Path, sink: SmtpSink) -> None:
+    sink.stop()
+    folder = write_mails(tmp_path / "in", [sample_mail(sender=f"k{i}@example.com") for i in range(100)])
+    app = files_app(tmp_path, sink)
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+    finally:
+        app.close()  # the daemon stops during the outage
+    sink.start()
+    app = files_app(tmp_path, sink)
+    try:
+        await app.sender.deliver_due()
+        assert {r.status for r in outbox(app)} == {OutboxStatus.SENT}
+    finally:
+        app.close()
+    _assert_once_each(sink, 100)
+
+
+async def test_permanent_refusal_fails_at_once_and_temporary_is_retried(tmp_path: Path, sink: SmtpSink) -> None:
+    sink.handler.refuse["gone@example.com"] = "550 5.1.1 No such user"
+    sink.handler.refuse["busy@example.com"] = "451 4.3.0 Try again later"
+    folder = write_mails(
+        tmp_path / "in", [sample_mail(sender="gone@example.com"), sample_mail(sender="busy@example.com")]
+    )
+    app = files_app(tmp_path, sink)
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+        gone, busy = outbox(app)
+        assert gone.status == OutboxStatus.FAILED and gone.attempts == 1
+        assert "550" in (gone.last_error or "")
+        assert busy.status == OutboxStatus.PENDING and "451" in (busy.last_error or "")
+        del sink.handler.refuse["busy@example.com"]
+        await asyncio.sleep(0.3)
+        await app.sender.deliver_due()
+        gone, busy = outbox(app)
+        assert busy.status == OutboxStatus.SENT and busy.attempts == 2
+        assert gone.status == OutboxStatus.FAILED and gone.attempts == 1
+    finally:
+        app.close()
+    assert [r.rcpt_tos for r in sink.received] == [["busy@example.com"]]
+
+
+async def test_gives_up_after_the_retry_period(tmp_path: Path, sink: SmtpSink) -> None:
+    sink.handler.refuse["busy@example.com"] = "451 4.3.0 Try again later"
+    folder = write_mails(tmp_path / "in", [sample_mail(sender="busy@example.com")])
+    app = files_app(tmp_path, sink, outbox={"retry_for_hours": 0.0003})  # about a second
+    try:
+        await app.ingest([folder], mailbox="support")
+        for _ in range(20):
+            await app.sender.deliver_due()
+            if outbox(app)[0].status != OutboxStatus.PENDING:
+                break
+            await asyncio.sleep(0.3)
+        [row] = outbox(app)
+    finally:
+        app.close()
+    assert row.status == OutboxStatus.FAILED
+    assert row.attempts >= 2 and "451" in (row.last_error or "")
+
+
+async def test_rate_limit_per_sender(tmp_path: Path, sink: SmtpSink) -> None:
+    folder = write_mails(tmp_path / "in", [sample_mail(sender="flood@example.com") for _ in range(5)])
+    app = files_app(tmp_path, sink)
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+        reasons = [a.no_answer_reason for a in _articles(app)]
+    finally:
+        app.close()
+    assert len(sink.received) == 3
+    assert reasons[:3] == [None, None, None]
+    assert all(
+        r and r.startswith("rate limit: 3 automatic mails to flood@example.com in the last hour") for r in reasons[3:]
+    )
+
+
+async def test_no_notify_import_and_switched_off_mailbox_send_nothing(tmp_path: Path, sink: SmtpSink) -> None:
+    folder = write_mails(tmp_path / "in", [sample_mail(sender="a@example.com")])
+    app = files_app(tmp_path / "quiet", sink)
+    try:
+        await app.ingest([folder], mailbox="support", notify=False)
+        await app.sender.deliver_due()
+        assert [a.no_answer_reason for a in _articles(app)] == ["imported with --no-notify"]
+    finally:
+        app.close()
+    app = files_app(tmp_path / "off", sink, box={"acknowledge": False})
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+        assert [a.no_answer_reason for a in _articles(app)] == ["acknowledgements are off for mailbox support"]
+    finally:
+        app.close()
+    assert sink.received == []
+
+
+async def test_header_injection_in_the_subject_yields_one_encoded_header(tmp_path: Path, sink: SmtpSink) -> None:
+    # The subject decodes to text with CR LF and a "Bcc:" after it, and Polish letters.
+    evil = "=?utf-8?b?" + __import__("base64").b64encode("Zażółć\r\nBcc: victim@example.org".encode()).decode() + "?="
+    raw = (
+        f"From: Jan <jan@example.com>\r\nTo: {SUPPORT}\r\nSubject: {evil}\r\nMessage-ID: <inj@example.com>\r\n\r\nhi\r\n"
+    ).encode()
+    folder = write_mails(tmp_path / "in", [raw])
+    app = files_app(tmp_path, sink)
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+    finally:
+        app.close()
+    [received] = sink.received
+    header_block = received.data.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\nBcc:" not in header_block and b"\nBcc:" not in header_block
+    assert received.rcpt_tos == ["jan@example.com"]
+    subject_lines = [line for line in header_block.split(b"\r\n") if line.lower().startswith(b"subject:")]
+    assert len(subject_lines) == 1 and subject_lines[0].isascii() and b"=?utf-8?" in subject_lines[0]
+    assert received.message["Subject"] == "[MB-000001] Re: Zażółć Bcc: victim@example.org"
+
+
+async def test_bounce_of_our_acknowledgement_marks_it_bounced_on_its_ticket(tmp_path: Path, sink: SmtpSink) -> None:
+    folder = write_mails(tmp_path / "in", [sample_mail(sender="gone@klient.example")])
+    app = files_app(tmp_path, sink)
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+        [ack] = sink.received
+        bounce = _dsn(ack.data, "gone@klient.example")
+        out_of_office = _out_of_office(ack.data)
+        await app.ingest([write_mails(tmp_path / "back", [bounce, out_of_office])], mailbox="support")
+        await app.sender.deliver_due()
+        [row] = outbox(app)
+        articles = _articles(app)
+        with app.db.reader() as session:
+            tickets = list(session.scalars(select(Ticket)))
+    finally:
+        app.close()
+    assert len(tickets) == 1, "a bounce or an auto-reply to our mail must not open a ticket"
+    assert tickets[0].status == "new"
+    assert [a.kind for a in articles] == ["human", "bounce", "auto_reply"]
+    assert all(a.ticket_id == tickets[0].id for a in articles)
+    assert row.status == OutboxStatus.BOUNCED and row.bounce_article_id == articles[1].id
+    assert len(sink.received) == 1, "nothing answers a bounce or an auto-reply"
+
+
+async def test_two_instances_do_not_answer_each_others_acknowledgements(tmp_path: Path, sink: SmtpSink) -> None:
+    """Instance A (support@a) gets a mail from instance B's address; B then receives A's acknowledgement."""
+    a_sink, b_sink = sink, SmtpSink().start()
+    try:
+        a = make_app(
+            tmp_path / "a",
+            [{"type": "maildir", "name": "a", "path": str(tmp_path / "a-in"), "address": "support@a.example"}],
+            smtp=a_sink.config(),
+            outbox=outbox_settings(domain="a.example"),
+        )
+        b = make_app(
+            tmp_path / "b",
+            [{"type": "maildir", "name": "b", "path": str(tmp_path / "b-in"), "address": "help@b.example"}],
+            smtp=b_sink.config(),
+            outbox=outbox_settings(domain="b.example"),
+        )
+        try:
+            first = sample_mail(sender="help@b.example")  # e.g. B's agent forwarded something to A
+            await a.ingest([write_mails(tmp_path / "1", [first])], mailbox="a")
+            await a.sender.deliver_due()
+            [a_ack] = a_sink.received
+            await b.ingest([write_mails(tmp_path / "2", [a_ack.data])], mailbox="b")
+            await b.sender.deliver_due()
+            [article] = _articles(b)
+        finally:
+            a.close()
+            b.close()
+        assert b_sink.received == []
+        assert article.kind == "auto_reply" and article.no_answer_reason == "Auto-Submitted: auto-replied"
+    finally:
+        b_sink.stop()
+
+
+def _articles(app: App) -> list[Article]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Article).order_by(Article.id)))
+
+
+def _assert_once_each(sink: SmtpSink, expected: int) -> None:
+    ids = Counter(r.message_id for r in sink.received)
+    assert len(ids) == expected
+    assert max(ids.values()) == 1, [m for m, n in ids.items() if n > 1]
+
+
+def _dsn(returned: bytes, recipient: str) -> bytes:
+    headers = returned.split(b"\r\n\r\n", 1)[0].decode()
+    return (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.klient.example>\r\n"
+        f"To: {SUPPORT}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "Message-ID: <dsn-1@mx.klient.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="rep"\r\n\r\n'
+        "--rep\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+        "--rep\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.klient.example\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"Diagnostic-Code: smtp; 550 5.1.1 <{recipient}>: Recipient address rejected\r\n\r\n"
+        f"--rep\r\nContent-Type: text/rfc822-headers\r\n\r\n{headers}\r\n--rep--\r\n"
+    ).encode()
+
+
+def _out_of_office(replied_to: bytes) -> bytes:
+    ack = parsed(replied_to)
+    return (
+        "From: Anna <gone@klient.example>\r\n"
+        f"To: {SUPPORT}\r\n"
+        f"Subject: Automatic reply: {ack['Subject']}\r\n"
+        "Message-ID: <oof-1@klient.example>\r\n"
+        f"In-Reply-To: {ack['Message-ID']}\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "X-Auto-Response-Suppress: All\r\n\r\n"
+        "I am out of the office until Monday.\r\n"
+    ).encode()
