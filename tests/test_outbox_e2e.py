@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.policy
 from collections import Counter
@@ -290,9 +291,10 @@ async def test_no_notify_import_and_switched_off_mailbox_send_nothing(tmp_path: 
 
 async def test_header_injection_in_the_subject_yields_one_encoded_header(tmp_path: Path, sink: SmtpSink) -> None:
     # The subject decodes to text with CR LF and a "Bcc:" after it, and Polish letters.
-    evil = "=?utf-8?b?" + __import__("base64").b64encode("Zażółć\r\nBcc: victim@example.org".encode()).decode() + "?="
+    evil = "=?utf-8?b?" + base64.b64encode("Zażółć\r\nBcc: victim@example.org".encode()).decode() + "?="
     raw = (
-        f"From: Jan <jan@example.com>\r\nTo: {SUPPORT}\r\nSubject: {evil}\r\nMessage-ID: <inj@example.com>\r\n\r\nhi\r\n"
+        f"From: Jan <jan@example.com>\r\nTo: {SUPPORT}\r\nSubject: {evil}\r\n"
+        "Message-ID: <inj@example.com>\r\n\r\nhi\r\n"
     ).encode()
     folder = write_mails(tmp_path / "in", [raw])
     app = files_app(tmp_path, sink)
