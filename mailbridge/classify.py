@@ -16,8 +16,27 @@ from dataclasses import dataclass
 from mailbridge.ingest.mail import ParsedMail
 from mailbridge.models import MailKind
 
-_LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post")
+_LIST_HEADERS = (
+    "list-id",
+    "list-unsubscribe",
+    "list-post",
+    "list-subscribe",
+    "list-help",
+    "list-owner",
+    "mailing-list",
+    "x-mailing-list",
+    "x-ml-name",
+    "x-mlserver",  # fml
+)
+# Subjects responders put before the original one (Outlook, Gmail, Exchange, Thunderbird, in several languages).
+_AUTO_REPLY_SUBJECT = re.compile(
+    r"^\s*(auto(matic|matische)?[ -]?(reply|response|antwort|answer)|autoreply|out of (the )?office|"
+    r"abwesenheitsnotiz|odpowied[źz] automatyczna|r[ée]ponse automatique|respuesta autom[áa]tica|"
+    r"risposta automatica|automatisch antwoord|automatiskt svar|vacation reply)\b",
+    re.IGNORECASE,
+)
 _SUPPRESS = {"oof", "autoreply", "all"}
+_ABUSE_REPORT_SUBJECT = re.compile(r"^\s*complaint about message from\b", re.IGNORECASE)  # Hotmail's JMRP
 _NOREPLY = re.compile(r"^(no[-_.]?reply|do[-_.]?not[-_.]?reply|noreply[-_.+].*|.*[-_.+]no[-_.]?reply)$", re.IGNORECASE)
 
 
@@ -68,6 +87,8 @@ def _report(mail: ParsedMail) -> Verdict | None:
         return Verdict(
             MailKind.BOUNCE, "a bounce (failed recipients: " + ", ".join(report.failed + report.delayed) + ")"
         )
+    if _ABUSE_REPORT_SUBJECT.match(mail.subject):
+        return Verdict(MailKind.REPORT, "an abuse complaint report")
     if report.from_mail_system:
         return Verdict(MailKind.BOUNCE, f"sent by the mail system ({mail.sender.address if mail.sender else '?'})")
     return_path = mail.header("return-path")
@@ -93,6 +114,8 @@ def _auto_reply(mail: ParsedMail) -> Verdict | None:
     precedence = (mail.header("precedence") or "").strip().lower()
     if precedence == "auto_reply":
         return Verdict(MailKind.AUTO_REPLY, "Precedence: auto_reply")
+    if _AUTO_REPLY_SUBJECT.match(mail.subject):
+        return Verdict(MailKind.AUTO_REPLY, f"the subject of an automatic reply ({mail.subject[:60]!r})")
     return None
 
 

@@ -236,7 +236,7 @@ class Pipeline:
             for i, ((raw, mail), s) in enumerate(zip(mails, stored, strict=True))
             if i in plans and plans[i].to
         ]
-        self.answers.enqueue(session, acknowledging, now)
+        acknowledged = set(self.answers.enqueue(session, acknowledging, now))
         for index, ours in answered.items():
             if ours is not None and _returns_for_good(mails[index][1], verdicts[index].kind):
                 ours.status = OutboxStatus.BOUNCED
@@ -244,7 +244,6 @@ class Pipeline:
                 ours.bounce_article_id = stored[index].article_id
                 ours.last_error = verdicts[index].no_answer_reason
                 log.warning("outbox mail %s bounced", ours.message_id, extra={"ticket": stored[index].ticket})
-        acknowledged = {t.article_id for t in acknowledging}
         return [StoredNew(s, s.article_id in acknowledged) for s in stored]
 
     @staticmethod

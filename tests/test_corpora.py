@@ -14,6 +14,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,3 +139,80 @@ def test_corpora_fast_mime_reading_gives_the_stdlib_tree(report: Callable[[str],
     report(f"compared the MIME trees of {len(mails)} corpus mails: {len(differ)} differ")
     assert len(mails) > 400
     assert not differ
+
+
+MACHINE_KINDS = {"bounce", "autoreply", "feedback-report", "mdn", "list"}
+
+
+def labelled_mails() -> list[tuple[str, str, bytes]]:
+    """(set/path, kind, raw bytes) for every mail the corpora's labels.json files describe."""
+    found: list[tuple[str, str, bytes]] = []
+    for labels_file in sorted(CORPORA.glob("*/labels.json")):
+        labels = json.loads(labels_file.read_text(encoding="utf-8"))
+        for rel, label in sorted(labels.items()):
+            path = labels_file.parent / rel
+            if path.is_file() and path.suffix.lower() not in NOT_MAIL_SUFFIXES:
+                found += [(f"{labels_file.parent.name}/{rel}", label["kind"], raw) for raw in mails_in(path)]
+    return found
+
+
+async def test_corpora_loop_prevention_answers_people_only(tmp_path: Path, report: Callable[[str], None]) -> None:
+    """Every bounce, auto-reply, report and list mail of the corpora goes through intake with acknowledgements
+    on and a real SMTP server: none of them is answered, and ordinary mail is answered once per ticket."""
+    from sqlalchemy import select
+
+    from mailbridge.models import Article, OutboxMail
+    from tests.imap_env import make_app
+    from tests.support.smtp_sink import SmtpSink
+
+    mails = labelled_mails()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index, (_, _, raw) in enumerate(mails):
+        (folder / f"{index:05d}.eml").write_bytes(raw)
+    sink = SmtpSink().start()
+    app = make_app(
+        tmp_path,
+        [
+            {
+                "type": "maildir",
+                "name": "support",
+                "path": str(tmp_path / "maildir"),
+                "address": "support@helpdesk.example",
+                # Many corpus mails share a sender: the rate limit is not what is tested here.
+                "rate_limit": {"per_hour": 100_000, "per_day": 100_000},
+            }
+        ],
+        smtp=sink.config(),
+        outbox={"domain": "helpdesk.example"},
+    )
+    try:
+        await app.ingest([folder], mailbox="support")
+        await app.sender.deliver_due()
+        with app.db.reader() as session:
+            articles = {a.raw_sha256: a for a in session.scalars(select(Article))}
+            acked = Counter(session.scalars(select(OutboxMail.article_id)))
+    finally:
+        app.close()
+        sink.stop()
+    answered_machines: list[str] = []
+    unanswered_people: Counter[str] = Counter()
+    kinds: Counter[str] = Counter()
+    for name, kind, raw in mails:
+        article = articles.get(hashlib.sha256(raw).hexdigest())
+        if article is None:  # quarantined, or a duplicate of another file
+            continue
+        kinds[kind] += 1
+        if kind in MACHINE_KINDS and acked[article.id]:
+            answered_machines.append(f"{name} ({kind})")
+        elif kind == "normal" and not acked[article.id]:
+            unanswered_people[article.no_answer_reason or "(no reason recorded)"] += 1
+    report(
+        f"loop prevention over {sum(kinds.values())} corpus mails {dict(kinds)}: {len(sink.received)} acknowledgements; "
+        f"{len(answered_machines)} machine mails answered; normal mails not answered: {dict(unanswered_people)}"
+    )
+    assert kinds["bounce"] > 400 and kinds["list"] > 100 and kinds["normal"] > 150
+    assert not answered_machines, "\n".join(answered_machines)
+    assert max(acked.values()) == 1, "one acknowledgement per ticket"
+    assert len(sink.received) == len(acked)
+    assert "(no reason recorded)" not in unanswered_people

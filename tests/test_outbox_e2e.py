@@ -7,8 +7,13 @@ import asyncio
 import base64
 import email
 import email.policy
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -411,3 +416,53 @@ def _out_of_office(replied_to: bytes) -> bytes:
         "X-Auto-Response-Suppress: All\r\n\r\n"
         "I am out of the office until Monday.\r\n"
     ).encode()
+
+
+@pytest.mark.slow
+async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
+    tmp_path: Path, sink: SmtpSink, report: Callable[[str], None]
+) -> None:
+    total, connections = 150, 4
+    folder = write_mails(tmp_path / "in", [sample_mail(sender=f"k{i}@example.com") for i in range(total)])
+    app = files_app(tmp_path, sink, outbox={"connections": connections})
+    try:
+        await app.ingest([folder], mailbox="support")  # acknowledgements wait in the outbox
+    finally:
+        app.close()
+    sink.handler.delay = 0.01  # slow enough for the kills to land mid-delivery
+    config = tmp_path / "mailbridge.yaml"
+    log = tmp_path / "daemon.log"
+    kills = 0
+    while len({r.message_id for r in sink.received}) < total:
+        daemon = _start_daemon(config, log)
+        if kills < 3:
+            target = len(sink.received) + 30
+            await wait_until(lambda t=target: len(sink.received) >= t or daemon.poll() is not None, timeout=60)
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait()
+            kills += 1
+            continue
+        try:
+            await wait_until(lambda: len({r.message_id for r in sink.received}) >= total, timeout=60)
+            await asyncio.sleep(0.5)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=20)
+    ids = Counter(r.message_id for r in sink.received)
+    repeats = sum(n - 1 for n in ids.values())
+    report(f"SIGKILLed the sender {kills} times: {len(sink.received)} mails received, {repeats} repeated")
+    with sqlite3.connect(tmp_path / "data" / "mailbridge.db") as db:
+        rows = db.execute("select message_id, status from outbox").fetchall()
+    assert len(ids) == total and {m for m, _ in rows} == set(ids)
+    assert {s for _, s in rows} == {"sent"}
+    assert repeats <= kills * connections, "only the mails in flight at a kill may arrive twice"
+
+
+def _start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "mailbridge", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MAILBRIDGE_CONFIG": ""},
+        )

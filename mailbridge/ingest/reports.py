@@ -8,6 +8,7 @@ attachments, against ~0.2 ms on a bounce.
 
 from __future__ import annotations
 
+import email.header
 import email.message
 import email.utils
 import logging
@@ -20,11 +21,15 @@ from mailbridge.ingest.mail import DeliveryReport
 # flufl.bounce logs a traceback when one of its detectors trips over a mail; we fall back quietly.
 logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
-REPORT_SENDERS = {"mailer-daemon", "mailerdaemon", "mail-daemon", "postmaster", "mdaemon", "mail-delivery-system"}
+# Local parts of mail-system senders, compared without "-", "_" and "." (MAILER-DAEMON, post_master …).
+REPORT_SENDERS = {"mailerdaemon", "maildaemon", "postmaster", "mdaemon", "maildeliverysystem", "maildeliverysubsystem"}
+# Subjects under which mail systems send reports. They only decide whether flufl.bounce looks at the
+# mail; it is a bounce when flufl.bounce finds failed recipients (or other evidence below says so).
 _REPORT_SUBJECT = re.compile(
-    r"^\s*(undeliver|undelivered mail|delivery status notification|delivery (status )?fail|"
-    r"mail delivery fail|returned mail|failure notice|non[- ]?deliver|delivery has failed|warning: could not send|"
-    r"mail system error|message delivery (failure|delay)|delivery delayed)",
+    r"undeliver|not (be )?delivered|delivery (status|fail|warning|notification|problem|report|delay)|"
+    r"mail delivery|returned mail|failure notice|non[- ]?deliver|delivery has failed|could not send|"
+    r"mail system error|message (delivery )?(failure|delay)|delivery delayed|permanent error|"
+    r"unzustellbar|nie(dostarcz| można dostarczyć)|complaint about message",
     re.IGNORECASE,
 )
 _RETURNED_PARTS = {"message/rfc822", "text/rfc822-headers", "message/rfc822-headers"}
@@ -38,14 +43,14 @@ def read_report(message: email.message.Message, sender: str | None) -> DeliveryR
         else None
     )
     types = {part.get_content_type() for part in message.walk()}
-    local_part = (sender or "").partition("@")[0].lower()
     return_path = message.get("Return-Path")
+    from_mail_system = _is_mail_system(sender) or _is_mail_system(str(return_path or ""))
     looks_like_report = (
         report_type is not None
         or "message/delivery-status" in types
-        or local_part in REPORT_SENDERS
+        or from_mail_system
         or (return_path is not None and str(return_path).strip() in ("<>", ""))
-        or bool(_REPORT_SUBJECT.match(str(message.get("Subject", ""))))
+        or bool(_REPORT_SUBJECT.search(decode_header_text(message.get("Subject", ""))))
     )
     if not looks_like_report:
         return None
@@ -60,13 +65,44 @@ def read_report(message: email.message.Message, sender: str | None) -> DeliveryR
             temporary, permanent = frozenset(), frozenset()
         failed = {_text(a) for a in permanent}
         delayed = {_text(a) for a in temporary} - failed
+        if not failed and not delayed:
+            failed = _quoted_dsn_failures(message)
     return DeliveryReport(
         report_type=report_type,
-        from_mail_system=local_part in REPORT_SENDERS,
+        from_mail_system=from_mail_system,
         failed=tuple(sorted(a for a in failed if a)),
         delayed=tuple(sorted(a for a in delayed if a)),
         returned_message_ids=_returned_message_ids(message),
     )
+
+
+_DSN_RECIPIENT = re.compile(
+    r"^[> \t]*Final-Recipient:\s*rfc822;\s*<?([^\s<>;]+@[^\s<>;]+)>?\s*$"
+    r"(?:\n[> \t]*[A-Za-z-]+:.*$)*?\n[> \t]*Action:\s*failed",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def _quoted_dsn_failures(message: email.message.Message) -> set[str]:
+    """Failed recipients from delivery-status fields quoted in the text (a bounce forwarded as text),
+    which flufl.bounce does not read."""
+    found: set[str] = set()
+    for part in message.walk():
+        if part.get_content_type() == "text/plain":
+            found.update(a.lower() for a in _DSN_RECIPIENT.findall(_part_text(part).replace("\r\n", "\n")))
+    return found
+
+
+def _is_mail_system(address: str | None) -> bool:
+    local_part = (address or "").strip().strip("<>").partition("@")[0].lower()
+    return re.sub(r"[-_.\\]", "", local_part) in REPORT_SENDERS
+
+
+def decode_header_text(value: object) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(str(value))))
+    except Exception:
+        return str(value)
 
 
 def _returned_message_ids(message: email.message.Message) -> tuple[str, ...]:

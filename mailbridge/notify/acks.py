@@ -8,14 +8,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session
 
 from mailbridge.classify import Verdict, classify
 from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
+from mailbridge.models import Article
 from mailbridge.notify.outbox import Outgoing, RecentCounts, automatic_mail_counts, enqueue
-from mailbridge.notify.render import Envelope, Renderer, compose, new_message_id
+from mailbridge.notify.render import Envelope, Renderer, compose, new_message_id, sendable
 
 log = logging.getLogger("mailbridge.notify")
 
@@ -70,7 +72,8 @@ class Acknowledger:
             )
             to, cc = self._recipients(mail, box) if box and reason is None else ((), ())
             if reason is None and not to:
-                reason = "every recipient is one of our own addresses"
+                given = ", ".join(a.address for a in (mail.reply_to or ((mail.sender,) if mail.sender else ())))
+                reason = f"no address to answer: {given or 'none'} (ours, or not one a mail server takes)"
             plans.append(Planned(no_answer_reason=reason))
             if reason is None and box is not None:
                 wanted.append((len(plans) - 1, box, to, cc))
@@ -90,19 +93,43 @@ class Acknowledger:
             plans[index] = Planned(no_answer_reason=reason)
         return plans
 
-    def enqueue(self, session: Session, tickets: Sequence[NewTicket], now: datetime) -> int:
-        outgoing = [self._acknowledgement(t) for t in tickets if t.plan.to]
+    def enqueue(self, session: Session, tickets: Sequence[NewTicket], now: datetime) -> list[int]:
+        """Acknowledge these new tickets; returns the article ids that got one. A mail whose acknowledgement
+        cannot be made (a template error) is still stored: the reason is recorded on its article."""
+        outgoing: list[Outgoing] = []
+        failed: list[dict[str, object]] = []
+        for ticket in tickets:
+            if not ticket.plan.to:
+                continue
+            try:
+                outgoing.append(self._acknowledgement(ticket))
+            except Exception as exc:
+                log.exception("cannot compose the acknowledgement for ticket %s", ticket.number)
+                failed.append(
+                    {"b_id": ticket.article_id, "b_reason": f"the acknowledgement could not be composed: {exc}"}
+                )
         enqueue(session, outgoing, now, self.retry_for)
-        return len(outgoing)
+        if failed:
+            articles = Article.__table__
+            assert isinstance(articles, Table)
+            session.execute(
+                update(articles)
+                .where(articles.c.id == bindparam("b_id"))
+                .values(no_answer_reason=bindparam("b_reason")),
+                failed,
+            )
+        return [mail.article_id for mail in outgoing if mail.article_id is not None]
 
     def _recipients(self, mail: ParsedMail, box: MailboxConfig) -> tuple[tuple[Address, ...], tuple[Address, ...]]:
         # Reply-To is where the customer asked answers to go; otherwise the sender.
         candidates = mail.reply_to or ((mail.sender,) if mail.sender else ())
-        to = tuple(_unique(a for a in candidates if a.address.lower() not in self.own_addresses))
+        to = tuple(_unique(a for a in candidates if a.address.lower() not in self.own_addresses and sendable(a)))
         cc: tuple[Address, ...] = ()
         if box.acknowledge_cc:
             taken = {a.address.lower() for a in to}
-            cc = tuple(a for a in _unique(mail.cc) if a.address.lower() not in self.own_addresses | taken)
+            cc = tuple(
+                a for a in _unique(mail.cc) if a.address.lower() not in self.own_addresses | taken and sendable(a)
+            )
         return to, cc
 
     def _acknowledgement(self, ticket: NewTicket) -> Outgoing:

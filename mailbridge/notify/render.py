@@ -140,5 +140,13 @@ def compose(rendered: Rendered, envelope: Envelope) -> bytes:
     return message.as_bytes()
 
 
+_ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+
+
+def sendable(address: Address) -> bool:
+    """An address an SMTP server takes without SMTPUTF8 and that fits a header unchanged."""
+    return len(address.address) <= 254 and _ADDR_SPEC.match(address.address) is not None
+
+
 def _header_address(address: Address) -> HeaderAddress:
     return HeaderAddress(display_name=header_safe(address.name), addr_spec=header_safe(address.address))
