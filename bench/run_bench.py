@@ -55,12 +55,17 @@ for _path in (str(ROOT), str(BENCH_DIR)):
 from generate_mails import generate  # noqa: E402
 
 from tests.support.dovecot import Dovecot  # noqa: E402
+from tests.support.smtp_sink import SmtpSink  # noqa: E402
 
 DEFAULT_CACHE = BENCH_DIR / "out" / "cache"
 DEFAULT_OUTPUT = BENCH_DIR / "results" / "latest.json"
 DEFAULT_MEMORY_OUTPUT = BENCH_DIR / "results" / "memory-check.json"
 MEMORY_CHECK_COUNTS = (2000, 10000)
-BENCHMARKS = ("imap", "ingest")
+BENCHMARKS = ("imap", "ingest", "outbox")
+SUPPORT_ADDRESS = "support@bench.example"
+# The variant key `acks=true`: the mailbox acknowledges every new ticket (backlog included) through the
+# outbox to the benchmark's SMTP sink, with no rate limit in the way.
+ACKS_KEY = "acks"
 MAILBOX_NAME = "support"
 PASSWORD = "bench-secret"
 SAMPLE_INTERVAL = 0.05
@@ -383,16 +388,35 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     data[parts[-1]] = value
 
 
-def write_config(path: Path, data_dir: Path, mailbox: dict[str, Any] | None, variant: Variant) -> Path:
+def write_config(
+    path: Path, data_dir: Path, mailbox: dict[str, Any] | None, variant: Variant, sink: SmtpSink | None = None
+) -> Path:
     config: dict[str, Any] = {
         "data_dir": str(data_dir),
         "storage": {"fsync": True},
         "mailboxes": [mailbox] if mailbox else [],
     }
     for key, value in variant.overrides.items():
+        if key == ACKS_KEY:
+            if value and mailbox is not None:
+                if sink is None:
+                    raise BenchError("acks=true needs the SMTP sink")
+                mailbox.update(answering(sink, config))
+            continue
         _set_dotted(config, key, value)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def answering(sink: SmtpSink, config: dict[str, Any]) -> dict[str, Any]:
+    """Mailbox keys (and the top-level smtp/outbox) for acknowledging every new ticket to the sink."""
+    config["smtp"] = sink.config()
+    config["outbox"] = {"domain": "bench.example"}
+    return {
+        "address": SUPPORT_ADDRESS,
+        "acknowledge_backlog": True,
+        "rate_limit": {"per_hour": 10_000_000, "per_day": 10_000_000},
+    }
 
 
 def mailbox_entry(server: Dovecot, user: str) -> dict[str, Any]:
@@ -439,6 +463,7 @@ class Bench:
         self.work = work
         self.python: str = args.python
         self._server: Dovecot | None = None
+        self._sink: SmtpSink | None = None
         self._users = 0
         self._runs = 0
         self.kept_failed = False
@@ -455,10 +480,20 @@ class Bench:
             log(f"dovecot running on {self._server.host}:{self._server.port} (base {self._server.base_dir})")
         return self._server
 
+    @property
+    def sink(self) -> SmtpSink:
+        if self._sink is None:
+            self._sink = SmtpSink().start()
+            log(f"SMTP sink (aiosmtpd) on {self._sink.host}:{self._sink.port}")
+        return self._sink
+
     def close(self) -> None:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self._sink is not None:
+            self._sink.stop()
+            self._sink = None
 
     def fresh_user(self, files: Sequence[Path]) -> str:
         """A new IMAP user whose INBOX holds ``files``, put into Maildir/new before the first login."""
@@ -602,7 +637,10 @@ class Bench:
         user = self.fresh_user(corpus.files())
         setup = time.perf_counter() - started
         server = self.server
-        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox_entry(server, user), variant)
+        acks = bool(variant.overrides.get(ACKS_KEY))
+        sink = self.sink if acks else None
+        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox_entry(server, user), variant, sink)
+        received_before = len(sink.received) if sink else 0
         failed = True
         try:
             cpu_before = dovecot_cpu_s(server)
@@ -625,6 +663,8 @@ class Bench:
                     f"(expected stored={corpus.count}, in_folder=0); dovecot INBOX={inbox} Processed={processed}"
                     f"\n{_tail(m.stderr_path)}"
                 )
+            if sink is not None:
+                self._check_delivered(sink, received_before, corpus.count, m)
             failed = False
         finally:
             self._cleanup(run_dir, failed=failed)
@@ -663,15 +703,76 @@ class Bench:
             self._cleanup(run_dir, failed=failed)
         return self._result("ingest", variant, repeat, corpus, m, extra={"loadavg_1m": load})
 
+    def run_outbox(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
+        """N acknowledgements from the outbox to the SMTP sink. The mails are ingested (and their
+        acknowledgements rendered into the outbox) first, unmeasured; then `run --once` delivers them."""
+        run_dir = self._run_dir("outbox")
+        load = os.getloadavg()[0]
+        sink = self.sink
+        mailbox = {"type": "maildir", "name": MAILBOX_NAME, "path": str(run_dir / "maildir")}
+        config_data: dict[str, Any] = {}
+        mailbox.update(answering(sink, config_data))
+        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox, variant)
+        data = yaml.safe_load(config.read_text())
+        data.update(config_data)
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        failed = True
+        try:
+            started = time.perf_counter()
+            setup = subprocess.run(
+                [
+                    *self._mailbridge("ingest", str(corpus.path), "--mailbox", MAILBOX_NAME, "--json"),
+                    "--config",
+                    str(config),
+                ],
+                cwd=run_dir,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            setup_s = time.perf_counter() - started
+            if setup.returncode != 0:
+                raise BenchError(f"ingest before the outbox run failed:\n{setup.stderr[-3000:]}")
+            received_before = len(sink.received)
+            m = measure(
+                self._mailbridge("run", "--once", "--config", str(config), profile=profile),
+                cwd=run_dir,
+                log_dir=run_dir,
+            )
+            if m.returncode != 0:
+                raise BenchError(f"mailbridge run --once exited with {m.returncode}:\n{_tail(m.stderr_path)}")
+            sent_bytes = self._check_delivered(sink, received_before, corpus.count, m)
+            failed = False
+        finally:
+            self._cleanup(run_dir, failed=failed)
+        result = self._result("outbox", variant, repeat, corpus, m, setup_s=setup_s, extra={"loadavg_1m": load})
+        result.mb_per_s = sent_bytes / m.wall_s / 1e6
+        result.total_bytes = sent_bytes
+        return result
+
+    def _check_delivered(self, sink: SmtpSink, before: int, expected: int, m: Measurement) -> int:
+        received = sink.received[before:]
+        distinct = {r.message_id for r in received}
+        if len(received) != expected or len(distinct) != expected:
+            raise BenchError(
+                f"the sink received {len(received)} mails ({len(distinct)} distinct), expected {expected}"
+                f"\n{_tail(m.stderr_path)}"
+            )
+        return sum(len(r.data) for r in received)
+
     def startup(self, benchmark: str, variant: Variant) -> Measurement:
         """The same command with nothing to do: interpreter, imports, migrations, login (time and RSS)."""
         run_dir = self._run_dir(f"startup-{benchmark}")
         empty = run_dir / "empty"
         empty.mkdir()
-        if benchmark == "imap":
+        if benchmark in ("imap", "outbox"):
             user = self.fresh_user([])
             config = write_config(
-                run_dir / "mailbridge.yaml", run_dir / "data", mailbox_entry(self.server, user), variant
+                run_dir / "mailbridge.yaml",
+                run_dir / "data",
+                mailbox_entry(self.server, user),
+                variant,
+                self.sink if variant.overrides.get(ACKS_KEY) else None,
             )
             cmd = self._mailbridge("run", "--once", "--config", str(config))
         else:
@@ -681,7 +782,7 @@ class Bench:
         if m.returncode != 0:
             raise BenchError(f"{benchmark} with nothing to do exited with {m.returncode}:\n{_tail(m.stderr_path)}")
         self._cleanup(run_dir, failed=False)
-        if benchmark == "imap":
+        if benchmark in ("imap", "outbox"):
             self.drop_user(user)
         return m
 
@@ -819,7 +920,7 @@ def _run_all(
         for repeat in range(1, args.repeat + 1):
             for variant in variants:
                 for benchmark in args.benchmarks:
-                    runner = bench.run_imap if benchmark == "imap" else bench.run_ingest
+                    runner = {"imap": bench.run_imap, "ingest": bench.run_ingest, "outbox": bench.run_outbox}[benchmark]
                     log(f"N={count} {benchmark} [{variant.name}] run {repeat}/{args.repeat} ...")
                     result = runner(corpus, variant, repeat)
                     groups[(count, variant.name, benchmark)]["runs"].append(asdict(result))
@@ -845,7 +946,7 @@ def _profile(bench: Bench, args: argparse.Namespace, variants: Sequence[Variant]
         for benchmark in args.benchmarks:
             suffix = ".prof" if args.profiler == "cprofile" else ".txt"
             prof = out_dir / f"profile-{benchmark}-{_slug(variant.name)}-n{args.count}{suffix}"
-            runner = bench.run_imap if benchmark == "imap" else bench.run_ingest
+            runner = {"imap": bench.run_imap, "ingest": bench.run_ingest, "outbox": bench.run_outbox}[benchmark]
             log(f"profiling {benchmark} [{variant.name}] with {args.profiler} -> {prof}")
             result = runner(corpus, variant, 1, profile=prof)
             log(f"  {result.wall_s:.2f} s under the profiler ({result.mails_per_s:.0f} mails/s)")

@@ -7,14 +7,13 @@ Templates live in `<directory>/<language>/<name>.subject.txt|.txt|.html`; an adm
 
 from __future__ import annotations
 
-import email.policy
+import binascii
 import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from email.headerregistry import Address as HeaderAddress
-from email.message import EmailMessage
-from email.utils import format_datetime
+from email.header import Header
+from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 
@@ -115,29 +114,58 @@ class Envelope:
 
 
 def compose(rendered: Rendered, envelope: Envelope) -> bytes:
-    """RFC 5322 bytes, CRLF line ends, non-ASCII headers RFC 2047-encoded, text and HTML alternatives."""
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = _header_address(envelope.sender)
-    message["To"] = [_header_address(a) for a in envelope.to]
-    if envelope.cc:
-        message["Cc"] = [_header_address(a) for a in envelope.cc]
-    message["Subject"] = rendered.subject
-    message["Date"] = format_datetime(utcnow())
-    message["Message-ID"] = f"<{envelope.message_id}>"
+    """RFC 5322 bytes: CRLF line ends, non-ASCII header text RFC 2047-encoded and folded, a text and an
+    HTML alternative in quoted-printable UTF-8.
+
+    Assembled from the standard library's encoders (formataddr, Header, binascii's QP) rather than with
+    EmailMessage: its policy machinery costs 1.7 ms per mail, more than the rest of intake together."""
+    headers = [
+        ("From", _addresses([envelope.sender])),
+        ("To", _addresses(envelope.to)),
+        *([("Cc", _addresses(envelope.cc))] if envelope.cc else []),
+        ("Subject", _encoded("Subject", rendered.subject)),
+        ("Date", format_datetime(utcnow())),
+        ("Message-ID", f"<{header_safe(envelope.message_id)}>"),
+    ]
     if envelope.in_reply_to:
-        message["In-Reply-To"] = f"<{header_safe(envelope.in_reply_to)}>"
-    references = [header_safe(r) for r in envelope.references if r][-_MAX_REFERENCES:]
+        headers.append(("In-Reply-To", f"<{_msgid(envelope.in_reply_to)}>"))
+    references = [_msgid(r) for r in envelope.references if r and _msgid(r)][-_MAX_REFERENCES:]
     if references:
-        message["References"] = " ".join(f"<{r}>" for r in references)
+        headers.append(("References", "\r\n ".join(f"<{r}>" for r in references)))
     if envelope.automatic:
         # RFC 3834: responders must not answer this; Exchange: no out-of-office back to us.
-        message["Auto-Submitted"] = "auto-replied"
-        message["X-Auto-Response-Suppress"] = "All"
-        message["Precedence"] = "auto_reply"
-    message["X-Loop"] = envelope.loop_id
-    message.set_content(rendered.text, cte="quoted-printable")
-    message.add_alternative(rendered.html, subtype="html", cte="quoted-printable")
-    return message.as_bytes()
+        headers += [("Auto-Submitted", "auto-replied"), ("X-Auto-Response-Suppress", "All")]
+        headers.append(("Precedence", "auto_reply"))
+    headers.append(("X-Loop", header_safe(envelope.loop_id)))
+    boundary = f"=_mb_{secrets.token_hex(12)}"
+    headers += [("MIME-Version", "1.0"), ("Content-Type", f'multipart/alternative; boundary="{boundary}"')]
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("ascii")
+    parts = [_text_part("plain", rendered.text), _text_part("html", rendered.html)]
+    delimiter = f"--{boundary}\r\n".encode()
+    body = b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
+    return head + b"\r\n" + body
+
+
+def _addresses(addresses: Sequence[Address]) -> str:
+    return ",\r\n ".join(formataddr((header_safe(a.name), header_safe(a.address)), charset="utf-8") for a in addresses)
+
+
+def _encoded(name: str, value: str) -> str:
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    return Header(header_safe(value), charset, maxlinelen=78, header_name=name).encode(linesep="\r\n")
+
+
+def _msgid(value: str) -> str:
+    return header_safe(value).strip("<> ").replace(" ", "")
+
+
+def _text_part(subtype: str, text: str) -> bytes:
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").encode("utf-8")
+    encoded = binascii.b2a_qp(lines, istext=True).replace(b"\n", b"\r\n")
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'.encode()
+        + encoded
+    )
 
 
 _ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
@@ -146,7 +174,3 @@ _ADDR_SPEC = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(\.[A-Z
 def sendable(address: Address) -> bool:
     """An address an SMTP server takes without SMTPUTF8 and that fits a header unchanged."""
     return len(address.address) <= 254 and _ADDR_SPEC.match(address.address) is not None
-
-
-def _header_address(address: Address) -> HeaderAddress:
-    return HeaderAddress(display_name=header_safe(address.name), addr_spec=header_safe(address.address))
