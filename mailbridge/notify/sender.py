@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-from sqlalchemy import select, update
+from sqlalchemy import Table, bindparam, select, update
 
 from mailbridge.config import OutboxSettings, Settings, SmtpServer
 from mailbridge.db import Database
@@ -333,27 +333,50 @@ class _Recorder:
                 return
 
     def _write(self, results: list[_Result]) -> None:
+        # One executemany per kind of outcome: this commit is what each connection waits for.
         now = utcnow()
+        table = OutboxMail.__table__
+        assert isinstance(table, Table)
+        sent = [{"b_id": r.mail.id, "b_error": r.error} for r in results if r.sent]
+        unsent = [{"b_id": r.mail.id, **self._retry_values(r, now)} for r in results if not r.sent]
         with self.db.unit_of_work() as session:
-            for result in results:
+            if sent:
                 session.execute(
-                    update(OutboxMail).where(OutboxMail.id == result.mail.id).values(**self._values(result, now))
+                    update(table)
+                    .where(table.c.id == bindparam("b_id"))
+                    .values(
+                        status=OutboxStatus.SENT,
+                        sent_at=now,
+                        attempts=table.c.attempts + 1,
+                        last_error=bindparam("b_error"),
+                    ),
+                    sent,
+                )
+            if unsent:
+                session.execute(
+                    update(table)
+                    .where(table.c.id == bindparam("b_id"))
+                    .values(
+                        status=bindparam("b_status"),
+                        attempts=table.c.attempts + 1,
+                        last_error=bindparam("b_error"),
+                        next_attempt_at=bindparam("b_next"),
+                    ),
+                    unsent,
                 )
 
-    def _values(self, result: _Result, now: datetime) -> dict[str, object]:
+    def _retry_values(self, result: _Result, now: datetime) -> dict[str, object]:
         mail = result.mail
         attempts = mail.attempts + 1
-        if result.sent:
-            return {"status": OutboxStatus.SENT, "sent_at": now, "attempts": attempts, "last_error": result.error}
         delay = min(self.settings.first_retry_seconds * 2**mail.attempts, self.settings.max_retry_seconds)
         retry_at = now + timedelta(seconds=delay)
         error = db_text(result.error or "unknown error", 2000)
         if result.permanent or retry_at > mail.deliver_until:
             why = "refused for good" if result.permanent else f"still failing after {attempts} attempts"
             log.error("outbox mail %s to %s failed (%s): %s", mail.message_id, ", ".join(mail.recipients), why, error)
-            return {"status": OutboxStatus.FAILED, "attempts": attempts, "last_error": error}
+            return {"b_status": OutboxStatus.FAILED, "b_error": error, "b_next": now}
         log.warning("outbox mail %s not sent (%s); retry in %.0f s", mail.message_id, error, delay)
-        return {"attempts": attempts, "last_error": error, "next_attempt_at": retry_at}
+        return {"b_status": OutboxStatus.PENDING, "b_error": error, "b_next": retry_at}
 
 
 async def _quietly_close(client: aiosmtplib.SMTP) -> None:
