@@ -331,6 +331,10 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
             f"\n--- article {article['id']} ({article['direction']}) from {article['from']['address']}"
             f" at {article['date']}"
         )
+        if article["kind"] != "human":
+            _say(f"    kind: {article['kind']}")
+        if article["no_answer_reason"]:
+            _say(f"    no automatic answer: {article['no_answer_reason']}")
         for part in article["attachments"]:
             kind = "inline" if part["inline"] else "attachment"
             _say(f"    {kind}: {part['filename']} ({part['content_type']}, {part['size']} bytes)")

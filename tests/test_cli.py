@@ -282,3 +282,50 @@ def test_one_contact_per_address_named_by_the_first_mail_that_gives_a_name(tmp_p
     db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
     assert db.execute("select address, name from contacts").fetchall() == [("jan@example.com", "Jan Nowak")]
     assert db.execute("select count(distinct customer_id) from tickets").fetchone()[0] == 1
+
+
+def test_outbox_commands_and_why_a_mail_got_no_answer(tmp_path: Path) -> None:
+    """An admin without SMTP at hand: acknowledgements go to a directory; outbox list/show/retry."""
+    sent_dir = tmp_path / "sent"
+    config = tmp_path / "mailbridge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data_dir": str(tmp_path / "data"),
+                "storage": {"fsync": False},
+                "outbox": {"deliver_to_directory": str(sent_dir), "domain": "helpdesk.example"},
+                "mailboxes": [
+                    {
+                        "type": "maildir",
+                        "name": "support",
+                        "path": str(tmp_path / "md"),
+                        "address": "s@helpdesk.example",
+                    }
+                ],
+            }
+        )
+    )
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "1.eml").write_bytes(sample_mail("Drukarka", sender="anna@example.com"))
+    (folder / "2.eml").write_bytes(
+        b"From: Anna <anna@example.com>\nSubject: Out of office\nAuto-Submitted: auto-replied\n\nBack Monday.\n"
+    )
+    cli("ingest", str(folder), "--mailbox", "support", "--config", str(config))
+    [pending] = cli("outbox", "list", "--json", "--config", str(config))
+    assert pending["status"] == "pending" and pending["to"] == "anna@example.com"
+    assert pending["subject"] == "[MB-000001] Re: Drukarka"
+    raw = runner.invoke(app, ["outbox", "show", str(pending["id"]), "--raw", "--config", str(config)]).stdout_bytes
+    assert b"Auto-Submitted: auto-replied" in raw and b"Subject: [MB-000001] Re: Drukarka" in raw
+    cli("run", "--once", "--config", str(config))  # delivers the outbox
+    [sent] = cli("outbox", "list", "--json", "--status", "sent", "--config", str(config))
+    assert [p.read_bytes() for p in sent_dir.glob("*.eml")] == [raw]
+    assert "no automatic answer: Auto-Submitted: auto-replied" in cli(
+        "tickets", "show", "MB-000002", "--config", str(config)
+    )
+    refused = runner.invoke(app, ["outbox", "retry", str(sent["id"]), "--config", str(config)])
+    assert refused.exit_code == 1 and "already sent" in refused.output
+    missing = runner.invoke(app, ["outbox", "retry", "--config", str(config)])
+    assert missing.exit_code == 2
+    cli("ingest", str(folder / "1.eml"), "--mailbox", "support", "--no-notify", "--config", str(config))
+    assert len(cli("outbox", "list", "--json", "--config", str(config))) == 1  # a duplicate, and no answer anyway

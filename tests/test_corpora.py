@@ -208,7 +208,8 @@ async def test_corpora_loop_prevention_answers_people_only(tmp_path: Path, repor
         elif kind == "normal" and not acked[article.id]:
             unanswered_people[article.no_answer_reason or "(no reason recorded)"] += 1
     report(
-        f"loop prevention over {sum(kinds.values())} corpus mails {dict(kinds)}: {len(sink.received)} acknowledgements; "
+        f"loop prevention over {sum(kinds.values())} corpus mails {dict(kinds)}: "
+        f"{len(sink.received)} acknowledgements; "
         f"{len(answered_machines)} machine mails answered; normal mails not answered: {dict(unanswered_people)}"
     )
     assert kinds["bounce"] > 400 and kinds["list"] > 100 and kinds["normal"] > 150

@@ -441,7 +441,8 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
         daemon = _start_daemon(config, log)
         if kills < 3:
             target = len(sink.received) + 30
-            await wait_until(lambda t=target: len(sink.received) >= t or daemon.poll() is not None, timeout=60)
+            running = daemon
+            await wait_until(lambda t=target, d=running: len(sink.received) >= t or d.poll() is not None, timeout=60)
             daemon.send_signal(signal.SIGKILL)
             daemon.wait()
             kills += 1
