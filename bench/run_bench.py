@@ -712,7 +712,7 @@ class Bench:
         mailbox = {"type": "maildir", "name": MAILBOX_NAME, "path": str(run_dir / "maildir")}
         config_data: dict[str, Any] = {}
         mailbox.update(answering(sink, config_data))
-        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox, variant)
+        config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox, variant, sink)
         data = yaml.safe_load(config.read_text())
         data.update(config_data)
         config.write_text(yaml.safe_dump(data, sort_keys=False))

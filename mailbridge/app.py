@@ -23,6 +23,7 @@ from mailbridge.models import Outcome
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
 from mailbridge.notify.sender import OutboxSender
+from mailbridge.notify.sender_process import SenderProcess
 from mailbridge.pipeline import Pipeline, Result
 
 log = logging.getLogger("mailbridge")
@@ -82,7 +83,11 @@ class App:
 
     @cached_property
     def sender(self) -> OutboxSender:
-        return OutboxSender(self.db, self.settings, self.pipeline.outbox_ready)
+        # Its own database thread (and connection): the small commit after each sent mail must not queue
+        # behind the intake's batch transactions, nor hold them up.
+        return OutboxSender(
+            Database(self.settings.database_url, fsync_each_commit=False), self.settings, self.pipeline.outbox_ready
+        )
 
     @property
     def sends_mail(self) -> bool:
@@ -113,8 +118,9 @@ class App:
         """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""
         tasks = [asyncio.create_task(w.run(stop), name=f"fetch:{w.name}") for w in self.watchers]
         log.info("mailbridge running with %d mailbox(es)", len(tasks))
-        if self.sends_mail:
-            tasks.append(asyncio.create_task(self.sender.run(stop), name="outbox"))
+        sender = self._start_sender_process()
+        if sender is not None:
+            tasks.append(asyncio.create_task(self._wake_sender(sender, stop), name="outbox"))
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -137,12 +143,48 @@ class App:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:
             stopper.cancel()
+            if sender is not None:
+                await sender.stop(self.settings.shutdown_grace_seconds)
 
     async def run_once(self) -> None:
         """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`)."""
-        await asyncio.gather(*(w.run_once() for w in self.watchers))
-        if self.sends_mail:
-            await self.sender.deliver_due()
+        sender = self._start_sender_process()
+        if sender is None:
+            await asyncio.gather(*(w.run_once() for w in self.watchers))
+            return
+        # Acknowledgements go out while the mailboxes are drained, as in the daemon.
+        drained = asyncio.Event()
+        waking = asyncio.create_task(self._wake_sender(sender, drained), name="outbox")
+        try:
+            await asyncio.gather(*(w.run_once() for w in self.watchers))
+        finally:
+            drained.set()
+            await waking
+            await sender.finish()
+
+    def _start_sender_process(self) -> SenderProcess | None:
+        if not self.sends_mail:
+            return None
+        sender = SenderProcess(self.settings)
+        sender.start()
+        return sender
+
+    async def _wake_sender(self, sender: SenderProcess, stop: asyncio.Event) -> None:
+        """Pass on every commit that put mail in the outbox, until `stop`."""
+        ready = self.pipeline.outbox_ready
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                waiting = asyncio.ensure_future(ready.wait())
+                await asyncio.wait([waiting, stopping], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                if ready.is_set():
+                    ready.clear()
+                    sender.wake()
+                if not sender.alive:
+                    raise RuntimeError("the outbox sender process died; see the log")
+        finally:
+            stopping.cancel()
 
     async def ingest(self, paths: list[Path], mailbox: str = IMPORT_MAILBOX, notify: bool = True) -> IngestSummary:
         summary = IngestSummary()
@@ -168,6 +210,8 @@ class App:
     def close(self) -> None:
         if "parser" in self.__dict__:
             self.parser.close()
+        if "sender" in self.__dict__:
+            self.sender.db.close()
         self.db.close()
 
 

@@ -22,12 +22,16 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_the_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAILBRIDGE_SUPPORT_PASSWORD", "s3cret-from-env")
+    monkeypatch.setenv("MAILBRIDGE_SMTP_PASSWORD", "smtp-s3cret")
     settings = load_settings(ROOT / "config" / "mailbridge.example.yaml")
     box = settings.mailboxes[0]
     assert isinstance(box, ImapMailbox)
     assert box.secret == "s3cret-from-env"
     assert box.after_store == MoveTo(move="Processed")
     assert "s3cret" not in repr(settings)
+    smtp = settings.smtp_for(box)
+    assert smtp is not None and smtp.port == 587 and smtp.security == "starttls" and smtp.secret == "smtp-s3cret"
+    assert box.address == "support@example.com" and box.acknowledge and box.rate_limit.per_hour == 3
 
 
 def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -117,3 +121,47 @@ def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["status", "--config", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2
     assert "cannot read the configuration" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "smtp: {host: smtp.example.com, security: none}\n",
+            "smtp: security: none is only allowed for 127.0.0.1",
+        ),
+        ("smtp: {host: 127.0.0.1, security: none, user: u}\n", "smtp: user is set but no password"),
+        (
+            "smtp: {host: 127.0.0.1, security: none}\nmailboxes:\n  - {name: sup, host: h, user: u, password: p}\n",
+            "mailbox sup: acknowledge is on but the mailbox has no address",
+        ),
+        (
+            "mailboxes:\n  - {name: sup, host: h, user: u, password: p, rate_limit: {per_hour: -1}}\n",
+            "mailboxes[0] (sup).rate_limit.per_hour",
+        ),
+        ("tickets: {reference_format: 'MB'}\n", "tickets.reference_format"),
+        ("outbox: {retry_for_hours: 0}\n", "outbox.retry_for_hours"),
+    ],
+)
+def test_outgoing_mail_settings_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert message in str(error.value)
+
+
+def test_missing_template_language_stops_start_up(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app
+
+    path = tmp_path / "mailbridge.yaml"
+    path.write_text(
+        f"data_dir: {tmp_path / 'data'}\n"
+        f"outbox: {{deliver_to_directory: {tmp_path / 'sent'}}}\n"
+        f"mailboxes:\n  - {{type: maildir, name: s, path: {tmp_path / 'md'}, address: s@x.example, language: de}}\n"
+    )
+    result = CliRunner().invoke(app, ["run", "--once", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "template de/ack.subject.txt not found" in result.output

@@ -193,6 +193,8 @@ class OutboxSender:
         """Deliver every mail that is due now (round after round of claims); returns how many were tried."""
         tried = 0
         while stop is None or not stop.is_set():
+            if not any(self._server_ready(mailbox) for mailbox in self._servers):
+                return tried  # every server is in its back-off: nothing to claim yet
             due = await self.db.run(self._claim)
             due = [mail for mail in due if self._server_ready(mail.mailbox)]
             if not due:
@@ -264,27 +266,29 @@ class OutboxSender:
 
     def _claim(self) -> list[Due]:
         now = utcnow()
+        columns = (
+            OutboxMail.id,
+            OutboxMail.mailbox,
+            OutboxMail.message_id,
+            OutboxMail.envelope_from,
+            OutboxMail.recipients,
+            OutboxMail.raw,
+            OutboxMail.attempts,
+            OutboxMail.deliver_until,
+        )
         with self.db.reader() as session:
-            rows = session.scalars(
-                select(OutboxMail)
+            rows = session.execute(
+                select(*columns)
                 .where(OutboxMail.status == OutboxStatus.PENDING, OutboxMail.next_attempt_at <= now)
                 .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
                 .limit(CLAIM_SIZE + len(self._in_flight))
             )
-            return [
-                Due(
-                    m.id,
-                    m.mailbox,
-                    m.message_id,
-                    m.envelope_from,
-                    list(m.recipients),
-                    m.raw,
-                    m.attempts,
-                    m.deliver_until,
-                )
-                for m in rows
-                if m.id not in self._in_flight
-            ][:CLAIM_SIZE]
+            due = [
+                Due(row_id, mailbox, message_id, sender, list(recipients), raw, attempts, until)
+                for row_id, mailbox, message_id, sender, recipients, raw, attempts, until in rows
+                if row_id not in self._in_flight
+            ]
+        return due[:CLAIM_SIZE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,8 +344,9 @@ class _Recorder:
         sent = [{"b_id": r.mail.id, "b_error": r.error} for r in results if r.sent]
         unsent = [{"b_id": r.mail.id, **self._retry_values(r, now)} for r in results if not r.sent]
         with self.db.unit_of_work() as session:
+            connection = session.connection()  # Core statements: no ORM bookkeeping on this hot path
             if sent:
-                session.execute(
+                connection.execute(
                     update(table)
                     .where(table.c.id == bindparam("b_id"))
                     .values(
@@ -353,7 +358,7 @@ class _Recorder:
                     sent,
                 )
             if unsent:
-                session.execute(
+                connection.execute(
                     update(table)
                     .where(table.c.id == bindparam("b_id"))
                     .values(

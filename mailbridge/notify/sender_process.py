@@ -1,0 +1,116 @@
+"""The outbox sender in a process of its own. SMTP sessions and the commit after each sent mail cost about
+a millisecond of CPU per mail; on the daemon's main process that competes with IMAP and the intake's
+database work for one core (and one GIL), on its own process it uses the second core.
+
+The daemon talks to it over a pipe: "wake" after a commit that put mail in the outbox, "finish" (deliver
+what is due, then exit: `run --once`) or "stop" (finish the mails in hand, then exit). When the daemon
+dies, the pipe breaks and the sender exits at once, as if killed with it: a restarted daemon never runs
+next to an orphaned sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+from mailbridge.config import Settings
+
+if TYPE_CHECKING:
+    from mailbridge.notify.sender import OutboxSender
+
+log = logging.getLogger("mailbridge.outbox")
+
+WAKE, FINISH, STOP = "wake", "finish", "stop"
+SENDER_NICENESS = 10
+
+
+class SenderProcess:
+    def __init__(self, settings: Settings) -> None:
+        context = multiprocessing.get_context("forkserver")  # the daemon has threads: no plain fork
+        self._conn, child_end = context.Pipe()
+        self._process = context.Process(target=_main, args=(settings, child_end), name="mailbridge-outbox", daemon=True)
+        self._child_end = child_end
+
+    def start(self) -> None:
+        self._process.start()
+        self._child_end.close()
+
+    def wake(self) -> None:
+        self._send(WAKE)
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    async def finish(self, timeout: float | None = None) -> None:
+        """Deliver everything due, then exit (`run --once`)."""
+        await self._end(FINISH, timeout)
+
+    async def stop(self, timeout: float) -> None:
+        """Finish the mails in hand and exit; killed if it takes longer than `timeout`."""
+        await self._end(STOP, timeout)
+
+    async def _end(self, command: str, timeout: float | None) -> None:
+        self._send(command)
+        await asyncio.get_running_loop().run_in_executor(None, self._process.join, timeout)
+        if self._process.is_alive():
+            log.warning("the outbox sender did not stop in time; killing it (mails in flight are sent again)")
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+
+    def _send(self, command: str) -> None:
+        with contextlib.suppress(OSError, ValueError):  # already gone: its exit is reported by _end
+            self._conn.send(command)
+
+
+def _main(settings: Settings, conn: Connection) -> None:
+    # Ctrl-C and systemd's SIGTERM reach the whole process group; the daemon decides when we stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # During a backlog the intake comes first (every mail stored, and its acknowledgement queued, in the
+    # same commit); the sender takes the CPU the intake leaves, and all of it when the backlog is done.
+    with contextlib.suppress(OSError):
+        os.nice(SENDER_NICENESS)
+    from mailbridge.db import Database
+    from mailbridge.logs import setup_logging
+    from mailbridge.notify.sender import OutboxSender
+
+    setup_logging(settings.logging.level)
+    db = Database(settings.database_url, fsync_each_commit=False)
+    try:
+        asyncio.run(_serve(OutboxSender(db, settings, asyncio.Event()), conn))
+    finally:
+        db.close()
+
+
+async def _serve(sender: OutboxSender, conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    sender.ready = asyncio.Event()
+    done = asyncio.Event()
+    ending: list[str] = []
+
+    def listen() -> None:
+        while True:
+            try:
+                command = conn.recv()
+            except (EOFError, OSError):  # the daemon is gone (killed): go with it
+                os._exit(1)
+            if command == WAKE:
+                loop.call_soon_threadsafe(sender.ready.set)
+            else:
+                ending.append(command)
+                loop.call_soon_threadsafe(done.set)
+                return
+
+    threading.Thread(target=listen, name="outbox-pipe", daemon=True).start()
+    await sender.run(done)
+    if ending and ending[0] == FINISH:
+        await sender.deliver_due()
