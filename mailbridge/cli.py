@@ -8,7 +8,7 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -369,20 +369,7 @@ def quarantine_show(
     from mailbridge.models import QuarantinedMail
     from mailbridge.queries import quarantine_row
 
-    with _app(config) as application, application.db.reader() as session:
-        item = session.get(QuarantinedMail, item_id)
-        if item is None:
-            typer.echo(f"error: no quarantined mail with id {item_id}", err=True)
-            raise typer.Exit(1)
-        if raw:
-            sys.stdout.buffer.write(item.raw)
-            return
-        row = quarantine_row(item)
-    if json_out:
-        _print_json(row)
-    else:
-        for key, value in row.items():
-            _say(f"{key}: {value}")
+    _show_one(config, QuarantinedMail, item_id, quarantine_row, "quarantined mail", json_out=json_out, raw=raw)
 
 
 @quarantine_app.command("retry")
@@ -450,15 +437,29 @@ def outbox_show(
     from mailbridge.models import OutboxMail
     from mailbridge.queries import outbox_row
 
+    _show_one(config, OutboxMail, mail_id, outbox_row, "outgoing mail", json_out=json_out, raw=raw)
+
+
+def _show_one(
+    config: Path | None,
+    table: Any,
+    row_id: int,
+    describe: Callable[[Any], dict[str, Any]],
+    what: str,
+    *,
+    json_out: bool,
+    raw: bool,
+) -> None:
+    """A row with a `raw` column: its fields, as JSON or lines, or (--raw) the bytes themselves."""
     with _app(config) as application, application.db.reader() as session:
-        mail = session.get(OutboxMail, mail_id)
-        if mail is None:
-            typer.echo(f"error: no outgoing mail with id {mail_id}", err=True)
+        item = session.get(table, row_id)
+        if item is None:
+            typer.echo(f"error: no {what} with id {row_id}", err=True)
             raise typer.Exit(1)
         if raw:
-            sys.stdout.buffer.write(mail.raw)
+            sys.stdout.buffer.write(item.raw)
             return
-        row = outbox_row(mail)
+        row = describe(item)
     if json_out:
         _print_json(row)
     else:

@@ -85,8 +85,7 @@ class SmtpServer(_Strict):
 
     @model_validator(mode="after")
     def _resolve(self) -> SmtpServer:
-        if self.security == "none" and not _is_loopback(self.host):
-            raise ValueError("security: none is only allowed for 127.0.0.1 / localhost (passwords in clear)")
+        _check_plain_text_is_local(self.security, self.host)
         secret = _read_secret(self.password, self.password_env, self.password_file, "password")
         if self.user and secret is None:
             raise ValueError("user is set but no password: give password, password_env or password_file")
@@ -152,8 +151,7 @@ class ImapMailbox(_Answering):
 
     @model_validator(mode="after")
     def _resolve(self) -> ImapMailbox:
-        if self.security == "none" and not _is_loopback(self.host):
-            raise ValueError("security: none is only allowed for 127.0.0.1 / localhost (passwords in clear)")
+        _check_plain_text_is_local(self.security, self.host)
         secret = _read_secret(self.password, self.password_env, self.password_file, "password")
         if secret is None:
             raise ValueError("a password is required: give password, password_env or password_file")
@@ -200,6 +198,11 @@ Mailbox = Annotated[
     Annotated[ImapMailbox, Tag("imap")] | Annotated[MaildirMailbox, Tag("maildir")],
     Discriminator(_mailbox_kind),
 ]
+
+
+def _check_plain_text_is_local(security: str, host: str) -> None:
+    if security == "none" and not _is_loopback(host):
+        raise ValueError("security: none is only allowed for 127.0.0.1 / localhost (passwords in clear)")
 
 
 def _is_loopback(host: str) -> bool:

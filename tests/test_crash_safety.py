@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.crash_env import start_daemon
 from tests.imap_env import imap_box, new_user, sample_mail, write_config
 from tests.support.dovecot import Dovecot
 
@@ -28,16 +29,6 @@ def server(tmp_path: Path) -> Iterator[Dovecot]:
     dovecot = Dovecot.start(tmp_path / "dovecot")
     yield dovecot
     dovecot.stop()
-
-
-def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mailbridge", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MAILBRIDGE_CONFIG": ""},
-        )
 
 
 def start_connected(config: Path, log: Path) -> subprocess.Popen[bytes]:

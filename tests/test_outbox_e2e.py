@@ -7,11 +7,8 @@ import asyncio
 import base64
 import email
 import email.policy
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -23,8 +20,9 @@ from sqlalchemy import select
 
 from mailbridge.app import App
 from mailbridge.models import Article, OutboxMail, OutboxStatus, Ticket
-from tests.imap_env import count, make_app, new_user, sample_mail, wait_until
-from tests.support.dovecot import Dovecot
+from tests.crash_env import start_daemon
+from tests.imap_env import count, imap_box, make_app, new_user, sample_mail, wait_until
+from tests.support.dovecot import Dovecot, generate_tls_files
 from tests.support.smtp_sink import SmtpSink
 
 SUPPORT = "support@helpdesk.example"
@@ -53,7 +51,7 @@ def files_app(tmp_path: Path, sink: SmtpSink, box: dict[str, Any] | None = None,
     return make_app(
         tmp_path,
         [{**mailbox, **(box or {})}],
-        smtp=sink.config(),
+        smtp=top.pop("smtp", sink.config()),
         outbox=outbox_settings(**top.pop("outbox", {})),
         **top,
     )
@@ -87,19 +85,15 @@ async def test_acknowledgement_from_imap_carries_the_ticket_and_threads_in_the_m
         app = make_app(
             tmp_path,
             [
-                {
-                    "name": user.name,
-                    "host": server.host,
-                    "port": server.port,
-                    "security": "none",
-                    "user": user.name,
-                    "password": user.password,
-                    "address": SUPPORT,
-                    "from_name": "Obsługa klienta",
-                    "language": "pl",
-                    "existing_mail": "import",
-                    "acknowledge_backlog": True,
-                }
+                imap_box(
+                    server,
+                    user,
+                    address=SUPPORT,
+                    from_name="Obsługa klienta",
+                    language="pl",
+                    existing_mail="import",
+                    acknowledge_backlog=True,
+                )
             ],
             smtp=sink.config(),
             outbox=outbox_settings(),
@@ -144,15 +138,7 @@ async def test_backlog_gets_no_acknowledgement_but_new_mail_does(
     server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
     try:
         user = new_user(server)
-        box = {
-            "name": user.name,
-            "host": server.host,
-            "port": server.port,
-            "security": "none",
-            "user": user.name,
-            "password": user.password,
-            "address": SUPPORT,
-        }
+        box = imap_box(server, user, address=SUPPORT)
         for _ in range(3):
             server.append(sample_mail(sender="old@klient.example"), user=user.name)
         app = make_app(tmp_path, [box], smtp=sink.config(), outbox=outbox_settings())
@@ -438,7 +424,7 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
     log = tmp_path / "daemon.log"
     kills = 0
     while len({r.message_id for r in sink.received}) < total:
-        daemon = _start_daemon(config, log)
+        daemon = start_daemon(config, log)
         if kills < 3:
             target = len(sink.received) + 30
             running = daemon
@@ -463,11 +449,87 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
     assert repeats <= kills * connections, "only the mails in flight at a kill may arrive twice"
 
 
-def _start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "mailbridge", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MAILBRIDGE_CONFIG": ""},
-        )
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+async def test_smtp_over_tls_with_login(tmp_path: Path, tls: str) -> None:
+    files = generate_tls_files(tmp_path / "pki")
+    secure = SmtpSink(tls=tls, tls_files=files, login=("support@helpdesk.example", "smtp-secret")).start()
+    try:
+        folder = write_mails(tmp_path / "in", [sample_mail(sender="anna@example.com")])
+        app = files_app(tmp_path, secure)
+        try:
+            await app.ingest([folder], mailbox="support")
+            await app.sender.deliver_due()
+            [row] = outbox(app)
+        finally:
+            app.close()
+        [received] = secure.received
+    finally:
+        secure.stop()
+    assert row.status == OutboxStatus.SENT
+    assert received.tls and received.login == "support@helpdesk.example"
+    assert received.rcpt_tos == ["anna@example.com"]
+
+
+async def test_wrong_smtp_password_keeps_the_mail_for_later(tmp_path: Path) -> None:
+    files = generate_tls_files(tmp_path / "pki")
+    secure = SmtpSink(tls="starttls", tls_files=files, login=("support@helpdesk.example", "right")).start()
+    try:
+        folder = write_mails(tmp_path / "in", [sample_mail(sender="anna@example.com")])
+        app = files_app(tmp_path, secure, smtp={**secure.config(), "password": "wrong"})
+        try:
+            await app.ingest([folder], mailbox="support")
+            await app.sender.deliver_due()
+            [row] = outbox(app)
+        finally:
+            app.close()
+    finally:
+        secure.stop()
+    assert row.status == OutboxStatus.PENDING and "login refused" in (row.last_error or "")
+    assert "right" not in (row.last_error or "") and "wrong" not in (row.last_error or "")
+    assert secure.received == []
+
+
+async def test_admin_templates_override_file_by_file_and_cc_on_request(tmp_path: Path, sink: SmtpSink) -> None:
+    own = tmp_path / "my-templates" / "pl"
+    own.mkdir(parents=True)
+    (own / "ack.subject.txt").write_text("Zgłoszenie {{ ticket.number }}: {{ original.subject }}\n")
+    raw = (
+        "From: Anna <anna@example.com>\r\nTo: biuro@helpdesk.example\r\nCc: Jan <jan@example.com>, "
+        f"{SUPPORT}\r\nSubject: Faktura\r\nMessage-ID: <cc1@example.com>\r\n\r\nProszę o fakturę.\r\n"
+    ).encode()
+    app = files_app(
+        tmp_path,
+        sink,
+        box={"language": "pl", "acknowledge_cc": True},
+        templates={"directory": str(tmp_path / "my-templates")},
+    )
+    try:
+        await app.ingest([write_mails(tmp_path / "in", [raw])], mailbox="support")
+        await app.sender.deliver_due()
+    finally:
+        app.close()
+    [received] = sink.received
+    ack = received.message
+    assert ack["Subject"] == "Zgłoszenie MB-000001: Faktura"  # the admin's subject
+    text = ack.get_body(("plain",))
+    assert text is not None and "Dzień dobry Anna" in text.get_content()  # the shipped Polish body
+    assert received.rcpt_tos == ["anna@example.com", "jan@example.com"]  # not our own address
+    assert [a.addr_spec for a in ack["Cc"].addresses] == ["jan@example.com"]
+
+
+async def test_a_template_that_reaches_for_internals_costs_the_acknowledgement_not_the_mail(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    own = tmp_path / "my-templates" / "en"
+    own.mkdir(parents=True)
+    (own / "ack.subject.txt").write_text("{{ ticket.number.__class__.__mro__ }}\n")
+    app = files_app(tmp_path, sink, templates={"directory": str(tmp_path / "my-templates")})
+    try:
+        summary = await app.ingest([write_mails(tmp_path / "in", [sample_mail()])], mailbox="support")
+        await app.sender.deliver_due()
+        [article] = _articles(app)
+        rows = outbox(app)
+    finally:
+        app.close()
+    assert summary.stored == 1 and rows == [] and sink.received == []
+    assert (article.no_answer_reason or "").startswith("the acknowledgement could not be composed")

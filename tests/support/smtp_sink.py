@@ -7,6 +7,7 @@ from __future__ import annotations
 import email
 import email.policy
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.support.dovecot import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    tls: bool = False
+    login: str | None = None
 
     @property
     def message(self) -> EmailMessage:
@@ -50,22 +56,60 @@ class _Handler:
         if self.delay:
             time.sleep(self.delay)  # the sink's own loop: blocks only the sink
         data = envelope.original_content or envelope.content
+        login = session.login_data.decode() if isinstance(session.login_data, bytes) else None
+        tls = server.transport.get_extra_info("ssl_object") is not None
+        received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data), tls, login)
         with self.lock:
-            self.received.append(Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data)))
+            self.received.append(received)
         return "250 Message accepted for delivery"
 
 
 class SmtpSink:
-    def __init__(self, port: int | None = None) -> None:
+    """`tls`: None (plain), "implicit" (TLS from the first byte, like port 465) or "starttls" (required
+    before MAIL). `login`: (user, password) that AUTH must give; then mail without AUTH is refused."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        tls: str | None = None,
+        tls_files: TlsFiles | None = None,
+        login: tuple[str, str] | None = None,
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or _free_port()
         self.handler = _Handler()
+        self.tls = tls
+        self.tls_files = tls_files
+        self.login = login
         self._controller: Controller | None = None
 
     def start(self) -> SmtpSink:
-        self._controller = Controller(self.handler, hostname=self.host, port=self.port)
+        options: dict[str, Any] = {}
+        if self.tls is not None:
+            assert self.tls_files is not None, "tls needs tls_files"
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self.tls_files.cert_file), str(self.tls_files.key_file))
+            if self.tls == "implicit":
+                options["ssl_context"] = context
+            else:
+                options.update(tls_context=context, require_starttls=True)
+        if self.login is not None:
+            # aiosmtpd counts only STARTTLS as TLS for auth_require_tls; implicit TLS is TLS from the start.
+            options.update(
+                authenticator=self._authenticate, auth_required=True, auth_require_tls=self.tls == "starttls"
+            )
+        self._controller = Controller(self.handler, hostname=self.host, port=self.port, **options)
         self._controller.start()
         return self
+
+    def _authenticate(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
+        assert self.login is not None
+        given = (
+            (auth_data.login.decode(), auth_data.password.decode()) if isinstance(auth_data, LoginPassword) else None
+        )
+        # handled=False: aiosmtpd then answers 535 itself (True would leave the client waiting).
+        return AuthResult(success=given == self.login, handled=False, auth_data=auth_data)
 
     def stop(self) -> None:
         if self._controller is not None:
@@ -87,7 +131,13 @@ class SmtpSink:
 
     def config(self) -> dict[str, Any]:
         """The `smtp:` section that points mailbridge at this sink."""
-        return {"host": self.host, "port": self.port, "security": "none", "timeout": 5}
+        security = {None: "none", "implicit": "tls", "starttls": "starttls"}[self.tls]
+        section: dict[str, Any] = {"host": self.host, "port": self.port, "security": security, "timeout": 5}
+        if self.tls_files is not None:
+            section["ca_file"] = str(self.tls_files.ca_file)
+        if self.login is not None:
+            section.update(user=self.login[0], password=self.login[1])
+        return section
 
 
 def _free_port() -> int:
