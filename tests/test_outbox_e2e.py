@@ -7,6 +7,7 @@ import asyncio
 import base64
 import email
 import email.policy
+import re
 import signal
 import sqlite3
 from collections import Counter
@@ -365,6 +366,18 @@ async def test_two_instances_do_not_answer_each_others_acknowledgements(tmp_path
         b_sink.stop()
 
 
+def _sender_pids(log: Path) -> list[int]:
+    return [int(pid) for pid in re.findall(r"outbox sender running \(pid (\d+)\)", log.read_text())]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _articles(app: App) -> list[Article]:
     with app.db.reader() as session:
         return list(session.scalars(select(Article).order_by(Article.id)))
@@ -432,13 +445,16 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
             daemon.send_signal(signal.SIGKILL)
             daemon.wait()
             kills += 1
+            # Its sender process goes with it: a restarted daemon never sends next to an orphan.
+            await wait_until(lambda: not any(_alive(pid) for pid in _sender_pids(log)), timeout=10)
             continue
         try:
             await wait_until(lambda: len({r.message_id for r in sink.received}) >= total, timeout=60)
             await asyncio.sleep(0.5)
         finally:
             daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=20)
+            assert daemon.wait(timeout=20) == 0
+        assert not any(_alive(pid) for pid in _sender_pids(log))
     ids = Counter(r.message_id for r in sink.received)
     repeats = sum(n - 1 for n in ids.values())
     report(f"SIGKILLed the sender {kills} times: {len(sink.received)} mails received, {repeats} repeated")

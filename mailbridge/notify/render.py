@@ -47,6 +47,12 @@ STATUS_LABELS: dict[str, dict[str, str]] = {
 }
 
 
+def status_context(old: str, new: str, language: str) -> dict[str, str]:
+    """The `status` value of the status_changed template: the statuses and their labels in that language."""
+    labels = STATUS_LABELS.get(language, STATUS_LABELS["en"])
+    return {"old": old, "new": new, "old_label": labels.get(old, old), "new_label": labels.get(new, new)}
+
+
 class TemplateProblem(Exception):
     """A template is missing or does not render; the message names the file."""
 

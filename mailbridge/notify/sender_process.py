@@ -84,6 +84,7 @@ def _main(settings: Settings, conn: Connection) -> None:
     from mailbridge.notify.sender import OutboxSender
 
     setup_logging(settings.logging.level)
+    log.info("outbox sender running (pid %d)", os.getpid())
     db = Database(settings.database_url, fsync_each_commit=False)
     try:
         asyncio.run(_serve(OutboxSender(db, settings, asyncio.Event()), conn))

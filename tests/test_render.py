@@ -1,0 +1,87 @@
+"""The shipped templates render in every shipped language, and what they produce is safe to send."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.message import EmailMessage
+
+import pytest
+
+from mailbridge.ingest.mail import Address
+from mailbridge.models import TicketStatus
+from mailbridge.notify.render import (
+    TEMPLATES,
+    Envelope,
+    Renderer,
+    compose,
+    header_safe,
+    new_message_id,
+    sendable,
+    status_context,
+)
+
+
+def context(language: str) -> dict[str, object]:
+    return {
+        "ticket": {
+            "id": 7,
+            "number": "MB-000007",
+            "reference": "[MB-000007]",
+            "subject": "Drukarka <b>",
+            "status": "open",
+        },
+        "customer": {"name": 'Zofia "<script>" Żak', "address": "zofia@example.com"},
+        "mailbox": {"name": "support", "address": "support@helpdesk.example", "from_name": "Pomoc"},
+        "original": {"subject": "Drukarka <b>", "date": None, "message_id": "q1@example.com"},
+        "status": status_context(TicketStatus.OPEN, TicketStatus.CLOSED, language),
+    }
+
+
+@pytest.mark.parametrize("language", ["en", "pl"])
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_shipped_templates_render_and_compose(language: str, name: str) -> None:
+    renderer = Renderer()
+    renderer.check([language])
+    rendered = renderer.render(name, language, context(language))
+    assert "[MB-000007]" in rendered.subject and "\n" not in rendered.subject
+    assert "MB-000007" in rendered.text and "MB-000007" in rendered.html
+    assert "<script>" not in rendered.html and "&lt;script&gt;" in rendered.html  # autoescaped
+    if name == "status_changed":
+        label = "Zamknięte" if language == "pl" else "Closed"
+        assert label in rendered.text and label in rendered.subject
+    raw = compose(
+        rendered,
+        Envelope(
+            Address("Pomoc", "support@helpdesk.example"),
+            [Address('Zofia "<script>" Żak', "zofia@example.com")],
+            message_id=new_message_id(7, "helpdesk.example"),
+            loop_id="mailbridge@helpdesk.example",
+        ),
+    )
+    assert raw.isascii() and b"\r\n\r\n" in raw and all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage) and not message.defects
+    assert message["Subject"] == rendered.subject
+    assert message["To"].addresses[0].display_name == 'Zofia "<script>" Żak'
+    body = message.get_body(("plain",))
+    assert body is not None and body.get_content().replace("\r\n", "\n") == rendered.text.replace("\r\n", "\n")
+
+
+def test_header_values_are_one_line() -> None:
+    assert header_safe("a\r\nBcc: x@y\u2028z\x00") == "a Bcc: x@y z"
+
+
+@pytest.mark.parametrize(
+    ("address", "ok"),
+    [
+        ("anna@example.com", True),
+        ("a.b+tag@mail.example.co.uk", True),
+        ("root@localhost", False),
+        ("jdöe@mächine.example", False),  # needs SMTPUTF8
+        ("a@b@c.example", False),
+        ("x" * 250 + "@example.com", False),
+    ],
+)
+def test_sendable_addresses(address: str, ok: bool) -> None:
+    assert sendable(Address("", address)) is ok
