@@ -262,6 +262,35 @@ def _default_domain() -> str:
     return name if re.fullmatch(r"[A-Za-z0-9.-]+", name) and "." in name else "mailbridge.invalid"
 
 
+class ThreadingSettings(_Strict):
+    """Replies onto their tickets, and no stranger into someone else's ticket."""
+
+    # Signs our Message-IDs (<mb.TICKET.NONCE.HMAC@domain>): a reply naming one proves its sender got our
+    # mail. Default: a random secret made on first start and kept in <data_dir>/threading.secret.
+    secret: SecretStr | None = None
+    secret_env: str | None = None
+    secret_file: Path | None = None
+    # A reply to a closed ticket within this many days reopens it; later, it opens a new, linked ticket.
+    reopen_days: float = Field(default=14.0, ge=0)
+    # Authentication-Results from these authserv-ids (your own receiving servers) are believed: a sender
+    # whose DMARC failed there counts as a stranger. Results from anyone else are ignored (forgeable).
+    trusted_authserv_ids: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> ThreadingSettings:
+        secret = _read_secret(self.secret, self.secret_env, self.secret_file, "secret")
+        if secret is not None and len(secret.get_secret_value()) < 16:
+            raise ValueError("secret must be at least 16 characters")
+        object.__setattr__(self, "secret", secret)
+        return self
+
+
+class Agent(_Strict):
+    address: str = Field(pattern=r"^[^@\s<>]+@[^@\s<>]+$")
+    name: str = ""
+    queues: list[str] = Field(default_factory=list)
+
+
 class TemplateSettings(_Strict):
     directory: Path | None = None  # templates here override the shipped ones, file by file
 
@@ -281,6 +310,8 @@ class Settings(_Strict):
     smtp: SmtpServer | None = None  # for every mailbox without its own smtp
     outbox: OutboxSettings = OutboxSettings()
     templates: TemplateSettings = TemplateSettings()
+    threading: ThreadingSettings = ThreadingSettings()
+    agents: list[Agent] = Field(default_factory=list)
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     mailboxes: list[Mailbox] = Field(default_factory=list)
 
@@ -401,7 +432,13 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
             holder[key] = str(base / value)
 
     fix(data, "data_dir")
-    for section, key in (("storage", "path"), ("outbox", "deliver_to_directory"), ("templates", "directory")):
+    sections = (
+        ("storage", "path"),
+        ("outbox", "deliver_to_directory"),
+        ("templates", "directory"),
+        ("threading", "secret_file"),
+    )
+    for section, key in sections:
         if isinstance(data.get(section), dict):
             fix(data[section], key)
     smtp_sections = [data.get("smtp")]

@@ -122,6 +122,12 @@ class Ticket(Base):
     mailbox: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column()
+    # The ticket a mail claimed to belong to, when it could not be let in (a stranger), or the closed
+    # ticket a late reply continues.
+    linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
+    # Set when a human must look: why (a stranger's follow-up, …). NULL: nothing to triage.
+    triage_reason: Mapped[str | None] = mapped_column(Text)
 
     customer: Mapped[Contact] = relationship(lazy="joined")
     articles: Mapped[list[Article]] = relationship(
@@ -153,6 +159,8 @@ class Article(Base):
     raw_size: Mapped[int] = mapped_column(BigInteger)
     defects: Mapped[list[Any]] = mapped_column(default=list)
     kind: Mapped[str] = mapped_column(String(16), default=MailKind.HUMAN)
+    # What is new in this mail: the text without the quoted history and signature (the whole text is kept).
+    new_text: Mapped[str | None] = mapped_column(Text)
     # Why this mail got no automatic answer (an auto-reply, a list, the rate limit …); NULL if it got one
     # or none was due (an outbound article).
     no_answer_reason: Mapped[str | None] = mapped_column(Text)
@@ -272,3 +280,36 @@ class OutboxMail(Base):
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_recipient_created", "recipient", "created_at"),
     )
+
+
+class ParticipantRole(enum.StrEnum):
+    CUSTOMER = "customer"
+    CC = "cc"  # on the Cc of a mail of the ticket
+    AGENT = "agent"
+
+
+class TicketParticipant(Base):
+    """Who may write into a ticket by mail without a signed reference of ours."""
+
+    __tablename__ = "ticket_participants"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"))
+    address: Mapped[str] = mapped_column(String(320))  # lower-cased
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ux_participants_ticket_address", "ticket_id", "address", unique=True),)
+
+
+class TicketEvent(Base):
+    """The ticket's history: every status change and decision, with who and when."""
+
+    __tablename__ = "ticket_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(320))  # an address, or "mailbridge"
+    kind: Mapped[str] = mapped_column(String(32))  # created, status, reply, linked, merged …
+    old: Mapped[str | None] = mapped_column(Text)
+    new: Mapped[str | None] = mapped_column(Text)
+    article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
