@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
 from collections import Counter
 from collections.abc import AsyncGenerator, Iterable
@@ -25,6 +27,7 @@ from mailbridge.notify.render import Renderer
 from mailbridge.notify.sender import OutboxSender
 from mailbridge.notify.sender_process import SenderProcess
 from mailbridge.pipeline import Pipeline, Result
+from mailbridge.threading.resolve import Threader
 
 log = logging.getLogger("mailbridge")
 
@@ -34,20 +37,27 @@ Watcher = ImapWatcher | MaildirWatcher
 @dataclass
 class IngestSummary:
     read: int = 0  # counted where the mails are read, independently of what became of them
-    stored: int = 0
+    stored: int = 0  # new tickets
+    replies: int = 0  # stored on an existing ticket
     duplicates: int = 0
     quarantined: int = 0
 
     def add(self, results: Iterable[Result]) -> None:
-        counts = Counter(r.outcome for r in results)
-        self.stored += counts[Outcome.STORED]
-        self.duplicates += counts[Outcome.DUPLICATE]
-        self.quarantined += counts[Outcome.QUARANTINED]
+        counts = Counter((r.outcome, r.reply) for r in results)
+        self.stored += counts[(Outcome.STORED, False)]
+        self.replies += counts[(Outcome.STORED, True)]
+        self.duplicates += counts[(Outcome.DUPLICATE, False)] + counts[(Outcome.DUPLICATE, True)]
+        self.quarantined += counts[(Outcome.QUARANTINED, False)] + counts[(Outcome.QUARANTINED, True)]
+
+    @property
+    def accounted(self) -> int:
+        return self.stored + self.replies + self.duplicates + self.quarantined
 
     def as_json(self) -> dict[str, int]:
         return {
             "read": self.read,
             "stored": self.stored,
+            "replies": self.replies,
             "duplicates": self.duplicates,
             "quarantined": self.quarantined,
         }
@@ -71,7 +81,32 @@ class App:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        return Pipeline(self.db, self.parser, self.settings.tickets, self.answers)
+        return Pipeline(self.db, self.parser, self.settings.tickets, self.threader, self.answers)
+
+    @cached_property
+    def threading_secret(self) -> bytes:
+        """The config's secret, or one made on first start and kept (0600) in the data directory."""
+        configured = self.settings.threading.secret
+        if configured is not None:
+            return configured.get_secret_value().encode()
+        path = self.settings.data_dir / "threading.secret"
+        if not path.exists():
+            self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    @cached_property
+    def threader(self) -> Threader:
+        threading = self.settings.threading
+        return Threader(
+            self.threading_secret,
+            self.settings.tickets,
+            [agent.address for agent in self.settings.agents],
+            threading.trusted_authserv_ids,
+            threading.reopen_days,
+        )
 
     @cached_property
     def renderer(self) -> Renderer:
@@ -79,7 +114,7 @@ class App:
 
     @cached_property
     def answers(self) -> Acknowledger:
-        return Acknowledger(self.settings, self.renderer)
+        return Acknowledger(self.settings, self.renderer, self.threading_secret)
 
     @cached_property
     def sender(self) -> OutboxSender:

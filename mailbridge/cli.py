@@ -229,10 +229,10 @@ def ingest(
         _print_json(summary.as_json())
     else:
         _say(
-            f"read {summary.read} = stored {summary.stored} + duplicates {summary.duplicates}"
-            f" + quarantined {summary.quarantined}"
+            f"read {summary.read} = stored {summary.stored} + replies {summary.replies}"
+            f" + duplicates {summary.duplicates} + quarantined {summary.quarantined}"
         )
-    if summary.read != summary.stored + summary.duplicates + summary.quarantined:
+    if summary.read != summary.accounted:
         typer.echo("error: the counts do not add up; some mail was not accounted for (a bug: please report)", err=True)
         raise typer.Exit(1)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from mailbridge import receipts, tickets
+from mailbridge import lifecycle, receipts, tickets
 from mailbridge.config import TicketSettings
 from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
@@ -27,6 +27,7 @@ from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, 
 from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
 from mailbridge.threading.our_mail import find_our_mails
+from mailbridge.threading.resolve import Threader
 
 log = logging.getLogger("mailbridge.pipeline")
 
@@ -42,13 +43,22 @@ class Result:
     message_id: str | None = None
     seen_before: bool = False  # the receipt existed: fetched again after a crash before the server was told
     acknowledged: bool = False  # an acknowledgement was put in the outbox
+    reply: bool = False  # stored on an existing ticket
 
 
 class Pipeline:
-    def __init__(self, db: Database, parser: ParsePool, ticket_settings: TicketSettings, answers: Acknowledger) -> None:
+    def __init__(
+        self,
+        db: Database,
+        parser: ParsePool,
+        ticket_settings: TicketSettings,
+        threader: Threader,
+        answers: Acknowledger,
+    ) -> None:
         self.db = db
         self.parser = parser
         self.ticket_settings = ticket_settings
+        self.threader = threader
         self.answers = answers
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
@@ -143,6 +153,7 @@ class Pipeline:
                         outcome.stored.article_id,
                         message_id=mail.message_id,
                         acknowledged=outcome.acknowledged,
+                        reply=not outcome.stored.new_ticket,
                     )
                     new.append(
                         receipts.NewReceipt(
@@ -207,12 +218,13 @@ class Pipeline:
         return outcomes
 
     def _store_and_answer(self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail]]) -> list[StoredNew]:
-        """classify -> thread onto our own mails -> store -> notify, for mails we have not stored before."""
+        """classify -> thread -> store -> lifecycle -> notify, for mails we have not stored before."""
         now = utcnow()
         verdicts = [self.answers.classify(mail) for _, mail in mails]
+        threads = self.threader.resolve(session, [mail for _, mail in mails], now)
         machine = [i for i, verdict in enumerate(verdicts) if verdict.kind is not MailKind.HUMAN]
         answered = dict(zip(machine, find_our_mails(session, [mails[i][1] for i in machine]), strict=True))
-        opening = [i for i in range(len(mails)) if (ours := answered.get(i)) is None or ours.ticket_id is None]
+        opening = [i for i, thread in enumerate(threads) if not thread.is_reply and thread.triage_reason is None]
         plans = dict(
             zip(
                 opening,
@@ -222,15 +234,26 @@ class Pipeline:
         )
         items: list[tickets.Incoming] = []
         for index, (raw, mail) in enumerate(mails):
-            verdict = verdicts[index]
-            ours = answered.get(index)
+            verdict, thread = verdicts[index], threads[index]
             if index in plans:
-                items.append(tickets.Incoming(raw, mail, verdict.kind, plans[index].no_answer_reason))
+                reason = plans[index].no_answer_reason
+            elif thread.is_reply:
+                reason = verdict.no_answer_reason or "a reply on an existing ticket"
             else:
-                assert ours is not None
-                reason = f"{verdict.no_answer_reason}; it concerns our mail <{ours.message_id}>"
-                items.append(tickets.Incoming(raw, mail, verdict.kind, reason, ticket_id=ours.ticket_id))
+                reason = f"flagged for triage: {thread.triage_reason}"
+            items.append(
+                tickets.Incoming(
+                    raw,
+                    mail,
+                    verdict.kind,
+                    reason,
+                    ticket_id=thread.ticket_id,
+                    linked_ticket_id=thread.linked_ticket_id,
+                    triage_reason=thread.triage_reason,
+                )
+            )
         stored = tickets.store(session, items, self.ticket_settings)
+        lifecycle.after_store(session, items, stored, self.threader.agents, now)
         acknowledging = [
             NewTicket(raw, mail, s.ticket_id, s.ticket, s.article_id, plans[i])
             for i, ((raw, mail), s) in enumerate(zip(mails, stored, strict=True))

@@ -53,6 +53,8 @@ class Incoming:
     kind: str = MailKind.HUMAN
     no_answer_reason: str | None = None
     ticket_id: int | None = None
+    linked_ticket_id: int | None = None  # a new ticket that continues (or claimed) this one
+    triage_reason: str | None = None
 
 
 def ticket_number(settings: TicketSettings, ticket_id: int) -> str:
@@ -99,6 +101,8 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
                     "mailbox": item.raw.mailbox,
                     "created_at": now,
                     "updated_at": now,
+                    "linked_ticket_id": item.linked_ticket_id,
+                    "triage_reason": db_text_or_none(item.triage_reason),
                 }
                 for item, sender in zip(opening, senders, strict=True)
             ],
@@ -202,5 +206,6 @@ def _article_row(item: Incoming, ticket_id: int, now: datetime) -> dict[str, Any
         "defects": list(mail.defects),
         "kind": item.kind,
         "no_answer_reason": db_text_or_none(item.no_answer_reason),
+        "new_text": db_text_or_none(mail.new_text),
         "created_at": now,
     }

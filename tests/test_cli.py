@@ -59,10 +59,10 @@ def test_ingest_files_dirs_mbox_and_maildir_reconcile(tmp_path: Path, config_fil
         "--config",
         str(config_file),
     )
-    assert summary == {"read": 10, "stored": 10, "duplicates": 0, "quarantined": 0}
+    assert summary == {"read": 10, "stored": 10, "replies": 0, "duplicates": 0, "quarantined": 0}
     # The same archive again: every mail is recognised, nothing is stored twice.
     again = cli("ingest", str(folder), str(tmp_path / "archive.mbox"), "--json", "--config", str(config_file))
-    assert again == {"read": 7, "stored": 0, "duplicates": 7, "quarantined": 0}
+    assert again == {"read": 7, "stored": 0, "replies": 0, "duplicates": 7, "quarantined": 0}
     tickets = cli("tickets", "list", "--json", "--config", str(config_file))
     assert len(tickets) == 10
     assert {t["subject"] for t in tickets} >= {"single file", "from an mbox 3", "from a maildir 1"}
@@ -73,7 +73,7 @@ def test_ingest_files_dirs_mbox_and_maildir_reconcile(tmp_path: Path, config_fil
 def test_ingest_text_summary_and_missing_path(tmp_path: Path, config_file: Path) -> None:
     (tmp_path / "a.eml").write_bytes(sample_mail())
     out = cli("ingest", str(tmp_path / "a.eml"), "--config", str(config_file))
-    assert "read 1 = stored 1 + duplicates 0 + quarantined 0" in out
+    assert "read 1 = stored 1 + replies 0 + duplicates 0 + quarantined 0" in out
     result = runner.invoke(app, ["ingest", str(tmp_path / "missing.eml"), "--config", str(config_file)])
     assert result.exit_code == 2 and "no such file" in result.output
 
@@ -155,7 +155,7 @@ def test_pathological_mail_is_quarantined_after_the_time_limit_and_retried(tmp_p
     started = time.monotonic()
     summary = cli("ingest", str(slow), str(normal), "--json", "--config", str(config))
     assert time.monotonic() - started < 30
-    assert summary == {"read": 2, "stored": 1, "duplicates": 0, "quarantined": 1}
+    assert summary == {"read": 2, "stored": 1, "replies": 0, "duplicates": 0, "quarantined": 1}
     [item] = cli("quarantine", "list", "--json", "--config", str(config))
     assert "longer than 1 s" in item["reason"] and item["source"] == str(slow)
     raw = runner.invoke(app, ["quarantine", "show", str(item["id"]), "--raw", "--config", str(config)])
@@ -242,7 +242,7 @@ def test_a_mail_that_cannot_be_stored_is_quarantined_and_the_rest_of_its_batch_i
     (tmp_path / "d.eml").write_bytes((tmp_path / "b.eml").read_bytes())  # the same mail twice in one batch
     paths = [str(tmp_path / f"{n}.eml") for n in "abcd"]
     summary = cli("ingest", *paths, "--json", "--config", str(config_file))
-    assert summary == {"read": 4, "stored": 2, "duplicates": 0, "quarantined": 2}
+    assert summary == {"read": 4, "stored": 2, "replies": 0, "duplicates": 0, "quarantined": 2}
     item, copy = cli("quarantine", "list", "--json", "--config", str(config_file))
     assert item["stage"] == "store" and item["retryable"] and "poisoned article" in item["reason"]
     assert copy["source"].endswith("d.eml") and "poisoned article" in copy["reason"]

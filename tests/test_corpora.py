@@ -74,7 +74,7 @@ def test_corpora_every_mail_is_a_ticket_or_quarantined(
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["read"] == len(expected_mails)
-    assert summary["read"] == summary["stored"] + summary["duplicates"] + summary["quarantined"]
+    assert summary["read"] == summary["stored"] + summary["replies"] + summary["duplicates"] + summary["quarantined"]
     assert "Traceback" not in proc.stderr
 
     db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")

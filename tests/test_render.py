@@ -16,10 +16,10 @@ from mailbridge.notify.render import (
     Renderer,
     compose,
     header_safe,
-    new_message_id,
     sendable,
     status_context,
 )
+from mailbridge.threading.message_ids import make_message_id
 
 
 def context(language: str) -> dict[str, object]:
@@ -55,7 +55,7 @@ def test_shipped_templates_render_and_compose(language: str, name: str) -> None:
         Envelope(
             Address("Pomoc", "support@helpdesk.example"),
             [Address('Zofia "<script>" Żak', "zofia@example.com")],
-            message_id=new_message_id(7, "helpdesk.example"),
+            message_id=make_message_id(7, b"test-secret-0123456789", "helpdesk.example"),
             loop_id="mailbridge@helpdesk.example",
         ),
     )

@@ -83,6 +83,7 @@ class ParsedMail:
     raw_size: int
     dedup_key: str
     report: DeliveryReport | None = None
+    new_text: str | None = None  # a reply's text without the quoted history and signature; None: not a reply
 
     def header(self, name: str) -> str | None:
         """The first header of that (lower-case) name."""
@@ -113,6 +114,7 @@ class ParsedMail:
             "sha256": self.raw_sha256,
             "size": self.raw_size,
             "report": self.report.as_json() if self.report else None,
+            "new_text": self.new_text,
         }
 
 

@@ -28,6 +28,7 @@ from mailparser.utils import get_addresses
 from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.mail import Address, ParsedMail, Part
 from mailbridge.ingest.reports import read_report
+from mailbridge.threading.reply_text import new_text
 
 # mail-parser logs a warning for every part type it does not know; we handle those parts ourselves.
 logging.getLogger("mailparser").setLevel(logging.CRITICAL)
@@ -97,6 +98,8 @@ def parse(raw: bytes) -> ParsedMail:
         raw_size=raw_size,
         dedup_key=dedup_key(message, message_id, text, html_source or None, walker.parts),
         report=read_report(message, sender.address if sender else None),
+        # Only for what looks like a reply: finding the quoted history costs ~0.3 ms per mail.
+        new_text=new_text(text) if _looks_like_reply(message) else None,
     )
 
 
@@ -139,6 +142,17 @@ class _HeaderView:
         if result.value is None:
             self.defects.append("DateHeaderDefect: the Date header cannot be read")
         return _date(result.value)
+
+
+_REPLY_SUBJECT = re.compile(r"^\s*(re|aw|odp|sv|vs|antw|rif|r|fw|fwd|wg|tr|pd|ha)\s*(\[\d+\])?\s*:", re.IGNORECASE)
+
+
+def _looks_like_reply(message: email.message.Message) -> bool:
+    return bool(
+        message.get("In-Reply-To")
+        or message.get("References")
+        or _REPLY_SUBJECT.match(decode_header_value(message.get("Subject", "")))
+    )
 
 
 def _read_headers(raw: bytes, defects: list[str]) -> _HeaderView | None:

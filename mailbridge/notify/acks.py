@@ -17,7 +17,8 @@ from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Article
 from mailbridge.notify.outbox import Outgoing, RecentCounts, automatic_mail_counts, enqueue
-from mailbridge.notify.render import Envelope, Renderer, compose, new_message_id, sendable
+from mailbridge.notify.render import Envelope, Renderer, compose, sendable
+from mailbridge.threading.message_ids import make_message_id
 
 log = logging.getLogger("mailbridge.notify")
 
@@ -44,9 +45,10 @@ class NewTicket:
 
 
 class Acknowledger:
-    def __init__(self, settings: Settings, renderer: Renderer) -> None:
+    def __init__(self, settings: Settings, renderer: Renderer, secret: bytes) -> None:
         self.settings = settings
         self.renderer = renderer
+        self.secret = secret
         self.sending = {box.name: box for box in settings.mailboxes if settings.can_send(box)}
         self.own_addresses = frozenset(a for box in settings.mailboxes if (a := box.own_address))
         self.loop_id = f"mailbridge@{settings.outbox.domain}"
@@ -154,7 +156,7 @@ class Acknowledger:
             },
         }
         rendered = self.renderer.render("ack", box.language, context)
-        message_id = new_message_id(ticket.ticket_id, self.settings.outbox.domain)
+        message_id = make_message_id(ticket.ticket_id, self.secret, self.settings.outbox.domain)
         envelope = Envelope(
             sender=Address(box.from_name, box.address),
             to=ticket.plan.to,

@@ -99,10 +99,6 @@ def header_safe(value: str) -> str:
     return " ".join(_CONTROL.sub(" ", value).split())
 
 
-def new_message_id(ticket_id: int | None, domain: str) -> str:
-    return f"mb.{ticket_id if ticket_id is not None else 0}.{secrets.token_hex(8)}@{domain}"
-
-
 @dataclass(frozen=True, slots=True)
 class Envelope:
     sender: Address

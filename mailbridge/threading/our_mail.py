@@ -16,17 +16,7 @@ from sqlalchemy.orm import Session
 from mailbridge.ingest.mail import ParsedMail
 from mailbridge.models import OutboxMail
 from mailbridge.notify.outbox import find_by_message_ids
-
-
-def referenced_ids(mail: ParsedMail) -> list[str]:
-    """The mail's references to other mails, most specific first."""
-    ids: list[str] = []
-    if mail.report is not None:
-        ids += mail.report.returned_message_ids
-    if mail.in_reply_to:
-        ids.append(mail.in_reply_to)
-    ids += reversed(mail.references)
-    return list(dict.fromkeys(ids))
+from mailbridge.threading.resolve import referenced_ids
 
 
 def find_our_mails(session: Session, mails: Sequence[ParsedMail]) -> list[OutboxMail | None]:

@@ -1,0 +1,102 @@
+"""The ticket lifecycle: who takes part in a ticket, its history, and the status changes mail causes.
+
+New → Open → Waiting on customer / Waiting on third party → Closed. A customer's reply to a waiting
+ticket opens it again; a reply within the reopen window reopens a closed one (later ones start a new,
+linked ticket: the thread stage decides that). Every change is an event with who and when: the reports
+compute response times from these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from mailbridge.db import chunked
+from mailbridge.models import MailKind, ParticipantRole, Ticket, TicketEvent, TicketParticipant, TicketStatus
+from mailbridge.tickets import UNKNOWN_SENDER, Incoming, Stored, contact_key
+
+SYSTEM = "mailbridge"
+WAITING = {TicketStatus.WAITING_CUSTOMER, TicketStatus.WAITING_THIRD_PARTY}
+
+
+def after_store(
+    session: Session, items: Sequence[Incoming], stored: Sequence[Stored], agents: set[str], now: datetime
+) -> None:
+    """Participants, history and status changes for mails just stored (new tickets and replies)."""
+    statuses = _statuses(session, [s.ticket_id for s in stored if not s.new_ticket])
+    people: list[tuple[int, str, str]] = []
+    events: list[dict[str, Any]] = []
+    changes: dict[int, str] = {}
+    for item, result in zip(items, stored, strict=True):
+        sender = contact_key(item.mail.sender or UNKNOWN_SENDER)
+        ticket = result.ticket_id
+        people += [(ticket, contact_key(a), ParticipantRole.CC) for a in item.mail.cc]
+        if result.new_ticket:
+            people.append((ticket, sender, ParticipantRole.CUSTOMER))
+            events.append(_event(ticket, now, sender, "created", None, TicketStatus.NEW, result.article_id))
+            if item.linked_ticket_id is not None:
+                events.append(_event(ticket, now, SYSTEM, "linked", None, str(item.linked_ticket_id), None))
+            continue
+        role = ParticipantRole.AGENT if sender in agents else ParticipantRole.CC
+        people.append((ticket, sender, role))  # proven by our signature, or already taking part
+        events.append(_event(ticket, now, sender, "reply", None, None, result.article_id))
+        old = changes.get(ticket, statuses.get(ticket))
+        if item.kind == MailKind.HUMAN and sender not in agents and (old in WAITING or old == TicketStatus.CLOSED):
+            events.append(_event(ticket, now, sender, "status", old, TicketStatus.OPEN, result.article_id))
+            changes[ticket] = TicketStatus.OPEN
+    _add_participants(session, people, now)
+    if events:
+        session.execute(insert(TicketEvent), events)
+    for ticket, status in changes.items():
+        session.execute(update(Ticket).where(Ticket.id == ticket).values(status=status, closed_at=None))
+
+
+def change_status(session: Session, ticket: Ticket, new: str, actor: str, now: datetime) -> str | None:
+    """Set a ticket's status (an agent's command, the CLI); returns the old status, None if unchanged."""
+    old = ticket.status
+    if old == new:
+        return None
+    ticket.status = new
+    ticket.updated_at = now
+    ticket.closed_at = now if new == TicketStatus.CLOSED else None
+    session.add(TicketEvent(ticket_id=ticket.id, at=now, actor=actor, kind="status", old=old, new=new))
+    return old
+
+
+def _event(
+    ticket: int, at: datetime, actor: str, kind: str, old: str | None, new: str | None, article: int | None
+) -> dict[str, Any]:
+    return {"ticket_id": ticket, "at": at, "actor": actor, "kind": kind, "old": old, "new": new, "article_id": article}
+
+
+def _statuses(session: Session, ticket_ids: Sequence[int]) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for chunk in chunked(sorted(set(ticket_ids))):
+        found.update({i: s for i, s in session.execute(select(Ticket.id, Ticket.status).where(Ticket.id.in_(chunk)))})
+    return found
+
+
+def _add_participants(session: Session, people: list[tuple[int, str, str]], now: datetime) -> None:
+    wanted: dict[tuple[int, str], str] = {}
+    for ticket, address, role in people:
+        if address and "@" in address:
+            wanted.setdefault((ticket, address), role)
+    if not wanted:
+        return
+    existing: set[tuple[int, str]] = set()
+    for chunk in chunked(sorted({t for t, _ in wanted})):
+        rows = session.execute(
+            select(TicketParticipant.ticket_id, TicketParticipant.address).where(TicketParticipant.ticket_id.in_(chunk))
+        )
+        existing.update((t, a) for t, a in rows)
+    new = [
+        {"ticket_id": t, "address": a, "role": role, "created_at": now}
+        for (t, a), role in wanted.items()
+        if (t, a) not in existing
+    ]
+    if new:
+        session.execute(insert(TicketParticipant), new)

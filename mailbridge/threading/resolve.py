@@ -1,0 +1,221 @@
+"""Thread stage: does an incoming mail continue a ticket, and may its sender write into it?
+
+In this order: a signed Message-ID of ours in In-Reply-To/References (proof that the sender got our mail);
+a Message-ID of a mail already on a ticket; the ticket reference in the subject; the reference in the footer
+of our mails quoted in the body. Only the first proves anything by itself. A match by the others lets the
+mail in only when its sender takes part in the ticket (its customer, an address on the Cc of its mails, an
+agent); anyone else gets a new ticket, linked to the one it claimed and flagged for triage, and learns
+nothing of the old one. A sender whose DMARC failed at one of our trusted receiving servers is a stranger
+whatever it quotes. Every decision is logged with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailbridge.config import TicketSettings
+from mailbridge.db import chunked
+from mailbridge.ingest.mail import ParsedMail
+from mailbridge.models import Article, Ticket, TicketParticipant, TicketStatus
+from mailbridge.threading.message_ids import read_message_id
+
+log = logging.getLogger("mailbridge.threading")
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    """Where a mail goes. `ticket_id` None: a new ticket (linked to `linked_ticket_id`, flagged when
+    `triage_reason` is set)."""
+
+    ticket_id: int | None = None
+    linked_ticket_id: int | None = None
+    triage_reason: str | None = None
+    reason: str = "no reference to a ticket: a new ticket"
+    reopen: bool = False  # a reply to a closed ticket within the reopen window
+
+    @property
+    def is_reply(self) -> bool:
+        return self.ticket_id is not None
+
+
+NEW = Thread()
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    ticket_id: int
+    how: str
+    proven: bool
+
+
+class Threader:
+    def __init__(
+        self,
+        secret: bytes,
+        tickets: TicketSettings,
+        agents: Collection[str],
+        trusted_authserv_ids: Collection[str],
+        reopen_days: float,
+    ) -> None:
+        self.secret = secret
+        prefix = re.escape(tickets.number_prefix)
+        # Tolerant of what mail clients and gateways do to "[MB-000123]": "[ MB-000123 ]", "(MB 123)", "MB#123".
+        self._subject_ref = re.compile(
+            rf"(?<![A-Za-z0-9])[\[({{]?\s*{prefix}\s*[-#: ]?\s*(\d{{1,12}})\s*[\])}}]?(?![0-9])", re.IGNORECASE
+        )
+        self._footer_ref = re.compile(rf"\[{prefix}-(\d{{1,12}})\]", re.IGNORECASE)
+        self.number_prefix = tickets.number_prefix
+        self.agents = {a.lower() for a in agents}
+        self.trusted = {a.lower() for a in trusted_authserv_ids}
+        self.reopen_window = timedelta(days=reopen_days)
+
+    def resolve(self, session: Session, mails: Sequence[ParsedMail], now: datetime) -> list[Thread]:
+        claims = self._claims(session, mails)
+        wanted = {c.ticket_id for c in claims if c is not None}
+        tickets = _tickets(session, wanted)
+        participants = _participants(session, wanted)
+        threads = []
+        for mail, claim in zip(mails, claims, strict=True):
+            thread = self._decide(mail, claim, tickets, participants, now)
+            if thread is not NEW:
+                log.info(
+                    "threading: %s",
+                    thread.reason,
+                    extra={"message_id": mail.message_id, "sender": _sender(mail), "ticket_id": thread.ticket_id},
+                )
+            threads.append(thread)
+        return threads
+
+    def _decide(
+        self,
+        mail: ParsedMail,
+        claim: _Claim | None,
+        tickets: dict[int, Ticket],
+        participants: dict[int, set[str]],
+        now: datetime,
+    ) -> Thread:
+        if claim is None:
+            return NEW
+        ticket = tickets.get(claim.ticket_id)
+        if ticket is None:
+            return Thread(reason=f"{claim.how} names a ticket that does not exist: a new ticket")
+        sender = _sender(mail)
+        dmarc = self._dmarc_failed(mail)
+        if dmarc:
+            return self._stranger(ticket, f"{claim.how}, but DMARC failed for {sender} ({dmarc})")
+        if not claim.proven and sender not in participants.get(ticket.id, set()) and sender not in self.agents:
+            return self._stranger(ticket, f"{claim.how}, but {sender or 'the sender'} takes no part in it")
+        how = f"{claim.how}; {'proven by our signature' if claim.proven else f'{sender} takes part in it'}"
+        if ticket.status == TicketStatus.CLOSED and sender not in self.agents:
+            closed_at = ticket.closed_at or ticket.updated_at
+            if now - closed_at > self.reopen_window:
+                return Thread(
+                    linked_ticket_id=ticket.id,
+                    reason=f"{how}, but {ticket.number} was closed on {closed_at:%Y-%m-%d}: a new ticket linked to it",
+                )
+            return Thread(ticket_id=ticket.id, reason=f"{how}: reopens {ticket.number}", reopen=True)
+        return Thread(ticket_id=ticket.id, reason=f"{how}: a reply on {ticket.number}")
+
+    def _stranger(self, ticket: Ticket, why: str) -> Thread:
+        return Thread(
+            linked_ticket_id=ticket.id,
+            triage_reason=f"claims to continue {ticket.number}: {why}",
+            reason=f"{why}: a new ticket, flagged for triage",
+        )
+
+    def _claims(self, session: Session, mails: Sequence[ParsedMail]) -> list[_Claim | None]:
+        claims: list[_Claim | None] = []
+        inbound: list[list[str]] = []
+        for mail in mails:
+            claim = None
+            forged = None
+            ids = referenced_ids(mail)
+            for message_id in ids:
+                ours = read_message_id(message_id, self.secret)
+                if ours is not None and ours.valid:
+                    claim = _Claim(ours.ticket_id, f"it answers our mail <{message_id}>", proven=True)
+                    break
+                if ours is not None and forged is None:
+                    forged = _Claim(
+                        ours.ticket_id, f"it names <{message_id}>, a Message-ID of ours with a wrong signature", False
+                    )
+            claims.append(claim or forged)
+            inbound.append(ids if claim is None else [])
+        by_message_id = _articles_by_message_id(session, [i for ids in inbound for i in ids])
+        numbers = {}
+        for index, mail in enumerate(mails):
+            if claims[index] is not None and claims[index].proven:  # type: ignore[union-attr]
+                continue
+            found = next((i for i in inbound[index] if i in by_message_id), None)
+            if found is not None:
+                if claims[index] is None:
+                    claims[index] = _Claim(by_message_id[found], f"it answers <{found}>, a mail on a ticket", False)
+                continue
+            if claims[index] is not None:
+                continue
+            match = self._subject_ref.search(mail.subject) or self._footer_ref.search(mail.text)
+            if match is not None:
+                where = "subject" if self._subject_ref.search(mail.subject) else "quoted footer"
+                numbers[index] = (int(match.group(1)), where)
+        if numbers:
+            for index, (number, where) in numbers.items():
+                claims[index] = _Claim(number, f"its {where} names {self.number_prefix}-{number}", False)
+        return claims
+
+    def _dmarc_failed(self, mail: ParsedMail) -> str | None:
+        """The verdict of a trusted receiving server, if it says DMARC failed."""
+        if not self.trusted:
+            return None
+        for value in mail.header_values("authentication-results"):
+            authserv = value.split(";", 1)[0].strip().split()[0].lower() if value.strip() else ""
+            if authserv in self.trusted and re.search(r"\bdmarc\s*=\s*fail\b", value, re.IGNORECASE):
+                return f"Authentication-Results from {authserv}: dmarc=fail"
+        return None
+
+
+def referenced_ids(mail: ParsedMail) -> list[str]:
+    """The mail's references to other mails, most specific first."""
+    ids: list[str] = []
+    if mail.report is not None:
+        ids += mail.report.returned_message_ids
+    if mail.in_reply_to:
+        ids.append(mail.in_reply_to)
+    ids += reversed(mail.references)
+    return list(dict.fromkeys(ids))
+
+
+def _sender(mail: ParsedMail) -> str:
+    return mail.sender.address.lower() if mail.sender else ""
+
+
+def _tickets(session: Session, ids: Collection[int]) -> dict[int, Ticket]:
+    found: dict[int, Ticket] = {}
+    for chunk in chunked(sorted(ids)):
+        found.update({t.id: t for t in session.scalars(select(Ticket).where(Ticket.id.in_(chunk)))})
+    return found
+
+
+def _participants(session: Session, ticket_ids: Collection[int]) -> dict[int, set[str]]:
+    found: dict[int, set[str]] = {}
+    for chunk in chunked(sorted(ticket_ids)):
+        rows = session.execute(
+            select(TicketParticipant.ticket_id, TicketParticipant.address).where(TicketParticipant.ticket_id.in_(chunk))
+        )
+        for ticket_id, address in rows:
+            found.setdefault(ticket_id, set()).add(address)
+    return found
+
+
+def _articles_by_message_id(session: Session, message_ids: Collection[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for chunk in chunked(sorted(set(message_ids))):
+        rows = session.execute(select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(chunk)))
+        found.update({message_id: ticket_id for message_id, ticket_id in rows if message_id})
+    return found
