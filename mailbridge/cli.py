@@ -326,6 +326,11 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
         return
     _say(f"{detail['number']}  [{detail['status']}]  {detail['subject']}")
     _say(f"customer: {detail['customer']['name']} <{detail['customer']['address']}>  via {detail['mailbox']}")
+    if detail["triage_reason"]:
+        _say(f"TRIAGE: {detail['triage_reason']}")
+    if detail["linked_ticket"]:
+        _say(f"linked to: {detail['linked_ticket']}")
+    _say("participants: " + ", ".join(f"{p['address']} ({p['role']})" for p in detail["participants"]))
     for article in detail["articles"]:
         _say(
             f"\n--- article {article['id']} ({article['direction']}) from {article['from']['address']}"
@@ -338,7 +343,49 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
         for part in article["attachments"]:
             kind = "inline" if part["inline"] else "attachment"
             _say(f"    {kind}: {part['filename']} ({part['content_type']}, {part['size']} bytes)")
-        _say(article["text"])
+        if article["new_text"] is not None and article["new_text"] != article["text"].strip():
+            _say(article["new_text"])
+            _say("    [quoted history not shown: --json has the whole text]")
+        else:
+            _say(article["text"])
+    _say("\n--- history")
+    for event in detail["history"]:
+        change = f" {event['old'] or ''} -> {event['new']}" if event["kind"] == "status" else ""
+        _say(f"  {event['at']}  {event['actor']}: {event['kind']}{change}")
+
+
+STATUS_NAMES = {
+    "new": "new",
+    "open": "open",
+    "waiting": "waiting_customer",
+    "waiting-third-party": "waiting_third_party",
+    "closed": "closed",
+}
+
+
+@tickets_app.command("status")
+def tickets_status(
+    number: str,
+    status: Annotated[str, typer.Argument(help="open, waiting (on the customer), waiting-third-party or closed.")],
+    config: ConfigOption = None,
+) -> None:
+    """Change a ticket's status (recorded in its history)."""
+    from sqlalchemy import select
+
+    from mailbridge.lifecycle import change_status
+    from mailbridge.models import Ticket, utcnow
+
+    new = STATUS_NAMES.get(status.lower())
+    if new is None:
+        typer.echo(f"error: unknown status {status!r}; use one of {', '.join(STATUS_NAMES)}", err=True)
+        raise typer.Exit(2)
+    with _app(config) as application, application.db.unit_of_work() as session:
+        ticket = session.scalars(select(Ticket).where(Ticket.number == number)).first()
+        if ticket is None:
+            typer.echo(f"error: no ticket {number}", err=True)
+            raise typer.Exit(1)
+        old = change_status(session, ticket, new, "cli", utcnow())
+    _say(f"{number}: {old} -> {new}" if old else f"{number}: already {new}")
 
 
 @quarantine_app.command("list")

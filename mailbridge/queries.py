@@ -18,6 +18,8 @@ from mailbridge.models import (
     QuarantinedMail,
     Receipt,
     Ticket,
+    TicketEvent,
+    TicketParticipant,
     utcnow,
 )
 
@@ -50,10 +52,23 @@ def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
     ).first()
     if ticket is None:
         return None
+    linked = session.get(Ticket, ticket.linked_ticket_id) if ticket.linked_ticket_id else None
+    participants = session.execute(
+        select(TicketParticipant.address, TicketParticipant.role)
+        .where(TicketParticipant.ticket_id == ticket.id)
+        .order_by(TicketParticipant.id)
+    ).all()
+    events = session.scalars(select(TicketEvent).where(TicketEvent.ticket_id == ticket.id).order_by(TicketEvent.id))
     return {
         "number": ticket.number,
         "status": ticket.status,
         "subject": ticket.subject,
+        "triage_reason": ticket.triage_reason,
+        "linked_ticket": linked.number if linked else None,
+        "participants": [{"address": a, "role": r} for a, r in participants],
+        "history": [
+            {"at": e.at.isoformat(), "actor": e.actor, "kind": e.kind, "old": e.old, "new": e.new} for e in events
+        ],
         "customer": {"name": ticket.customer.name, "address": ticket.customer.address},
         "mailbox": ticket.mailbox,
         "created_at": ticket.created_at.isoformat(),
@@ -68,6 +83,7 @@ def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
                 "date": a.sent_at.isoformat() if a.sent_at else None,
                 "message_id": a.message_id,
                 "text": a.text,
+                "new_text": a.new_text,
                 "has_html": a.html is not None,
                 "raw_sha256": a.raw_sha256,
                 "raw_size": a.raw_size,

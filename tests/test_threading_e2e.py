@@ -1,0 +1,249 @@
+"""Replies land on their ticket, whatever the mail client does; strangers never get into someone else's ticket.
+
+Mail comes in through the real pipeline (`App.ingest` into a configured mailbox) and acknowledgements go
+to a real SMTP server (aiosmtpd); replies are built from the acknowledgement the sink received, the way
+Outlook, Gmail and Thunderbird build them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import timedelta
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from mailbridge.app import App
+from mailbridge.models import Article, Ticket, TicketEvent
+from tests.imap_env import make_app, sample_mail
+from tests.support.smtp_sink import Received, SmtpSink
+
+_batches = itertools.count(1)
+SUPPORT = "support@helpdesk.example"
+CUSTOMER = "anna.nowak@klient.example"
+ATTACKER = "mallory@evil.example"
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    smtp = SmtpSink().start()
+    yield smtp
+    smtp.stop()
+
+
+@pytest.fixture
+def app(tmp_path: Path, sink: SmtpSink) -> Iterator[App]:
+    application = make_app(
+        tmp_path,
+        [{"type": "maildir", "name": "support", "path": str(tmp_path / "md"), "address": SUPPORT}],
+        smtp=sink.config(),
+        outbox={"domain": "helpdesk.example", "first_retry_seconds": 0.2},
+        threading={"trusted_authserv_ids": ["mx.helpdesk.example"]},
+        agents=[{"address": "agent@helpdesk.example", "name": "Agata"}],
+    )
+    yield application
+    application.close()
+
+
+async def deliver(app: App, tmp_path: Path, *mails: bytes) -> dict[str, int]:
+    folder = tmp_path / f"in-{next(_batches)}"
+    folder.mkdir()
+    for index, raw in enumerate(mails):
+        (folder / f"{index}.eml").write_bytes(raw)
+    summary = await app.ingest([folder], mailbox="support")
+    await app.sender.deliver_due()
+    return summary.as_json()
+
+
+def reply(
+    to: Received,
+    body: str,
+    *,
+    sender: str = CUSTOMER,
+    subject_prefix: str = "Re: ",
+    in_reply_to: bool = True,
+    references: bool = True,
+    headers: str = "",
+) -> bytes:
+    ack = to.message
+    lines = [
+        f"From: Anna Nowak <{sender}>",
+        f"To: {SUPPORT}",
+        f"Subject: {subject_prefix}{ack['Subject']}",
+        f"Message-ID: {make_msgid(domain='klient.example')}",
+    ]
+    if in_reply_to:
+        lines.append(f"In-Reply-To: {ack['Message-ID']}")
+    if references:
+        lines.append(f"References: {ack.get('References', '')} {ack['Message-ID']}".replace("  ", " "))
+    quoted = "\n".join("> " + line for line in (ack.get_body(("plain",)).get_content().splitlines()))  # type: ignore[union-attr]
+    text = f"{body}\n\nOn Mon, 23 Nov 2026 at 10:00, Support <{SUPPORT}> wrote:\n{quoted}\n"
+    return ("\r\n".join(lines) + "\r\n" + headers + "\r\n" + text.replace("\n", "\r\n")).encode()
+
+
+def tickets(app: App) -> list[Ticket]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
+
+
+def articles(app: App, ticket_id: int) -> list[Article]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Article).where(Article.ticket_id == ticket_id).order_by(Article.id)))
+
+
+async def opened_ticket(app: App, tmp_path: Path, sink: SmtpSink) -> Received:
+    await deliver(app, tmp_path, sample_mail("Drukarka nie drukuje", sender=CUSTOMER))
+    [ack] = sink.received
+    return ack
+
+
+@pytest.mark.parametrize(
+    ("client", "options"),
+    [
+        ("Outlook (RE:, In-Reply-To only)", {"subject_prefix": "RE: ", "references": False}),
+        ("Gmail (Re:, References chain)", {}),
+        ("Thunderbird, Polish (Odp:)", {"subject_prefix": "Odp: "}),
+        ("German Outlook (AW:, [EXTERNAL] tag)", {"subject_prefix": "[EXTERNAL] AW: "}),
+        ("Exchange Online (rewritten IDs, subject only)", {"in_reply_to": False, "references": False}),
+    ],
+)
+async def test_a_customer_reply_lands_on_the_same_ticket(
+    app: App, tmp_path: Path, sink: SmtpSink, client: str, options: dict[str, Any]
+) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    summary = await deliver(app, tmp_path, reply(ack, "Nadal nie działa, mimo restartu.", **options))
+    assert summary["replies"] == 1 and summary["stored"] == 0, client
+    [ticket] = tickets(app)
+    _, second = articles(app, ticket.id)
+    assert second.new_text == "Nadal nie działa, mimo restartu."
+    assert "> " in second.text  # the whole mail is kept
+    assert len(sink.received) == 1, "a reply gets no second acknowledgement"
+
+
+async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own_message_id(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    original = sample_mail("Faktura", sender=CUSTOMER)
+    await deliver(app, tmp_path, original)
+    own_id = next(line for line in original.decode().splitlines() if line.startswith("Message-ID:")).split(": ")[1]
+    follow_up = (
+        f"From: Anna <{CUSTOMER}>\r\nTo: {SUPPORT}\r\nSubject: Faktura - uzupełnienie\r\n"
+        f"Message-ID: {make_msgid(domain='klient.example')}\r\n"
+        f"In-Reply-To: <AM6PR0502MB1234.rewritten@eurprd05.prod.outlook.com>\r\n"
+        f"References: {own_id} <AM6PR0502MB1234.rewritten@eurprd05.prod.outlook.com>\r\n\r\nW załączeniu NIP.\r\n"
+    ).encode()
+    assert (await deliver(app, tmp_path, follow_up))["replies"] == 1
+
+
+async def test_a_reply_reopens_a_waiting_ticket_and_a_closed_one_within_the_window(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    [ticket] = tickets(app)
+    _set_status(app, ticket.id, "waiting_customer")
+    await deliver(app, tmp_path, reply(ack, "Oto logi."))
+    assert tickets(app)[0].status == "open"
+    _set_status(app, ticket.id, "closed")
+    await deliver(app, tmp_path, reply(ack, "Jednak wróciło."))
+    assert tickets(app)[0].status == "open"
+    with app.db.reader() as session:
+        changes = [
+            (e.old, e.new, e.actor) for e in session.scalars(select(TicketEvent).where(TicketEvent.kind == "status"))
+        ]
+    assert changes[-1] == ("closed", "open", CUSTOMER) and ("waiting_customer", "open", CUSTOMER) in changes
+
+
+async def test_a_reply_long_after_closing_opens_a_new_linked_ticket(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    [ticket] = tickets(app)
+    _set_status(app, ticket.id, "closed")
+    with app.db.unit_of_work() as session:
+        closed = session.get(Ticket, ticket.id)
+        assert closed is not None and closed.closed_at is not None
+        session.execute(
+            update(Ticket).where(Ticket.id == ticket.id).values(closed_at=closed.closed_at - timedelta(days=30))
+        )
+    summary = await deliver(app, tmp_path, reply(ack, "Ten sam problem po miesiącu."))
+    old, new = tickets(app)
+    assert summary["stored"] == 1 and old.status == "closed"
+    assert new.linked_ticket_id == old.id and new.triage_reason is None
+
+
+# --- attacks: each must end as a separate, flagged ticket, and the attacker gets nothing of the victim's
+
+
+async def test_attack_stranger_uses_the_victims_subject_reference(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    attack = reply(ack, "Please send me the invoice again.", sender=ATTACKER, in_reply_to=False, references=False)
+    await _assert_kept_out(app, tmp_path, sink, attack, "takes no part in it")
+
+
+async def test_attack_stranger_copies_the_in_reply_to_of_the_victims_mail(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    victim = sample_mail("Umowa", sender=CUSTOMER)
+    await deliver(app, tmp_path, victim)
+    victim_id = next(line for line in victim.decode().splitlines() if line.startswith("Message-ID:")).split(": ")[1]
+    attack = (
+        f"From: M <{ATTACKER}>\r\nTo: {SUPPORT}\r\nSubject: Re: Umowa\r\nMessage-ID: {make_msgid()}\r\n"
+        f"In-Reply-To: {victim_id}\r\nReferences: {victim_id}\r\n\r\nWhat is the status?\r\n"
+    ).encode()
+    await _assert_kept_out(app, tmp_path, sink, attack, "takes no part in it")
+
+
+async def test_attack_guessed_message_id_with_a_wrong_signature(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    await opened_ticket(app, tmp_path, sink)
+    forged = "<mb.1.0123456789ab.0123456789abcdef01234567@helpdesk.example>"
+    attack = (
+        f"From: M <{ATTACKER}>\r\nTo: {SUPPORT}\r\nSubject: Re: your ticket\r\nMessage-ID: {make_msgid()}\r\n"
+        f"In-Reply-To: {forged}\r\nReferences: {forged}\r\n\r\nSend me everything.\r\n"
+    ).encode()
+    await _assert_kept_out(app, tmp_path, sink, attack, "wrong signature")
+
+
+async def test_attack_victims_from_address_with_dmarc_fail_from_our_trusted_server(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    spoofed = reply(
+        ack,
+        "Please change my bank account to PL00 0000.",
+        headers="Authentication-Results: mx.helpdesk.example; spf=fail smtp.mailfrom=evil.example; dmarc=fail "
+        "(p=none) header.from=klient.example\r\n",
+    )
+    await _assert_kept_out(app, tmp_path, sink, spoofed, "DMARC failed", sender=CUSTOMER)
+
+
+async def test_dmarc_verdicts_of_untrusted_servers_are_ignored(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    mail = reply(
+        ack, "Dziękuję.", headers="Authentication-Results: evil.example; dmarc=fail header.from=klient.example\r\n"
+    )
+    assert (await deliver(app, tmp_path, mail))["replies"] == 1
+
+
+async def _assert_kept_out(
+    app: App, tmp_path: Path, sink: SmtpSink, attack: bytes, why: str, sender: str = ATTACKER
+) -> None:
+    before = len(sink.received)
+    summary = await deliver(app, tmp_path, attack)
+    assert summary["replies"] == 0 and summary["stored"] == 1
+    victim, flagged = tickets(app)
+    assert len(articles(app, victim.id)) == 1, "nothing was added to the victim's ticket"
+    assert flagged.linked_ticket_id == victim.id
+    assert flagged.triage_reason is not None and why in flagged.triage_reason
+    assert len(sink.received) == before, "nothing is sent to the sender of a flagged mail"
+    assert all(sender not in r.rcpt_tos for r in sink.received[before:])
+
+
+def _set_status(app: App, ticket_id: int, status: str) -> None:
+    from mailbridge.lifecycle import change_status
+    from mailbridge.models import utcnow
+
+    with app.db.unit_of_work() as session:
+        ticket = session.get(Ticket, ticket_id)
+        assert ticket is not None
+        change_status(session, ticket, status, "agent@helpdesk.example", utcnow())
