@@ -8,7 +8,7 @@ compute response times from these.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,9 +24,15 @@ WAITING = {TicketStatus.WAITING_CUSTOMER, TicketStatus.WAITING_THIRD_PARTY}
 
 
 def after_store(
-    session: Session, items: Sequence[Incoming], stored: Sequence[Stored], agents: set[str], now: datetime
+    session: Session,
+    items: Sequence[Incoming],
+    stored: Sequence[Stored],
+    agents: set[str],
+    own_addresses: Collection[str],
+    now: datetime,
 ) -> None:
-    """Participants, history and status changes for mails just stored (new tickets and replies)."""
+    """Participants, history and status changes for mails just stored (new tickets and replies). Everyone
+    a mail of the ticket went to (To and Cc, but not our own mailboxes) takes part in it."""
     statuses = _statuses(session, [s.ticket_id for s in stored if not s.new_ticket])
     people: list[tuple[int, str, str]] = []
     events: list[dict[str, Any]] = []
@@ -34,7 +40,11 @@ def after_store(
     for item, result in zip(items, stored, strict=True):
         sender = contact_key(item.mail.sender or UNKNOWN_SENDER)
         ticket = result.ticket_id
-        people += [(ticket, contact_key(a), ParticipantRole.CC) for a in item.mail.cc]
+        people += [
+            (ticket, address, ParticipantRole.CC)
+            for a in (*item.mail.to, *item.mail.cc)
+            if (address := contact_key(a)) not in own_addresses
+        ]
         if result.new_ticket:
             people.append((ticket, sender, ParticipantRole.CUSTOMER))
             events.append(_event(ticket, now, sender, "created", None, TicketStatus.NEW, result.article_id))

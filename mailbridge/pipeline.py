@@ -200,15 +200,20 @@ class Pipeline:
         indices: list[int],
     ) -> dict[int, StoredNew | str]:
         """Store the new mails in one go; if that fails, one by one, so one bad mail cannot sink the rest."""
-        mails = [(batch[i], mail) for i in indices if isinstance(mail := parsed[i], ParsedMail)]
+        mails = {i: (batch[i], mail) for i in indices if isinstance(mail := parsed[i], ParsedMail)}
         try:
             with session.begin_nested():
-                return dict(zip(indices, self._store_and_answer(session, mails), strict=True))
+                outcomes: dict[int, StoredNew | str] = {}
+                # A reply to a mail of the same batch must find that mail's ticket: store in waves.
+                for wave in reply_waves([(i, mail) for i, (_, mail) in mails.items()]):
+                    stored = self._store_and_answer(session, [mails[i] for i in wave])
+                    outcomes.update(zip(wave, stored, strict=True))
+                return outcomes
         except Exception:
             if len(indices) == 1:
                 raise
             log.warning("storing a batch of %d failed; storing its mails one by one", len(indices))
-        outcomes: dict[int, StoredNew | str] = {}
+        outcomes = {}
         for index in indices:
             try:
                 outcomes[index] = self._store_fresh(session, batch, parsed, [index])[index]
@@ -253,7 +258,7 @@ class Pipeline:
                 )
             )
         stored = tickets.store(session, items, self.ticket_settings)
-        lifecycle.after_store(session, items, stored, self.threader.agents, now)
+        lifecycle.after_store(session, items, stored, self.threader.agents, self.answers.own_addresses, now)
         acknowledging = [
             NewTicket(raw, mail, s.ticket_id, s.ticket, s.article_id, plans[i])
             for i, ((raw, mail), s) in enumerate(zip(mails, stored, strict=True))
@@ -303,6 +308,27 @@ class Pipeline:
             item.resolved_article_id = stored.article_id
             receipts.resolve_quarantined(session, item.id, outcome, stored.article_id)
             return Result(raw, outcome, stored.ticket, stored.article_id, message_id=parsed.message_id)
+
+
+def reply_waves(mails: Sequence[tuple[int, ParsedMail]]) -> list[list[int]]:
+    """Indices in waves: each mail comes after the mails of the batch it refers to (In-Reply-To,
+    References), so threading finds them stored. Most batches are one wave."""
+    by_id = {mail.message_id: index for index, mail in mails if mail.message_id}
+    parents = {
+        index: {by_id[ref] for ref in (mail.in_reply_to, *mail.references) if ref in by_id and by_id[ref] != index}
+        for index, mail in mails
+    }
+    waves: list[list[int]] = []
+    done: set[int] = set()
+    todo = [index for index, _ in mails]
+    while todo:
+        wave = [index for index in todo if parents[index] <= done]
+        if not wave:  # a reference cycle (forged headers): store the rest together
+            wave = todo
+        waves.append(wave)
+        done.update(wave)
+        todo = [index for index in todo if index not in done]
+    return waves
 
 
 @dataclass(frozen=True, slots=True)

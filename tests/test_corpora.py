@@ -217,3 +217,74 @@ async def test_corpora_loop_prevention_answers_people_only(tmp_path: Path, repor
     assert max(acked.values()) == 1, "one acknowledgement per ticket"
     assert len(sink.received) == len(acked)
     assert "(no reason recorded)" not in unanswered_people
+
+
+async def test_corpora_threads_land_on_their_ticket_and_strangers_are_kept_out(
+    tmp_path: Path, report: Callable[[str], None]
+) -> None:
+    """notmuch's real mailing-list threads, in date order: a message whose References chain is intact and
+    whose sender took part in the thread earlier lands on the thread's ticket; anyone else gets a linked,
+    flagged ticket."""
+    import email.utils
+
+    from sqlalchemy import select
+
+    from mailbridge.models import Article, Ticket
+    from tests.imap_env import make_app
+
+    root = CORPORA / "threads-notmuch"
+    labels = json.loads((root / "labels.json").read_text(encoding="utf-8"))
+    mails = []
+    for rel, label in labels.items():
+        raw = (root / rel).read_bytes()
+        message = email.message_from_bytes(raw)
+        date = email.utils.parsedate_to_datetime(message["Date"]) if message["Date"] else None
+        people = {a.lower() for _, a in email.utils.getaddresses(message.get_all("To", []) + message.get_all("Cc", []))}
+        sender = email.utils.parseaddr(message.get("From", ""))[1].lower()
+        mails.append((date.timestamp() if date else 0.0, rel, label, raw, sender, people))
+    mails.sort(key=lambda m: (m[0], m[1]))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for index, (*_, raw, _sender, _people) in enumerate(mails):
+        (folder / f"{index:05d}.eml").write_bytes(raw)
+    app = make_app(tmp_path, [{"type": "maildir", "name": "lists", "path": str(tmp_path / "md"), "acknowledge": False}])
+    try:
+        summary = await app.ingest([folder], mailbox="lists")
+        with app.db.reader() as session:
+            ticket_of = {a.raw_sha256: a.ticket_id for a in session.scalars(select(Article))}
+            flagged = {t.id: t.linked_ticket_id for t in session.scalars(select(Ticket)) if t.triage_reason}
+    finally:
+        app.close()
+    # A chain is intact when every mail it names was seen, back to the thread's first mail (a mail that
+    # names only mails nobody has starts a conversation of its own).
+    rooted: set[str] = set()
+    taking_part: dict[str, set[str]] = {}
+    thread_ticket: dict[str, int] = {}
+    followers = landed = strangers = kept_out = 0
+    for _, _rel, label, raw, sender, people in mails:
+        thread, ticket = label["thread"], ticket_of.get(hashlib.sha256(raw).hexdigest())
+        if ticket is None:
+            continue  # a duplicate of another file
+        parents = [m for m in [*label["in_reply_to"], *label["references"]] if m]
+        intact = bool(parents) and all(p in rooted for p in parents)
+        if thread not in thread_ticket:
+            thread_ticket[thread] = ticket
+            rooted.add(label["message_id"])
+        elif intact and sender in taking_part.get(thread, set()):
+            followers += 1
+            landed += ticket == thread_ticket[thread]
+            rooted.add(label["message_id"])
+        else:
+            if intact:
+                strangers += 1
+                kept_out += ticket != thread_ticket[thread] and flagged.get(ticket) is not None
+            continue  # a stranger's own mail does not make anyone a participant (a human triages it)
+        taking_part.setdefault(thread, set()).update({sender, *people})
+    report(
+        f"threads: {summary.replies} replies stored on tickets; {landed}/{followers} follow-ups by participants "
+        f"landed on their thread's ticket ({landed / max(1, followers):.1%}); {kept_out}/{strangers} follow-ups by "
+        f"others became linked, flagged tickets"
+    )
+    assert followers > 80
+    assert landed >= 0.99 * followers
+    assert kept_out == strangers

@@ -153,10 +153,10 @@ class Threader:
         for index, mail in enumerate(mails):
             if claims[index] is not None and claims[index].proven:  # type: ignore[union-attr]
                 continue
-            found = next((i for i in inbound[index] if i in by_message_id), None)
+            found = _conversation_ticket(inbound[index], by_message_id)
             if found is not None:
                 if claims[index] is None:
-                    claims[index] = _Claim(by_message_id[found], f"it answers <{found}>, a mail on a ticket", False)
+                    claims[index] = _Claim(by_message_id[found][0], f"it answers <{found}>, a mail on a ticket", False)
                 continue
             if claims[index] is not None:
                 continue
@@ -213,9 +213,25 @@ def _participants(session: Session, ticket_ids: Collection[int]) -> dict[int, se
     return found
 
 
-def _articles_by_message_id(session: Session, message_ids: Collection[str]) -> dict[str, int]:
-    found: dict[str, int] = {}
+def _conversation_ticket(ids: Sequence[str], known: dict[str, tuple[int, bool]]) -> str | None:
+    """Of the mails a mail refers to, the one whose ticket carries the conversation: a ticket not flagged
+    for triage before a flagged one (a reply to a stranger's mail still belongs to the thread), and the
+    root of the References chain before its later mails."""
+    found = [i for i in ids if i in known]
+    if not found:
+        return None
+    root_first = list(reversed(found))
+    return next((i for i in root_first if not known[i][1]), root_first[0])
+
+
+def _articles_by_message_id(session: Session, message_ids: Collection[str]) -> dict[str, tuple[int, bool]]:
+    """Message-ID -> (ticket id, whether that ticket is flagged for triage)."""
+    found: dict[str, tuple[int, bool]] = {}
     for chunk in chunked(sorted(set(message_ids))):
-        rows = session.execute(select(Article.message_id, Article.ticket_id).where(Article.message_id.in_(chunk)))
-        found.update({message_id: ticket_id for message_id, ticket_id in rows if message_id})
+        rows = session.execute(
+            select(Article.message_id, Article.ticket_id, Ticket.triage_reason)
+            .join(Ticket, Ticket.id == Article.ticket_id)
+            .where(Article.message_id.in_(chunk))
+        )
+        found.update({mid: (ticket, flag is not None) for mid, ticket, flag in rows if mid})
     return found
