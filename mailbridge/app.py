@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from mailbridge.agents import AgentDesk
 from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
 from mailbridge.db import Database
 from mailbridge.ingest.files import IMPORT_MAILBOX, read_paths
@@ -81,7 +82,11 @@ class App:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        return Pipeline(self.db, self.parser, self.settings.tickets, self.threader, self.answers)
+        return Pipeline(self.db, self.parser, self.settings.tickets, self.threader, self.answers, self.desk)
+
+    @cached_property
+    def desk(self) -> AgentDesk:
+        return AgentDesk(self.settings, self.renderer, self.threading_secret, self.answers.own_addresses)
 
     @cached_property
     def threading_secret(self) -> bytes:

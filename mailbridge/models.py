@@ -76,7 +76,8 @@ class TicketStatus(enum.StrEnum):
 
 class Direction(enum.StrEnum):
     INBOUND = "inbound"
-    OUTBOUND = "outbound"
+    OUTBOUND = "outbound"  # an agent's answer, relayed to the customer
+    NOTE = "note"  # an agent's internal note (#note): never sent
 
 
 class Outcome(enum.StrEnum):
@@ -123,6 +124,9 @@ class Ticket(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column()
+    first_response_at: Mapped[datetime | None] = mapped_column()  # the first agent answer relayed
+    owner: Mapped[str | None] = mapped_column(String(320))  # an agent's address
+    priority: Mapped[str | None] = mapped_column(String(8))  # P1 … P4
     # The ticket a mail claimed to belong to, when it could not be let in (a stranger), or the closed
     # ticket a late reply continues.
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))

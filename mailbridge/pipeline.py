@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from mailbridge import lifecycle, receipts, tickets
+from mailbridge.agents import AgentDesk
 from mailbridge.config import TicketSettings
 from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
@@ -54,12 +55,14 @@ class Pipeline:
         ticket_settings: TicketSettings,
         threader: Threader,
         answers: Acknowledger,
+        desk: AgentDesk,
     ) -> None:
         self.db = db
         self.parser = parser
         self.ticket_settings = ticket_settings
         self.threader = threader
         self.answers = answers
+        self.desk = desk
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
@@ -164,6 +167,8 @@ class Pipeline:
                             article_id=outcome.stored.article_id,
                         )
                     )
+                elif isinstance(outcome, Refused):
+                    results[index] = self._quarantine(session, batch[index], "agent", outcome.reason, False, new)
                 else:
                     results[index] = self._quarantine(session, batch[index], "store", outcome, True, new)
             for index, mail in enumerate(parsed):  # the same mail twice in one batch
@@ -198,12 +203,12 @@ class Pipeline:
         batch: Sequence[RawMail],
         parsed: Sequence[ParsedMail | ParseFailure],
         indices: list[int],
-    ) -> dict[int, StoredNew | str]:
+    ) -> dict[int, StoredNew | Refused | str]:
         """Store the new mails in one go; if that fails, one by one, so one bad mail cannot sink the rest."""
         mails = {i: (batch[i], mail) for i in indices if isinstance(mail := parsed[i], ParsedMail)}
         try:
             with session.begin_nested():
-                outcomes: dict[int, StoredNew | str] = {}
+                outcomes: dict[int, StoredNew | Refused | str] = {}
                 # A reply to a mail of the same batch must find that mail's ticket: store in waves.
                 for wave in reply_waves([(i, mail) for i, (_, mail) in mails.items()]):
                     stored = self._store_and_answer(session, [mails[i] for i in wave])
@@ -222,14 +227,26 @@ class Pipeline:
                 outcomes[index] = f"{type(exc).__name__}: {exc}"
         return outcomes
 
-    def _store_and_answer(self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail]]) -> list[StoredNew]:
+    def _store_and_answer(
+        self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail]]
+    ) -> list[StoredNew | Refused]:
         """classify -> thread -> store -> lifecycle -> notify, for mails we have not stored before."""
         now = utcnow()
         verdicts = [self.answers.classify(mail) for _, mail in mails]
         threads = self.threader.resolve(session, [mail for _, mail in mails], now)
         machine = [i for i, verdict in enumerate(verdicts) if verdict.kind is not MailKind.HUMAN]
         answered = dict(zip(machine, find_our_mails(session, [mails[i][1] for i in machine]), strict=True))
-        opening = [i for i, thread in enumerate(threads) if not thread.is_reply and thread.triage_reason is None]
+        agent_mail = {i for i, (_, mail) in enumerate(mails) if self.desk.is_agent(mail)}
+        refused = {
+            i: self.desk.refuse(session, mails[i][0].mailbox, mails[i][1], now)
+            for i in agent_mail
+            if not threads[i].is_reply
+        }
+        opening = [
+            i
+            for i, thread in enumerate(threads)
+            if not thread.is_reply and thread.triage_reason is None and i not in agent_mail
+        ]
         plans = dict(
             zip(
                 opening,
@@ -238,7 +255,9 @@ class Pipeline:
             )
         )
         items: list[tickets.Incoming] = []
-        for index, (raw, mail) in enumerate(mails):
+        kept = [i for i in range(len(mails)) if i not in refused]
+        for index in kept:
+            raw, mail = mails[index]
             verdict, thread = verdicts[index], threads[index]
             if index in plans:
                 reason = plans[index].no_answer_reason
@@ -257,22 +276,29 @@ class Pipeline:
                     triage_reason=thread.triage_reason,
                 )
             )
-        stored = tickets.store(session, items, self.ticket_settings)
-        lifecycle.after_store(session, items, stored, self.threader.agents, self.answers.own_addresses, now)
+        stored_kept = tickets.store(session, items, self.ticket_settings)
+        lifecycle.after_store(session, items, stored_kept, self.threader.agents, self.answers.own_addresses, now)
+        stored = dict(zip(kept, stored_kept, strict=True))
+        for index in sorted(agent_mail - set(refused)):
+            raw, mail = mails[index]
+            self.desk.answer(session, raw.mailbox, stored[index].ticket_id, stored[index].article_id, mail, now)
         acknowledging = [
-            NewTicket(raw, mail, s.ticket_id, s.ticket, s.article_id, plans[i])
-            for i, ((raw, mail), s) in enumerate(zip(mails, stored, strict=True))
+            NewTicket(*mails[i], stored[i].ticket_id, stored[i].ticket, stored[i].article_id, plans[i])
+            for i in kept
             if i in plans and plans[i].to
         ]
         acknowledged = set(self.answers.enqueue(session, acknowledging, now))
         for index, ours in answered.items():
-            if ours is not None and _returns_for_good(mails[index][1], verdicts[index].kind):
+            if ours is not None and index in stored and _returns_for_good(mails[index][1], verdicts[index].kind):
                 ours.status = OutboxStatus.BOUNCED
                 ours.bounced_at = now
                 ours.bounce_article_id = stored[index].article_id
                 ours.last_error = verdicts[index].no_answer_reason
                 log.warning("outbox mail %s bounced", ours.message_id, extra={"ticket": stored[index].ticket})
-        return [StoredNew(s, s.article_id in acknowledged) for s in stored]
+        return [
+            Refused(refused[i]) if i in refused else StoredNew(stored[i], stored[i].article_id in acknowledged)
+            for i in range(len(mails))
+        ]
 
     @staticmethod
     def _quarantine(
@@ -303,7 +329,14 @@ class Pipeline:
                 return Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=parsed.reason)
             existing = tickets.find_articles(session, [parsed.dedup_key]).get(parsed.dedup_key)
             outcome = Outcome.DUPLICATE if existing else Outcome.STORED
-            stored = existing or self._store_and_answer(session, [(raw, parsed)])[0].stored
+            if existing is None:
+                [outcome_of_retry] = self._store_and_answer(session, [(raw, parsed)])
+                if isinstance(outcome_of_retry, Refused):
+                    item.reason = outcome_of_retry.reason
+                    return Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=item.reason)
+                stored = outcome_of_retry.stored
+            else:
+                stored = existing
             item.resolved_at = utcnow()
             item.resolved_article_id = stored.article_id
             receipts.resolve_quarantined(session, item.id, outcome, stored.article_id)
@@ -335,6 +368,14 @@ def reply_waves(mails: Sequence[tuple[int, ParsedMail]]) -> list[list[int]]:
 class StoredNew:
     stored: tickets.Stored
     acknowledged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Not stored as a ticket, for a reason that is not a fault (an agent's mail that answers no ticket):
+    kept in quarantine with its raw bytes."""
+
+    reason: str
 
 
 def _returns_for_good(mail: ParsedMail, kind: MailKind) -> bool:

@@ -35,6 +35,9 @@ def context(language: str) -> dict[str, object]:
         "mailbox": {"name": "support", "address": "support@helpdesk.example", "from_name": "Pomoc"},
         "original": {"subject": "Drukarka <b>", "date": None, "message_id": "q1@example.com"},
         "status": status_context(TicketStatus.OPEN, TicketStatus.CLOSED, language),
+        "agent": {"name": "Agata <admin>", "address": "agata@helpdesk.example"},
+        "reply": "Proszę zrestartować drukarkę MB-000007.\nPozdrawiam <b>",
+        "reference_example": "MB-000123",
     }
 
 
@@ -44,9 +47,13 @@ def test_shipped_templates_render_and_compose(language: str, name: str) -> None:
     renderer = Renderer()
     renderer.check([language])
     rendered = renderer.render(name, language, context(language))
-    assert "[MB-000007]" in rendered.subject and "\n" not in rendered.subject
-    assert "MB-000007" in rendered.text and "MB-000007" in rendered.html
-    assert "<script>" not in rendered.html and "&lt;script&gt;" in rendered.html  # autoescaped
+    assert "\n" not in rendered.subject
+    if name == "agent_unmatched":
+        assert "MB-000123" in rendered.text
+    else:
+        assert "[MB-000007]" in rendered.subject
+        assert "MB-000007" in rendered.text and "MB-000007" in rendered.html
+    assert "<script>" not in rendered.html and "<b>" not in rendered.html  # autoescaped
     if name == "status_changed":
         label = "Zamknięte" if language == "pl" else "Closed"
         assert label in rendered.text and label in rendered.subject

@@ -247,3 +247,87 @@ def _set_status(app: App, ticket_id: int, status: str) -> None:
         ticket = session.get(Ticket, ticket_id)
         assert ticket is not None
         change_status(session, ticket, status, "agent@helpdesk.example", utcnow())
+
+
+# --- agents work by e-mail
+
+AGENT = "agent@helpdesk.example"
+
+
+def agent_mail(answering: bytes, body: str, *, subject: str | None = None) -> bytes:
+    """An agent's reply to the customer's mail (from the shared mailbox), quoting it."""
+    original = email_message(answering)
+    lines = [
+        f"From: Agata <{AGENT}>",
+        f"To: {SUPPORT}",
+        f"Subject: {subject if subject is not None else 'Re: ' + str(original['Subject'])}",
+        f"Message-ID: {make_msgid(domain='helpdesk.example')}",
+        f"In-Reply-To: {original['Message-ID']}",
+        f"References: {original['Message-ID']}",
+    ]
+    quoted = "\n".join("> " + line for line in str(original.get_payload()).splitlines())
+    text = f"{body}\n\nOn Mon, 23 Nov 2026, Anna Nowak <{CUSTOMER}> wrote:\n{quoted}\n"
+    return ("\r\n".join(lines) + "\r\n\r\n" + text.replace("\n", "\r\n")).encode()
+
+
+def email_message(raw: bytes) -> Any:
+    import email
+
+    return email.message_from_bytes(raw)
+
+
+async def test_an_agents_reply_reaches_the_customer_and_the_customers_answer_comes_back(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    customer_mail = sample_mail("Drukarka nie drukuje", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    summary = await deliver(app, tmp_path, agent_mail(customer_mail, "Proszę wyłączyć i włączyć drukarkę."))
+    assert summary["replies"] == 1
+    _ack, relayed = sink.received
+    message = relayed.message
+    assert relayed.rcpt_tos == [CUSTOMER] and relayed.mail_from == SUPPORT
+    assert message["From"].addresses[0].display_name == "Agata (Support)"
+    assert message["From"].addresses[0].addr_spec == SUPPORT
+    assert message["Subject"] == "[MB-000001] Re: Drukarka nie drukuje"
+    assert message["In-Reply-To"] == email_message(customer_mail)["Message-ID"]
+    assert "Auto-Submitted" not in message
+    text = message.get_body(("plain",)).get_content()
+    assert "Proszę wyłączyć i włączyć drukarkę." in text and "> " not in text  # the agent's quote is not sent
+    [ticket] = tickets(app)
+    assert ticket.status == "open" and ticket.first_response_at is not None
+    assert [a.direction for a in articles(app, ticket.id)] == ["inbound", "outbound"]
+    # The customer answers the relayed mail: proven by our signature, on the same ticket.
+    back = await deliver(app, tmp_path, reply(relayed, "Pomogło, dziękuję!"))
+    assert back["replies"] == 1 and len(tickets(app)) == 1
+
+
+async def test_agent_commands_note_status_assign_priority(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    customer_mail = sample_mail("Faktura", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    await deliver(app, tmp_path, agent_mail(customer_mail, "#note\nKlient VIP, sprawdzić umowę."))
+    assert len(sink.received) == 1, "a note is never sent"
+    await deliver(
+        app,
+        tmp_path,
+        agent_mail(customer_mail, "#status waiting\n#assign agent@helpdesk.example\n#priority P2\nProszę o NIP."),
+    )
+    [ticket] = tickets(app)
+    assert (ticket.status, ticket.owner, ticket.priority) == ("waiting_customer", AGENT, "P2")
+    directions = [a.direction for a in articles(app, ticket.id)]
+    assert directions == ["inbound", "note", "outbound"]
+    relayed = sink.received[-1]
+    text = relayed.message.get_body(("plain",)).get_content()
+    assert "Proszę o NIP." in text and "#status" not in text and "#priority" not in text
+
+
+async def test_an_agent_mail_that_answers_no_ticket_is_kept_and_explained(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    lonely = (
+        f"From: Agata <{AGENT}>\r\nTo: {SUPPORT}\r\nSubject: Pytanie\r\nMessage-ID: {make_msgid()}\r\n\r\nHej\r\n"
+    ).encode()
+    summary = await deliver(app, tmp_path, lonely)
+    assert summary == {"read": 1, "stored": 0, "replies": 0, "duplicates": 0, "quarantined": 1}
+    assert tickets(app) == []
+    [bounce_back] = sink.received
+    assert bounce_back.rcpt_tos == [AGENT] and "Pytanie" in str(bounce_back.message["Subject"])

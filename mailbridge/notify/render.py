@@ -24,7 +24,7 @@ from mailbridge.ingest.mail import Address
 from mailbridge.models import TicketStatus, utcnow
 
 SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-TEMPLATES = ("ack", "status_changed", "closed")
+TEMPLATES = ("ack", "status_changed", "closed", "agent_reply", "agent_unmatched")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _MAX_SUBJECT = 500
 _MAX_REFERENCES = 20

@@ -1,0 +1,264 @@
+"""Agents work by e-mail: an agent's reply to a ticket mail is recorded as an outbound article and relayed
+through the outbox to the customer and the ticket's other participants, from the mailbox's address, with
+the ticket reference and threading headers, without the agent's quoted history. Commands on the first
+lines act on the ticket instead: `#note` (an internal note, not relayed), `#status waiting|
+waiting-third-party|open|closed`, `#assign <agent>`, `#priority P1..P4`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from mailbridge.config import Agent, Settings
+from mailbridge.ingest.mail import Address, ParsedMail
+from mailbridge.lifecycle import change_status
+from mailbridge.models import (
+    Article,
+    Contact,
+    Direction,
+    ParticipantRole,
+    Ticket,
+    TicketEvent,
+    TicketParticipant,
+    TicketStatus,
+)
+from mailbridge.notify.outbox import Outgoing, enqueue
+from mailbridge.notify.render import Envelope, Renderer, compose, sendable
+from mailbridge.threading.message_ids import make_message_id
+from mailbridge.tickets import ticket_number
+
+log = logging.getLogger("mailbridge.agents")
+
+STATUS_WORDS = {
+    "open": TicketStatus.OPEN,
+    "waiting": TicketStatus.WAITING_CUSTOMER,
+    "waiting-customer": TicketStatus.WAITING_CUSTOMER,
+    "waiting-third-party": TicketStatus.WAITING_THIRD_PARTY,
+    "closed": TicketStatus.CLOSED,
+    "close": TicketStatus.CLOSED,
+}
+_COMMAND = re.compile(r"^#(note|status|assign|priority)\b[ \t]*(.*)$", re.IGNORECASE)
+_PRIORITY = re.compile(r"^P[1-4]$", re.IGNORECASE)
+
+
+@dataclass
+class Commands:
+    note: bool = False
+    status: str | None = None
+    assign: str | None = None
+    priority: str | None = None
+    problems: list[str] = field(default_factory=list)
+    text: str = ""  # what is left to relay
+
+
+def read_commands(text: str) -> Commands:
+    """Commands are the lines at the very top that start with '#'; the rest is the answer."""
+    commands = Commands()
+    lines = text.strip().splitlines()
+    taken = 0
+    for line in lines:
+        match = _COMMAND.match(line.strip())
+        if match is None:
+            break
+        taken += 1
+        name, argument = match.group(1).lower(), match.group(2).strip()
+        if name == "note":
+            commands.note = True
+        elif name == "status":
+            status = STATUS_WORDS.get(argument.lower())
+            if status is None:
+                commands.problems.append(f"#status {argument}: use open, waiting, waiting-third-party or closed")
+            commands.status = status
+        elif name == "assign":
+            commands.assign = argument.lower() or None
+        elif name == "priority":
+            if _PRIORITY.match(argument):
+                commands.priority = argument.upper()
+            else:
+                commands.problems.append(f"#priority {argument}: use P1, P2, P3 or P4")
+    commands.text = "\n".join(lines[taken:]).strip()
+    return commands
+
+
+class AgentDesk:
+    def __init__(self, settings: Settings, renderer: Renderer, secret: bytes, own_addresses: Collection[str]) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        self.secret = secret
+        self.agents: dict[str, Agent] = {a.address.lower(): a for a in settings.agents}
+        self.own_addresses = set(own_addresses)
+        self.boxes = {box.name: box for box in settings.mailboxes if settings.can_send(box)}
+        self.retry_for = timedelta(hours=settings.outbox.retry_for_hours)
+
+    def is_agent(self, mail: ParsedMail) -> bool:
+        return mail.sender is not None and mail.sender.address.lower() in self.agents
+
+    def answer(
+        self, session: Session, mailbox: str, ticket_id: int, article_id: int, mail: ParsedMail, now: datetime
+    ) -> None:
+        """An agent's mail on a ticket: its commands, then (unless a #note) the relay to the customer."""
+        assert mail.sender is not None
+        agent = self.agents[mail.sender.address.lower()]
+        ticket = session.get(Ticket, ticket_id)
+        article = session.get(Article, article_id)
+        assert ticket is not None and article is not None
+        commands = read_commands(mail.new_text if mail.new_text is not None else mail.text)
+        actor = agent.address.lower()
+        for problem in commands.problems:
+            log.warning("agent %s on %s: %s", actor, ticket.number, problem)
+        if commands.assign is not None:
+            owner = commands.assign if "@" in commands.assign else self._agent_by_name(commands.assign)
+            session.add(
+                TicketEvent(ticket_id=ticket.id, at=now, actor=actor, kind="assign", old=ticket.owner, new=owner)
+            )
+            ticket.owner = owner
+        if commands.priority is not None:
+            session.add(
+                TicketEvent(
+                    ticket_id=ticket.id,
+                    at=now,
+                    actor=actor,
+                    kind="priority",
+                    old=ticket.priority,
+                    new=commands.priority,
+                )
+            )
+            ticket.priority = commands.priority
+        article.new_text = commands.text
+        if commands.note:
+            article.direction = Direction.NOTE
+            article.no_answer_reason = "an internal note (#note): not sent"
+        elif commands.text:
+            article.direction = Direction.OUTBOUND
+            self._relay(session, mailbox, ticket, article, agent, commands.text, now)
+            if ticket.first_response_at is None:
+                ticket.first_response_at = now
+            if commands.status is None and ticket.status == TicketStatus.NEW:
+                change_status(session, ticket, TicketStatus.OPEN, actor, now)
+        if commands.status is not None:
+            change_status(session, ticket, commands.status, actor, now)
+
+    def refuse(self, session: Session, mailbox: str, mail: ParsedMail, now: datetime) -> str:
+        """An agent's mail that answers no ticket: a short explanation back to the agent; returns the reason
+        to keep the mail by (in quarantine, never dropped)."""
+        reason = "an agent's mail that answers no ticket mail: not sent to anyone"
+        box = self.boxes.get(mailbox)
+        if box is None or box.address is None or mail.sender is None:
+            return reason
+        context = {
+            "original": {"subject": mail.subject},
+            "reference_example": ticket_number(self.settings.tickets, 123),
+        }
+        rendered = self.renderer.render("agent_unmatched", box.language, context)
+        message_id = make_message_id(None, self.secret, self.settings.outbox.domain)
+        envelope = Envelope(
+            sender=Address(box.from_name, box.address),
+            to=[mail.sender],
+            message_id=message_id,
+            in_reply_to=mail.message_id,
+            references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
+            loop_id=f"mailbridge@{self.settings.outbox.domain}",
+        )
+        outgoing = Outgoing(
+            None,
+            None,
+            "agent_unmatched",
+            box.name,
+            message_id,
+            box.address,
+            envelope.recipients,
+            rendered.subject,
+            compose(rendered, envelope),
+        )
+        enqueue(session, [outgoing], now, self.retry_for)
+        return reason
+
+    def _relay(
+        self, session: Session, mailbox: str, ticket: Ticket, article: Article, agent: Agent, text: str, now: datetime
+    ) -> None:
+        box = self.boxes.get(ticket.mailbox) or self.boxes.get(mailbox)
+        if box is None or box.address is None:
+            article.no_answer_reason = f"mailbox {ticket.mailbox} sends no mail: the answer was not relayed"
+            log.error("cannot relay the agent's answer on %s: %s", ticket.number, article.no_answer_reason)
+            return
+        to, cc = self._recipients(session, ticket)
+        if not to:
+            article.no_answer_reason = "no customer address to relay the answer to"
+            return
+        thread = list(
+            session.scalars(
+                select(Article.message_id)
+                .where(Article.ticket_id == ticket.id, Article.message_id.is_not(None), Article.id != article.id)
+                .order_by(Article.id)
+            )
+        )
+        last_inbound = session.scalars(
+            select(Article.message_id)
+            .where(Article.ticket_id == ticket.id, Article.direction == Direction.INBOUND, Article.id != article.id)
+            .order_by(Article.id.desc())
+        ).first()
+        context = {
+            "ticket": {
+                "id": ticket.id,
+                "number": ticket.number,
+                "reference": self.settings.tickets.reference(ticket.number or ""),
+                "subject": ticket.subject,
+                "status": ticket.status,
+            },
+            "agent": {"name": agent.name, "address": agent.address},
+            "mailbox": {"name": box.name, "address": box.address, "from_name": box.from_name},
+            "reply": text,
+        }
+        rendered = self.renderer.render("agent_reply", box.language, context)
+        message_id = make_message_id(ticket.id, self.secret, self.settings.outbox.domain)
+        name = f"{agent.name} ({box.from_name})" if agent.name else box.from_name
+        envelope = Envelope(
+            sender=Address(name, box.address),
+            to=to,
+            cc=cc,
+            message_id=message_id,
+            in_reply_to=last_inbound,
+            references=[m for m in thread if m],
+            loop_id=f"mailbridge@{self.settings.outbox.domain}",
+            automatic=False,
+        )
+        outgoing = Outgoing(
+            ticket.id,
+            article.id,
+            "agent_reply",
+            box.name,
+            message_id,
+            box.address,
+            envelope.recipients,
+            rendered.subject,
+            compose(rendered, envelope),
+            automatic=False,
+        )
+        enqueue(session, [outgoing], now, self.retry_for)
+
+    def _recipients(self, session: Session, ticket: Ticket) -> tuple[list[Address], list[Address]]:
+        customer = session.get(Contact, ticket.customer_id)
+        others = session.scalars(
+            select(TicketParticipant.address).where(
+                TicketParticipant.ticket_id == ticket.id, TicketParticipant.role == ParticipantRole.CC
+            )
+        ).all()
+        skip = self.own_addresses | set(self.agents)
+        to = [Address(customer.name, customer.address)] if customer and customer.address not in skip else []
+        to = [a for a in to if sendable(a)]
+        taken = {a.address for a in to}
+        cc = [Address("", a) for a in others if a not in skip and a not in taken and sendable(Address("", a))]
+        return to, cc
+
+    def _agent_by_name(self, name: str) -> str | None:
+        wanted = name.lower().lstrip("@")
+        for address, agent in self.agents.items():
+            if agent.name.lower() == wanted or address.split("@")[0] == wanted:
+                return address
+        return None
