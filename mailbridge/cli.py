@@ -388,6 +388,31 @@ def tickets_status(
     _say(f"{number}: {old} -> {new}" if old else f"{number}: already {new}")
 
 
+@tickets_app.command("merge")
+def tickets_merge(
+    into: Annotated[str, typer.Argument(help="The ticket that stays, e.g. MB-000001.")],
+    other: Annotated[str, typer.Argument(help="The ticket merged into it (closed and linked afterwards).")],
+    config: ConfigOption = None,
+) -> None:
+    """Merge OTHER into INTO: its articles, participants and history move; OTHER is closed and linked."""
+    from sqlalchemy import select
+
+    from mailbridge.lifecycle import merge
+    from mailbridge.models import Ticket, utcnow
+
+    with _app(config) as application, application.db.unit_of_work() as session:
+        found = {t.number: t for t in session.scalars(select(Ticket).where(Ticket.number.in_([into, other])))}
+        missing = [n for n in (into, other) if n not in found]
+        if missing:
+            typer.echo(f"error: no ticket {', '.join(missing)}", err=True)
+            raise typer.Exit(1)
+        if into == other:
+            typer.echo("error: a ticket cannot be merged into itself", err=True)
+            raise typer.Exit(2)
+        moved = merge(session, found[into], found[other], "cli", utcnow())
+    _say(f"{other} merged into {into}: {moved} article(s) moved; {other} is closed and links to {into}")
+
+
 @quarantine_app.command("list")
 def quarantine_list(
     config: ConfigOption = None,

@@ -12,11 +12,20 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.db import chunked
-from mailbridge.models import MailKind, ParticipantRole, Ticket, TicketEvent, TicketParticipant, TicketStatus
+from mailbridge.models import (
+    Article,
+    MailKind,
+    OutboxMail,
+    ParticipantRole,
+    Ticket,
+    TicketEvent,
+    TicketParticipant,
+    TicketStatus,
+)
 from mailbridge.tickets import UNKNOWN_SENDER, Incoming, Stored, contact_key
 
 SYSTEM = "mailbridge"
@@ -110,3 +119,26 @@ def _add_participants(session: Session, people: list[tuple[int, str, str]], now:
     ]
     if new:
         session.execute(insert(TicketParticipant), new)
+
+
+def merge(session: Session, into: Ticket, source: Ticket, actor: str, now: datetime) -> int:
+    """Move `source`'s articles, participants and history onto `into`; `source` is closed and links to it.
+    Returns how many articles moved."""
+    if into.id == source.id:
+        raise ValueError("a ticket cannot be merged into itself")
+    moved = len(session.scalars(select(Article.id).where(Article.ticket_id == source.id)).all())
+    session.execute(update(Article).where(Article.ticket_id == source.id).values(ticket_id=into.id))
+    session.execute(update(TicketEvent).where(TicketEvent.ticket_id == source.id).values(ticket_id=into.id))
+    session.execute(update(OutboxMail).where(OutboxMail.ticket_id == source.id).values(ticket_id=into.id))
+    theirs = session.execute(
+        select(TicketParticipant.address, TicketParticipant.role).where(TicketParticipant.ticket_id == source.id)
+    ).all()
+    _add_participants(session, [(into.id, address, role) for address, role in theirs], now)
+    session.execute(delete(TicketParticipant).where(TicketParticipant.ticket_id == source.id))
+    session.add(TicketEvent(ticket_id=into.id, at=now, actor=actor, kind="merged", old=source.number, new=into.number))
+    change_status(session, source, TicketStatus.CLOSED, actor, now)
+    source.linked_ticket_id = into.id
+    source.triage_reason = None
+    session.add(TicketEvent(ticket_id=source.id, at=now, actor=actor, kind="merged_into", old=None, new=into.number))
+    into.updated_at = now
+    return moved

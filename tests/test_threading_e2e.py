@@ -331,3 +331,38 @@ async def test_an_agent_mail_that_answers_no_ticket_is_kept_and_explained(
     assert tickets(app) == []
     [bounce_back] = sink.received
     assert bounce_back.rcpt_tos == [AGENT] and "Pytanie" in str(bounce_back.message["Subject"])
+
+
+async def test_triage_merge_and_status_from_the_cli(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    """A stranger's follow-up is flagged; the admin finds it is the customer's colleague and merges it."""
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    ack = await opened_ticket(app, tmp_path, sink)
+    await deliver(
+        app,
+        tmp_path,
+        reply(ack, "Piszę z drugiego adresu.", sender="anna@prywatny.example", references=False, in_reply_to=False),
+    )
+    victim, flagged = tickets(app)
+    assert flagged.triage_reason is not None
+    config = str(tmp_path / "mailbridge.yaml")
+    runner = CliRunner()
+    merged = runner.invoke(cli, ["tickets", "merge", victim.number or "", flagged.number or "", "--config", config])
+    assert merged.exit_code == 0, merged.output
+    status = runner.invoke(cli, ["tickets", "status", victim.number or "", "waiting", "--config", config])
+    assert status.exit_code == 0 and "new -> waiting_customer" in status.output
+    first, second = tickets(app)
+    assert len(articles(app, first.id)) == 2 and articles(app, second.id) == []
+    assert (second.status, second.linked_ticket_id, second.triage_reason) == ("closed", first.id, None)
+    assert first.status == "waiting_customer"
+    # The second address now takes part: its next mail with the subject reference lands on the ticket.
+    again = await deliver(
+        app,
+        tmp_path,
+        reply(ack, "I jeszcze jedno.", sender="anna@prywatny.example", references=False, in_reply_to=False),
+    )
+    assert again["replies"] == 1
+    shown = runner.invoke(cli, ["tickets", "show", first.number or "", "--config", config])
+    assert "merged" in shown.output and "waiting_customer -> open" in shown.output
