@@ -30,6 +30,7 @@ from mailbridge.models import (
 )
 from mailbridge.notify.outbox import Outgoing, enqueue
 from mailbridge.notify.render import Envelope, Renderer, compose, sendable
+from mailbridge.notify.status import StatusMailer
 from mailbridge.threading.message_ids import make_message_id
 from mailbridge.tickets import ticket_number
 
@@ -87,7 +88,15 @@ def read_commands(text: str) -> Commands:
 
 
 class AgentDesk:
-    def __init__(self, settings: Settings, renderer: Renderer, secret: bytes, own_addresses: Collection[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        renderer: Renderer,
+        secret: bytes,
+        own_addresses: Collection[str],
+        status_mailer: StatusMailer,
+    ) -> None:
+        self.status_mailer = status_mailer
         self.settings = settings
         self.renderer = renderer
         self.secret = secret
@@ -142,7 +151,9 @@ class AgentDesk:
             if commands.status is None and ticket.status == TicketStatus.NEW:
                 change_status(session, ticket, TicketStatus.OPEN, actor, now)
         if commands.status is not None:
-            change_status(session, ticket, commands.status, actor, now)
+            old = change_status(session, ticket, commands.status, actor, now)
+            if old is not None:
+                self.status_mailer.changed(session, ticket, old, commands.status, now)
 
     def refuse(self, session: Session, mailbox: str, mail: ParsedMail, now: datetime) -> str:
         """An agent's mail that answers no ticket: a short explanation back to the agent; returns the reason

@@ -27,6 +27,7 @@ from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
 from mailbridge.notify.sender import OutboxSender
 from mailbridge.notify.sender_process import SenderProcess
+from mailbridge.notify.status import StatusMailer
 from mailbridge.pipeline import Pipeline, Result
 from mailbridge.threading.resolve import Threader
 
@@ -86,7 +87,13 @@ class App:
 
     @cached_property
     def desk(self) -> AgentDesk:
-        return AgentDesk(self.settings, self.renderer, self.threading_secret, self.answers.own_addresses)
+        return AgentDesk(
+            self.settings, self.renderer, self.threading_secret, self.answers.own_addresses, self.status_mailer
+        )
+
+    @cached_property
+    def status_mailer(self) -> StatusMailer:
+        return StatusMailer(self.settings, self.renderer, self.threading_secret)
 
     @cached_property
     def threading_secret(self) -> bytes:

@@ -385,7 +385,11 @@ def tickets_status(
             typer.echo(f"error: no ticket {number}", err=True)
             raise typer.Exit(1)
         old = change_status(session, ticket, new, "cli", utcnow())
-    _say(f"{number}: {old} -> {new}" if old else f"{number}: already {new}")
+        mailed = old is not None and application.status_mailer.changed(session, ticket, old, new, utcnow())
+    _say(
+        (f"{number}: {old} -> {new}" if old else f"{number}: already {new}")
+        + (" (status mail queued)" if mailed else "")
+    )
 
 
 @tickets_app.command("merge")

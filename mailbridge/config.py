@@ -122,6 +122,7 @@ class _Answering(_Strict):
     acknowledge: bool = True
     acknowledge_cc: bool = False  # the customer's Cc's get the acknowledgement too
     acknowledge_backlog: bool = False  # mail already in the mailbox before its first run
+    status_mails: bool = False  # tell the customer when an agent changes the ticket's status (or closes it)
     rate_limit: RateLimit = RateLimit()
     smtp: SmtpServer | None = None  # default: the top-level smtp
 

@@ -366,3 +366,44 @@ async def test_triage_merge_and_status_from_the_cli(app: App, tmp_path: Path, si
     assert again["replies"] == 1
     shown = runner.invoke(cli, ["tickets", "show", first.number or "", "--config", config])
     assert "merged" in shown.output and "waiting_customer -> open" in shown.output
+
+
+async def test_status_mails_where_the_mailbox_asks_for_them(tmp_path: Path, sink: SmtpSink) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    app = make_app(
+        tmp_path,
+        [
+            {
+                "type": "maildir",
+                "name": "support",
+                "path": str(tmp_path / "md"),
+                "address": SUPPORT,
+                "language": "pl",
+                "status_mails": True,
+            }
+        ],
+        smtp=sink.config(),
+        outbox={"domain": "helpdesk.example"},
+        agents=[{"address": AGENT, "name": "Agata"}],
+    )
+    try:
+        customer_mail = sample_mail("Router", sender=CUSTOMER)
+        await deliver(app, tmp_path, customer_mail)
+        result = CliRunner().invoke(
+            cli, ["tickets", "status", "MB-000001", "waiting", "--config", str(tmp_path / "mailbridge.yaml")]
+        )
+        assert result.exit_code == 0 and "status mail queued" in result.output
+        await app.sender.deliver_due()
+        await deliver(app, tmp_path, agent_mail(customer_mail, "#status closed\nRozwiązane: wymiana routera."))
+    finally:
+        app.close()
+    _ack, waiting, *last_two = sink.received  # the relay and the status mail go out side by side
+    assert waiting.rcpt_tos == [CUSTOMER] and "Czeka na Twoją odpowiedź" in str(waiting.message["Subject"])
+    closed = next(r for r in last_two if "Zamknięte" in str(r.message["Subject"]))
+    relayed = next(r for r in last_two if r is not closed)
+    assert "Rozwiązane" in relayed.message.get_body(("plain",)).get_content()
+    assert str(closed.message["Subject"]).startswith("[MB-000001] Zamknięte")
+    assert closed.message["Auto-Submitted"] == "auto-replied"
