@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import email
+import email.message
 import hashlib
 import json
 import os
@@ -67,6 +69,8 @@ SUPPORT_ADDRESS = "support@bench.example"
 # The variant key `acks=true`: the mailbox acknowledges every new ticket (backlog included) through the
 # outbox to the benchmark's SMTP sink, with no rate limit in the way.
 ACKS_KEY = "acks"
+# The variant key `replies=true`: half of the mails are replies to the other half (threading's cost).
+REPLIES_KEY = "replies"
 MAILBOX_NAME = "support"
 PASSWORD = "bench-secret"
 SAMPLE_INTERVAL = 0.05
@@ -148,6 +152,47 @@ def ensure_corpus(cache_root: Path, count: int, seed: int) -> Corpus:
     tmp.rename(path)
     log(f"generated {count} mails, {total / 1e6:.1f} MB, in {time.perf_counter() - started:.1f} s")
     return Corpus(path, count, seed, total)
+
+
+def ensure_reply_corpus(base: Corpus) -> Corpus:
+    """The same N mails, every second one made a reply to the one before it: its sender, "Re: [MB-…] "
+    and the subject, In-Reply-To and References. In a fresh database mail 2k opens ticket k + 1, so the
+    subject tags name the right tickets."""
+    path = base.path.with_name(base.path.name + "-replies")
+    marker = path / CORPUS_MARKER
+    fingerprint = f"{_generator_fingerprint()}-replies-1"
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads(marker.read_text())
+        if meta.get("generator") == fingerprint and meta.get("count") == base.count:
+            log(f"reusing {base.count} cached mails with replies in {path}")
+            return Corpus(path, base.count, base.seed, int(meta["total_bytes"]))
+    log(f"making every second mail of {base.path.name} a reply ...")
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = base.files()
+    total = 0
+    parent: email.message.Message | None = None
+    for index, file in enumerate(files):
+        raw = file.read_bytes()
+        if index % 2 == 0:
+            parent = email.message_from_bytes(raw)
+        else:
+            assert parent is not None
+            message = email.message_from_bytes(raw)
+            for name in ("From", "Subject", "In-Reply-To", "References"):
+                del message[name]
+            message["From"] = str(parent["From"])
+            message["Subject"] = f"Re: [MB-{index // 2 + 1:06d}] {parent['Subject']}"
+            message["In-Reply-To"] = str(parent["Message-ID"])
+            message["References"] = str(parent["Message-ID"])
+            raw = message.as_bytes()
+        (tmp / file.name).write_bytes(raw)
+        total += len(raw)
+    (tmp / CORPUS_MARKER).write_text(json.dumps({"count": base.count, "total_bytes": total, "generator": fingerprint}))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return Corpus(path, base.count, base.seed, total)
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -402,6 +447,8 @@ def write_config(
         "mailboxes": [mailbox] if mailbox else [],
     }
     for key, value in variant.overrides.items():
+        if key == REPLIES_KEY:
+            continue
         if key == ACKS_KEY:
             if value and mailbox is not None:
                 if sink is None:
@@ -639,6 +686,9 @@ class Bench:
     # --- the benchmarks ------------------------------------------------------------------------
 
     def run_imap(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
+        replies = bool(variant.overrides.get(REPLIES_KEY))
+        if replies:
+            corpus = ensure_reply_corpus(corpus)
         run_dir = self._run_dir("imap")
         load = os.getloadavg()[0]
         started = time.perf_counter()
@@ -674,6 +724,8 @@ class Bench:
             if sink is not None:
                 self._check_delivered(sink, received_before, corpus.count, m)
             intake = corpus.count / max(0.001, _last_ticket_epoch(run_dir / "data" / "mailbridge.db") - m.started_epoch)
+            if replies:
+                _check_threaded(run_dir / "data" / "mailbridge.db", corpus.count)
             failed = False
         finally:
             self._cleanup(run_dir, failed=failed)
@@ -807,9 +859,19 @@ class Bench:
 # ------------------------------------------------------------------------------------- reporting
 
 
+def _check_threaded(db: Path, count: int) -> None:
+    with sqlite3.connect(db) as conn:
+        tickets = conn.execute("select count(*) from tickets").fetchone()[0]
+        articles = conn.execute("select count(*) from articles").fetchone()[0]
+    if tickets != (count + 1) // 2 or articles != count:
+        raise BenchError(f"threading went wrong: {tickets} tickets and {articles} articles for {count} mails")
+
+
 def _last_ticket_epoch(db: Path) -> float:
     with sqlite3.connect(db) as conn:
-        value = conn.execute("select max(created_at) from tickets").fetchone()[0]
+        value = conn.execute(
+            "select max(coalesce(a.created_at, t.created_at)) from tickets t left join articles a on a.ticket_id = t.id"
+        ).fetchone()[0]
     stamp = datetime.fromisoformat(str(value))
     return (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
 
