@@ -67,7 +67,8 @@ def after_store(
         if item.kind == MailKind.HUMAN and sender not in agents and (old in WAITING or old == TicketStatus.CLOSED):
             events.append(_event(ticket, now, sender, "status", old, TicketStatus.OPEN, result.article_id))
             changes[ticket] = TicketStatus.OPEN
-    _add_participants(session, people, now)
+    fresh = {s.ticket_id for s in stored if s.new_ticket}
+    _add_participants(session, people, now, new_tickets=fresh)
     if events:
         session.execute(insert(TicketEvent), events)
     for ticket, status in changes.items():
@@ -99,7 +100,9 @@ def _statuses(session: Session, ticket_ids: Sequence[int]) -> dict[int, str]:
     return found
 
 
-def _add_participants(session: Session, people: list[tuple[int, str, str]], now: datetime) -> None:
+def _add_participants(
+    session: Session, people: list[tuple[int, str, str]], now: datetime, new_tickets: Collection[int] = ()
+) -> None:
     wanted: dict[tuple[int, str], str] = {}
     for ticket, address, role in people:
         if address and "@" in address:
@@ -107,7 +110,8 @@ def _add_participants(session: Session, people: list[tuple[int, str, str]], now:
     if not wanted:
         return
     existing: set[tuple[int, str]] = set()
-    for chunk in chunked(sorted({t for t, _ in wanted})):
+    # Tickets opened in this transaction have no participants yet: no need to look.
+    for chunk in chunked(sorted({t for t, _ in wanted if t not in new_tickets})):
         rows = session.execute(
             select(TicketParticipant.ticket_id, TicketParticipant.address).where(TicketParticipant.ticket_id.in_(chunk))
         )

@@ -160,9 +160,11 @@ class Threader:
                 continue
             if claims[index] is not None:
                 continue
-            match = self._subject_ref.search(mail.subject) or self._footer_ref.search(mail.text)
+            match = self._subject_ref.search(mail.subject)
+            where = "subject"
+            if match is None and "[" in mail.text:
+                match, where = self._footer_ref.search(mail.text), "quoted footer"
             if match is not None:
-                where = "subject" if self._subject_ref.search(mail.subject) else "quoted footer"
                 numbers[index] = (int(match.group(1)), where)
         if numbers:
             for index, (number, where) in numbers.items():
