@@ -32,6 +32,7 @@ from mailbridge.notify.outbox import Outgoing, enqueue
 from mailbridge.notify.render import Envelope, Renderer, compose, sendable
 from mailbridge.notify.status import StatusMailer
 from mailbridge.threading.message_ids import make_message_id
+from mailbridge.threading.reply_text import new_text
 from mailbridge.tickets import ticket_number
 
 log = logging.getLogger("mailbridge.agents")
@@ -117,7 +118,8 @@ class AgentDesk:
         ticket = session.get(Ticket, ticket_id)
         article = session.get(Article, article_id)
         assert ticket is not None and article is not None
-        commands = read_commands(mail.new_text if mail.new_text is not None else mail.text)
+        # The parser only looks for quoted history in replies to our mails; an agent's is always needed.
+        commands = read_commands(mail.new_text if mail.new_text is not None else new_text(mail.text))
         actor = agent.address.lower()
         for problem in commands.problems:
             log.warning("agent %s on %s: %s", actor, ticket.number, problem)
