@@ -33,6 +33,7 @@ from mailbridge.notify.render import Envelope, Renderer, compose, sendable
 from mailbridge.notify.status import StatusMailer
 from mailbridge.threading.message_ids import make_message_id
 from mailbridge.threading.reply_text import new_text
+from mailbridge.threading.resolve import Threader
 from mailbridge.tickets import ticket_number
 
 log = logging.getLogger("mailbridge.agents")
@@ -96,8 +97,10 @@ class AgentDesk:
         secret: bytes,
         own_addresses: Collection[str],
         status_mailer: StatusMailer,
+        threader: Threader,
     ) -> None:
         self.status_mailer = status_mailer
+        self.threader = threader
         self.settings = settings
         self.renderer = renderer
         self.secret = secret
@@ -107,7 +110,7 @@ class AgentDesk:
         self.retry_for = timedelta(hours=settings.outbox.retry_for_hours)
 
     def is_agent(self, mail: ParsedMail) -> bool:
-        return mail.sender is not None and mail.sender.address.lower() in self.agents
+        return self.threader.is_agent(mail)
 
     def answer(
         self, session: Session, mailbox: str, ticket_id: int, article_id: int, mail: ParsedMail, now: datetime

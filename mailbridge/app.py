@@ -88,7 +88,12 @@ class App:
     @cached_property
     def desk(self) -> AgentDesk:
         return AgentDesk(
-            self.settings, self.renderer, self.threading_secret, self.answers.own_addresses, self.status_mailer
+            self.settings,
+            self.renderer,
+            self.threading_secret,
+            self.answers.own_addresses,
+            self.status_mailer,
+            self.threader,
         )
 
     @cached_property
@@ -160,6 +165,11 @@ class App:
         for box in self.settings.mailboxes:
             if box.acknowledge and not self.settings.can_send(box):
                 log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)
+        if self.settings.agents and not self.settings.threading.trusted_authserv_ids:
+            log.warning(
+                "agents are recognised by their From address alone; set threading.trusted_authserv_ids so that "
+                "only mail that passed DMARC at your own servers can act as an agent"
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""

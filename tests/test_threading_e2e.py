@@ -254,10 +254,16 @@ def _set_status(app: App, ticket_id: int, status: str) -> None:
 AGENT = "agent@helpdesk.example"
 
 
-def agent_mail(answering: bytes, body: str, *, subject: str | None = None) -> bytes:
-    """An agent's reply to the customer's mail (from the shared mailbox), quoting it."""
+AGENT_PASSED_DMARC = (
+    "Authentication-Results: mx.helpdesk.example; dkim=pass; spf=pass; dmarc=pass header.from=helpdesk.example"
+)
+
+
+def agent_mail(answering: bytes, body: str, *, subject: str | None = None, authenticated: bool = True) -> bytes:
+    """An agent's reply to the customer's mail (from the shared mailbox), quoting it; checked by our MX."""
     original = email_message(answering)
     lines = [
+        *([AGENT_PASSED_DMARC] if authenticated else []),
         f"From: Agata <{AGENT}>",
         f"To: {SUPPORT}",
         f"Subject: {subject if subject is not None else 'Re: ' + str(original['Subject'])}",
@@ -324,7 +330,8 @@ async def test_an_agent_mail_that_answers_no_ticket_is_kept_and_explained(
     app: App, tmp_path: Path, sink: SmtpSink
 ) -> None:
     lonely = (
-        f"From: Agata <{AGENT}>\r\nTo: {SUPPORT}\r\nSubject: Pytanie\r\nMessage-ID: {make_msgid()}\r\n\r\nHej\r\n"
+        f"{AGENT_PASSED_DMARC}\r\nFrom: Agata <{AGENT}>\r\nTo: {SUPPORT}\r\nSubject: Pytanie\r\n"
+        f"Message-ID: {make_msgid()}\r\n\r\nHej\r\n"
     ).encode()
     summary = await deliver(app, tmp_path, lonely)
     assert summary == {"read": 1, "stored": 0, "replies": 0, "duplicates": 0, "quarantined": 1}
@@ -407,3 +414,16 @@ async def test_status_mails_where_the_mailbox_asks_for_them(tmp_path: Path, sink
     assert "Rozwiązane" in relayed.message.get_body(("plain",)).get_content()
     assert str(closed.message["Subject"]).startswith("[MB-000001] Zamknięte")
     assert closed.message["Auto-Submitted"] == "auto-replied"
+
+
+async def test_attack_a_forged_agent_address_without_dmarc_pass_gets_no_agent_powers(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    customer_mail = sample_mail("Przelew", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    forged = agent_mail(customer_mail, "#status closed\nProszę przelać na konto PL00 1111.", authenticated=False)
+    await deliver(app, tmp_path, forged)
+    victim, flagged = tickets(app)
+    assert victim.status == "new" and len(articles(app, victim.id)) == 1
+    assert flagged.triage_reason is not None and flagged.linked_ticket_id == victim.id
+    assert len(sink.received) == 1, "nothing relayed to the customer"

@@ -110,10 +110,11 @@ class Threader:
         dmarc = self._dmarc_failed(mail)
         if dmarc:
             return self._stranger(ticket, f"{claim.how}, but DMARC failed for {sender} ({dmarc})")
-        if not claim.proven and sender not in participants.get(ticket.id, set()) and sender not in self.agents:
+        agent = self.is_agent(mail)
+        if not claim.proven and sender not in participants.get(ticket.id, set()) and not agent:
             return self._stranger(ticket, f"{claim.how}, but {sender or 'the sender'} takes no part in it")
         how = f"{claim.how}; {'proven by our signature' if claim.proven else f'{sender} takes part in it'}"
-        if ticket.status == TicketStatus.CLOSED and sender not in self.agents:
+        if ticket.status == TicketStatus.CLOSED and not agent:
             closed_at = ticket.closed_at or ticket.updated_at
             if now - closed_at > self.reopen_window:
                 return Thread(
@@ -173,13 +174,25 @@ class Threader:
 
     def _dmarc_failed(self, mail: ParsedMail) -> str | None:
         """The verdict of a trusted receiving server, if it says DMARC failed."""
-        if not self.trusted:
-            return None
-        for value in mail.header_values("authentication-results"):
-            authserv = value.split(";", 1)[0].strip().split()[0].lower() if value.strip() else ""
-            if authserv in self.trusted and re.search(r"\bdmarc\s*=\s*fail\b", value, re.IGNORECASE):
-                return f"Authentication-Results from {authserv}: dmarc=fail"
-        return None
+        verdict = dmarc_verdict(mail, self.trusted)
+        return f"Authentication-Results from a trusted server: dmarc={verdict}" if verdict == "fail" else None
+
+    def is_agent(self, mail: ParsedMail) -> bool:
+        """An agent may act on any ticket, so the From alone is not enough where it can be checked: with
+        trusted receiving servers configured, their DMARC verdict must be pass."""
+        if _sender(mail) not in self.agents:
+            return False
+        return not self.trusted or dmarc_verdict(mail, self.trusted) == "pass"
+
+
+def dmarc_verdict(mail: ParsedMail, trusted: Collection[str]) -> str | None:
+    """pass / fail / … from the first Authentication-Results header added by a trusted server."""
+    for value in mail.header_values("authentication-results"):
+        authserv = value.split(";", 1)[0].strip().split()[0].lower() if value.strip() else ""
+        if authserv in trusted:
+            match = re.search(r"\bdmarc\s*=\s*([a-z]+)", value, re.IGNORECASE)
+            return match.group(1).lower() if match else None
+    return None
 
 
 def referenced_ids(mail: ParsedMail) -> list[str]:
