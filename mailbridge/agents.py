@@ -15,11 +15,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from mailbridge.blobstore import BlobStore
 from mailbridge.config import Agent, Settings
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.lifecycle import change_status
 from mailbridge.models import (
     Article,
+    Attachment,
     Contact,
     Direction,
     ParticipantRole,
@@ -29,7 +31,7 @@ from mailbridge.models import (
     TicketStatus,
 )
 from mailbridge.notify.outbox import Outgoing, enqueue
-from mailbridge.notify.render import Envelope, Renderer, compose, sendable
+from mailbridge.notify.render import Envelope, FileToSend, Renderer, compose, sendable
 from mailbridge.notify.status import StatusMailer
 from mailbridge.threading.message_ids import make_message_id
 from mailbridge.threading.reply_text import new_text
@@ -48,6 +50,7 @@ STATUS_WORDS = {
 }
 _COMMAND = re.compile(r"^#(note|status|assign|priority)\b[ \t]*(.*)$", re.IGNORECASE)
 _PRIORITY = re.compile(r"^P[1-4]$", re.IGNORECASE)
+MAX_RELAYED_BYTES = 20_000_000  # what mail servers commonly accept, with base64's third on top
 
 
 @dataclass
@@ -108,6 +111,7 @@ class AgentDesk:
         self.own_addresses = set(own_addresses)
         self.boxes = {box.name: box for box in settings.mailboxes if settings.can_send(box)}
         self.retry_for = timedelta(hours=settings.outbox.retry_for_hours)
+        self.blobs = BlobStore(settings.storage_path / "blobs")
 
     def is_agent(self, mail: ParsedMail) -> bool:
         return self.threader.is_agent(mail)
@@ -232,6 +236,7 @@ class AgentDesk:
             "reply": text,
         }
         rendered = self.renderer.render("agent_reply", box.language, context)
+        files = self._attachments(session, article)
         message_id = make_message_id(ticket.id, self.secret, self.settings.outbox.domain)
         name = f"{agent.name} ({box.from_name})" if agent.name else box.from_name
         envelope = Envelope(
@@ -253,10 +258,31 @@ class AgentDesk:
             box.address,
             envelope.recipients,
             rendered.subject,
-            compose(rendered, envelope),
+            compose(rendered, envelope, files),
             automatic=False,
         )
         enqueue(session, [outgoing], now, self.retry_for)
+
+    def _attachments(self, session: Session, article: Article) -> list[FileToSend]:
+        """The agent's attachments, from the blob store, up to what mail servers commonly accept."""
+        files: list[FileToSend] = []
+        total = 0
+        for part in session.scalars(
+            select(Attachment).where(Attachment.article_id == article.id).order_by(Attachment.id)
+        ):
+            total += part.size
+            if total > MAX_RELAYED_BYTES:
+                article.no_answer_reason = f"attachments over {MAX_RELAYED_BYTES // 1_000_000} MB were not relayed"
+                log.warning("%s on ticket %s", article.no_answer_reason, article.ticket_id)
+                break
+            try:
+                data = self.blobs.path(part.sha256).read_bytes()
+            except OSError as exc:
+                article.no_answer_reason = f"attachment {part.filename} could not be read: {exc.strerror}"
+                log.error("%s", article.no_answer_reason)
+                continue
+            files.append(FileToSend(part.filename, part.content_type, data))
+        return files
 
     def _recipients(self, session: Session, ticket: Ticket) -> tuple[list[Address], list[Address]]:
         customer = session.get(Contact, ticket.customer_id)

@@ -427,3 +427,29 @@ async def test_attack_a_forged_agent_address_without_dmarc_pass_gets_no_agent_po
     assert victim.status == "new" and len(articles(app, victim.id)) == 1
     assert flagged.triage_reason is not None and flagged.linked_ticket_id == victim.id
     assert len(sink.received) == 1, "nothing relayed to the customer"
+
+
+async def test_an_agents_attachment_reaches_the_customer(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    from email.message import EmailMessage
+
+    customer_mail = sample_mail("Faktura", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    original = email_message(customer_mail)
+    answer = EmailMessage()
+    answer["Authentication-Results"] = AGENT_PASSED_DMARC.split(": ", 1)[1]
+    answer["From"] = f"Agata <{AGENT}>"
+    answer["To"] = SUPPORT
+    answer["Subject"] = "Re: Faktura"
+    answer["Message-ID"] = make_msgid(domain="helpdesk.example")
+    answer["In-Reply-To"] = original["Message-ID"]
+    answer.set_content("W załączeniu faktura.\n")
+    pdf = b"%PDF-1.4 " + bytes(range(256)) * 50
+    answer.add_attachment(pdf, maintype="application", subtype="pdf", filename="faktura 12/2026 – korekta.pdf")
+    await deliver(app, tmp_path, answer.as_bytes())
+    relayed = sink.received[-1].message
+    [attachment] = list(relayed.iter_attachments())
+    assert attachment.get_content() == pdf
+    # The name as stored: a "/" is a path separator, and only the last part is kept (no path traversal);
+    # non-ASCII goes out RFC 2231-encoded.
+    assert attachment.get_filename() == "2026 – korekta.pdf"
+    assert "W załączeniu faktura." in relayed.get_body(("plain",)).get_content()

@@ -7,15 +7,17 @@ Templates live in `<directory>/<language>/<name>.subject.txt|.txt|.html`; an adm
 
 from __future__ import annotations
 
+import base64
 import binascii
 import re
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -115,7 +117,14 @@ class Envelope:
         return list(dict.fromkeys(a.address for a in (*self.to, *self.cc)))
 
 
-def compose(rendered: Rendered, envelope: Envelope) -> bytes:
+@dataclass(frozen=True, slots=True)
+class FileToSend:
+    filename: str
+    content_type: str
+    data: bytes = field(repr=False)
+
+
+def compose(rendered: Rendered, envelope: Envelope, files: Sequence[FileToSend] = ()) -> bytes:
     """RFC 5322 bytes: CRLF line ends, non-ASCII header text RFC 2047-encoded and folded, a text and an
     HTML alternative in quoted-printable UTF-8.
 
@@ -139,13 +148,35 @@ def compose(rendered: Rendered, envelope: Envelope) -> bytes:
         headers += [("Auto-Submitted", "auto-replied"), ("X-Auto-Response-Suppress", "All")]
         headers.append(("Precedence", "auto_reply"))
     headers.append(("X-Loop", header_safe(envelope.loop_id)))
+    alternative = _multipart("alternative", [_text_part("plain", rendered.text), _text_part("html", rendered.html)])
+    body = _multipart("mixed", [alternative, *(_file_part(f) for f in files)]) if files else alternative
+    head = "".join(f"{name}: {value}\r\n" for name, value in [*headers, ("MIME-Version", "1.0")]).encode("ascii")
+    return head + body
+
+
+def _multipart(subtype: str, parts: Sequence[bytes]) -> bytes:
+    """A multipart entity: its Content-Type line, a blank line, the parts between boundaries."""
     boundary = f"=_mb_{secrets.token_hex(12)}"
-    headers += [("MIME-Version", "1.0"), ("Content-Type", f'multipart/alternative; boundary="{boundary}"')]
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("ascii")
-    parts = [_text_part("plain", rendered.text), _text_part("html", rendered.html)]
     delimiter = f"--{boundary}\r\n".encode()
-    body = b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
-    return head + b"\r\n" + body
+    head = f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()
+    return head + b"".join(delimiter + part + b"\r\n" for part in parts) + f"--{boundary}--\r\n".encode()
+
+
+def _file_part(file: FileToSend) -> bytes:
+    name = header_safe(file.filename) or "attachment"
+    ctype = (
+        header_safe(file.content_type)
+        if re.fullmatch(r"[\w.+-]+/[\w.+-]+", file.content_type)
+        else "application/octet-stream"
+    )
+    if name.isascii() and '"' not in name and "\\" not in name:
+        disposition = f'attachment; filename="{name}"'
+    else:  # RFC 2231
+        disposition = f"attachment; filename*=utf-8''{quote(name, safe='')}"
+    encoded = base64.encodebytes(file.data).replace(b"\n", b"\r\n")
+    return (
+        f"Content-Type: {ctype}\r\nContent-Disposition: {disposition}\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+    ).encode() + encoded
 
 
 def _addresses(addresses: Sequence[Address]) -> str:
