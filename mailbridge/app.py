@@ -29,6 +29,7 @@ from mailbridge.notify.sender import OutboxSender
 from mailbridge.notify.sender_process import SenderProcess
 from mailbridge.notify.status import StatusMailer
 from mailbridge.pipeline import Pipeline, Result
+from mailbridge.routing import Router
 from mailbridge.threading.resolve import Threader
 
 log = logging.getLogger("mailbridge")
@@ -83,7 +84,13 @@ class App:
 
     @cached_property
     def pipeline(self) -> Pipeline:
-        return Pipeline(self.db, self.parser, self.settings.tickets, self.threader, self.answers, self.desk)
+        return Pipeline(
+            self.db, self.parser, self.settings.tickets, self.threader, self.answers, self.desk, self.router
+        )
+
+    @cached_property
+    def router(self) -> Router:
+        return Router(self.settings.routing)
 
     @cached_property
     def desk(self) -> AgentDesk:

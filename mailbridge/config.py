@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from mailbridge.routing_rules import RoutingSettings
+
 CONFIG_ENV = "MAILBRIDGE_CONFIG"
 DATA_DIR_ENV = "MAILBRIDGE_DATA_DIR"
 
@@ -313,6 +315,7 @@ class Settings(_Strict):
     templates: TemplateSettings = TemplateSettings()
     threading: ThreadingSettings = ThreadingSettings()
     agents: list[Agent] = Field(default_factory=list)
+    routing: RoutingSettings = RoutingSettings()
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     mailboxes: list[Mailbox] = Field(default_factory=list)
 
@@ -418,10 +421,28 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"{path}: the top level must be a mapping of keys (data_dir, database, mailboxes …)")
     base = path.parent.resolve()
     _resolve_relative_paths(data, base)
+    _include_rules_file(data, path)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path), data)) from None
+
+
+def _include_rules_file(data: dict[str, Any], path: Path) -> None:
+    """routing.rules_file: its rules come after the inline ones, validated (and named in errors) with them."""
+    routing = data.get("routing")
+    if not isinstance(routing, dict) or not routing.get("rules_file"):
+        return
+    rules_path = Path(routing["rules_file"])
+    try:
+        extra = yaml.safe_load(rules_path.read_text(encoding="utf-8")) or []
+    except OSError as exc:
+        raise ConfigError(f"{path}: routing.rules_file {rules_path} cannot be read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{rules_path}: not valid YAML: {exc}") from None
+    if not isinstance(extra, list):
+        raise ConfigError(f"{rules_path}: must be a list of rules (- name: … when: … then: …)")
+    routing["rules"] = [*(routing.get("rules") or []), *extra]
 
 
 def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
@@ -438,6 +459,7 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         ("outbox", "deliver_to_directory"),
         ("templates", "directory"),
         ("threading", "secret_file"),
+        ("routing", "rules_file"),
     )
     for section, key in sections:
         if isinstance(data.get(section), dict):

@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -127,6 +128,10 @@ class Ticket(Base):
     first_response_at: Mapped[datetime | None] = mapped_column()  # the first agent answer relayed
     owner: Mapped[str | None] = mapped_column(String(320))  # an agent's address
     priority: Mapped[str | None] = mapped_column(String(8))  # P1 … P4
+    queue: Mapped[str | None] = mapped_column(String(100), index=True)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    routing_confidence: Mapped[float | None] = mapped_column(Float)
+    routing_reason: Mapped[str | None] = mapped_column(Text)  # which rules decided, for `tickets show`
     # The ticket a mail claimed to belong to, when it could not be let in (a stranger), or the closed
     # ticket a late reply continues.
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))

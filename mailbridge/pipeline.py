@@ -27,6 +27,7 @@ from mailbridge.ingest.raw import RawMail
 from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, utcnow
 from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
+from mailbridge.routing import Router
 from mailbridge.threading.our_mail import find_our_mails
 from mailbridge.threading.resolve import Threader
 
@@ -56,6 +57,7 @@ class Pipeline:
         threader: Threader,
         answers: Acknowledger,
         desk: AgentDesk,
+        router: Router,
     ) -> None:
         self.db = db
         self.parser = parser
@@ -63,6 +65,7 @@ class Pipeline:
         self.threader = threader
         self.answers = answers
         self.desk = desk
+        self.router = router
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
@@ -274,6 +277,7 @@ class Pipeline:
                     ticket_id=thread.ticket_id,
                     linked_ticket_id=thread.linked_ticket_id,
                     triage_reason=thread.triage_reason,
+                    routing=None if thread.is_reply else self.router.route(mail, raw.mailbox),
                 )
             )
         stored_kept = tickets.store(session, items, self.ticket_settings)

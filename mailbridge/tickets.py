@@ -32,6 +32,7 @@ from mailbridge.models import (
     db_text_or_none,
     utcnow,
 )
+from mailbridge.routing import Decision
 
 UNKNOWN_SENDER = Address(name="Unknown sender", address="unknown-sender@invalid")
 
@@ -55,6 +56,7 @@ class Incoming:
     ticket_id: int | None = None
     linked_ticket_id: int | None = None  # a new ticket that continues (or claimed) this one
     triage_reason: str | None = None
+    routing: Decision | None = None  # for a new ticket
 
 
 def ticket_number(settings: TicketSettings, ticket_id: int) -> str:
@@ -102,7 +104,10 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
                     "created_at": now,
                     "updated_at": now,
                     "linked_ticket_id": item.linked_ticket_id,
-                    "triage_reason": db_text_or_none(item.triage_reason),
+                    "triage_reason": db_text_or_none(
+                        item.triage_reason or (item.routing.triage_reason if item.routing else None)
+                    ),
+                    **_routing_columns(item.routing),
                 }
                 for item, sender in zip(opening, senders, strict=True)
             ],
@@ -145,6 +150,19 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
         Stored(article_id, numbers[ticket_id] or "", ticket_id, item.ticket_id is None)
         for item, article_id, ticket_id in zip(items, article_ids, ticket_ids, strict=True)
     ]
+
+
+def _routing_columns(decision: Decision | None) -> dict[str, Any]:
+    if decision is None:
+        return {"tags": []}
+    return {
+        "queue": decision.queue,
+        "priority": decision.priority,
+        "owner": db_text_or_none(decision.owner, 320),
+        "tags": list(decision.tags),
+        "routing_confidence": decision.confidence,
+        "routing_reason": db_text(decision.summary),
+    }
 
 
 def contact_key(sender: Address) -> str:
