@@ -32,6 +32,8 @@ quarantine_app = typer.Typer(
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(quarantine_app, name="quarantine")
+rules_app = typer.Typer(help="Routing rules: explain one mail, test a labelled folder.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
 outbox_app = typer.Typer(help="Outgoing mail: acknowledgements and notifications.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(db_app, name="db")
@@ -326,6 +328,12 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
         return
     _say(f"{detail['number']}  [{detail['status']}]  {detail['subject']}")
     _say(f"customer: {detail['customer']['name']} <{detail['customer']['address']}>  via {detail['mailbox']}")
+    _say(
+        f"queue: {detail['queue'] or '-'}  priority: {detail['priority'] or '-'}  owner: {detail['owner'] or '-'}"
+        + (f"  tags: {', '.join(detail['tags'])}" if detail["tags"] else "")
+    )
+    if detail["routing"]:
+        _say(f"routing: {detail['routing']}")
     if detail["triage_reason"]:
         _say(f"TRIAGE: {detail['triage_reason']}")
     if detail["linked_ticket"]:
@@ -572,6 +580,118 @@ def outbox_retry(
             typer.echo(f"{mail_id}: not found, or already sent or bounced", err=True)
     if len(queued) != len(ids):
         raise typer.Exit(1)
+
+
+@rules_app.command("explain")
+def rules_explain(
+    file: Annotated[Path, typer.Argument(help="The mail (.eml) to route.")],
+    config: ConfigOption = None,
+    mailbox: Annotated[str, typer.Option(help="The mailbox it came through.")] = "import",
+    json_out: JsonOption = False,
+) -> None:
+    """Which routing rules match this mail, what they decide, and how sure the decision is."""
+    from mailbridge.ingest.parse import ParseError, parse
+    from mailbridge.routing import Router
+
+    settings = _settings(config)
+    try:
+        mail = parse(file.read_bytes())
+    except (OSError, ParseError) as exc:
+        typer.echo(f"error: {file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    decision = Router(settings.routing).route(mail, mailbox)
+    if json_out:
+        _print_json(_decision_json(decision))
+        return
+    _say(f"{file}: queue {decision.queue}  priority {decision.priority or '-'}  owner {decision.owner or '-'}")
+    _say(f"confidence {decision.confidence:.2f} (threshold {settings.routing.triage_threshold})")
+    if decision.tags:
+        _say("tags: " + ", ".join(decision.tags))
+    if decision.triage_reason:
+        _say(f"TRIAGE: {decision.triage_reason}")
+    for match in decision.matched:
+        then = match.rule.then.model_dump(exclude_defaults=True)
+        _say(f"  rule {match.rule.name} (confidence {match.rule.confidence}): {'; '.join(match.why)} -> {then}")
+    if not decision.matched:
+        _say("  no rule matched")
+
+
+@rules_app.command("test")
+def rules_test(
+    directory: Annotated[Path, typer.Argument(help="A folder of .eml files.")],
+    expect: Annotated[Path, typer.Option("--expect", help="CSV: file name, expected queue (triage for a human).")],
+    config: ConfigOption = None,
+    mailbox: Annotated[str, typer.Option(help="The mailbox they came through.")] = "import",
+    json_out: JsonOption = False,
+) -> None:
+    """Route a labelled folder of mails: accuracy and a confusion table, to change rules safely."""
+    import csv
+    from collections import Counter
+
+    from mailbridge.ingest.parse import ParseError, parse
+    from mailbridge.routing import Router
+
+    settings = _settings(config)
+    router = Router(settings.routing)
+    try:
+        with expect.open(encoding="utf-8", newline="") as handle:
+            rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
+    except OSError as exc:
+        typer.echo(f"error: {expect}: {exc.strerror}", err=True)
+        raise typer.Exit(2) from None
+    if rows and rows[0][0].strip().lower() in ("file", "filename", "name"):
+        rows = rows[1:]
+    confusion: Counter[tuple[str, str]] = Counter()
+    wrong: list[dict[str, str]] = []
+    for name, expected, *_ in rows:
+        try:
+            mail = parse((directory / name.strip()).read_bytes())
+        except (OSError, ParseError) as exc:
+            typer.echo(f"error: {directory / name}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        got = router.route(mail, mailbox).queue or "-"
+        confusion[(expected.strip(), got)] += 1
+        if got != expected.strip():
+            wrong.append({"file": name.strip(), "expected": expected.strip(), "got": got})
+    total = sum(confusion.values())
+    right = sum(n for (e, g), n in confusion.items() if e == g)
+    accuracy = right / total if total else 0.0
+    if json_out:
+        _print_json(
+            {
+                "mails": total,
+                "correct": right,
+                "accuracy": accuracy,
+                "confusion": [{"expected": e, "got": g, "mails": n} for (e, g), n in sorted(confusion.items())],
+                "wrong": wrong,
+            }
+        )
+    else:
+        _say(f"{right}/{total} routed as expected: accuracy {accuracy:.1%}")
+        queues = sorted({q for pair in confusion for q in pair})
+        width = max([8, *(len(q) for q in queues)]) + 2
+        first = max(width, len("expected \\ got") + 2)
+        _say("expected \\ got".ljust(first) + "".join(q.ljust(width) for q in queues))
+        for expected_queue in queues:
+            counts = "".join(str(confusion[(expected_queue, g)] or ".").ljust(width) for g in queues)
+            _say(expected_queue.ljust(first) + counts)
+        for miss in wrong:
+            _say(f"  {miss['file']}: expected {miss['expected']}, got {miss['got']}")
+    if wrong:
+        raise typer.Exit(1)
+
+
+def _decision_json(decision: Any) -> dict[str, Any]:
+    return {
+        "queue": decision.queue,
+        "priority": decision.priority,
+        "owner": decision.owner,
+        "tags": list(decision.tags),
+        "confidence": decision.confidence,
+        "triage_reason": decision.triage_reason,
+        "candidates": list(decision.candidates),
+        "matched": [{"rule": m.rule.name, "why": m.why, "confidence": m.rule.confidence} for m in decision.matched],
+    }
 
 
 @db_app.command("upgrade")

@@ -64,6 +64,11 @@ def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
         "status": ticket.status,
         "subject": ticket.subject,
         "triage_reason": ticket.triage_reason,
+        "queue": ticket.queue,
+        "priority": ticket.priority,
+        "owner": ticket.owner,
+        "tags": list(ticket.tags or []),
+        "routing": ticket.routing_reason,
         "linked_ticket": linked.number if linked else None,
         "participants": [{"address": a, "role": r} for a, r in participants],
         "history": [
