@@ -14,7 +14,9 @@ from functools import cached_property
 from pathlib import Path
 
 from mailbridge.agents import AgentDesk
+from mailbridge.assignment import Assigner
 from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
+from mailbridge.customers import CustomerDirectory
 from mailbridge.db import Database
 from mailbridge.ingest.files import IMPORT_MAILBOX, read_paths
 from mailbridge.ingest.imap import ImapWatcher
@@ -85,12 +87,20 @@ class App:
     @cached_property
     def pipeline(self) -> Pipeline:
         return Pipeline(
-            self.db, self.parser, self.settings.tickets, self.threader, self.answers, self.desk, self.router
+            self.db,
+            self.parser,
+            self.settings.tickets,
+            self.threader,
+            self.answers,
+            self.desk,
+            self.router,
+            Assigner(self.settings.routing.assignment, self.settings.agents),
         )
 
     @cached_property
     def router(self) -> Router:
-        return Router(self.settings.routing)
+        path = self.settings.routing.customers.directory
+        return Router(self.settings.routing, CustomerDirectory.load(path) if path else None)
 
     @cached_property
     def desk(self) -> AgentDesk:
@@ -169,6 +179,7 @@ class App:
         (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
         self.db.upgrade()
         self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
+        _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
         for box in self.settings.mailboxes:
             if box.acknowledge and not self.settings.can_send(box):
                 log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)

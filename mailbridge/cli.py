@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from mailbridge.app import App, build_app, install_signal_handlers
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from mailbridge.customers import DirectoryError
 from mailbridge.ingest.maildir import ensure_maildir
 from mailbridge.logs import setup_logging
 from mailbridge.notify.render import TemplateProblem
@@ -66,7 +67,7 @@ def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
         if migrate:
             try:
                 application.prepare()
-            except TemplateProblem as exc:
+            except (TemplateProblem, DirectoryError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None
         yield application
@@ -591,7 +592,6 @@ def rules_explain(
 ) -> None:
     """Which routing rules match this mail, what they decide, and how sure the decision is."""
     from mailbridge.ingest.parse import ParseError, parse
-    from mailbridge.routing import Router
 
     settings = _settings(config)
     try:
@@ -599,12 +599,15 @@ def rules_explain(
     except (OSError, ParseError) as exc:
         typer.echo(f"error: {file}: {exc}", err=True)
         raise typer.Exit(2) from None
-    decision = Router(settings.routing).route(mail, mailbox)
+    decision = _router(settings).route(mail, mailbox)
     if json_out:
         _print_json(_decision_json(decision))
         return
     _say(f"{file}: queue {decision.queue}  priority {decision.priority or '-'}  owner {decision.owner or '-'}")
     _say(f"confidence {decision.confidence:.2f} (threshold {settings.routing.triage_threshold})")
+    if decision.organisation:
+        org = decision.organisation
+        _say(f"customer: {org.name} (tier {org.tier or '-'}, account manager {org.account_manager or '-'})")
     if decision.tags:
         _say("tags: " + ", ".join(decision.tags))
     if decision.triage_reason:
@@ -629,10 +632,9 @@ def rules_test(
     from collections import Counter
 
     from mailbridge.ingest.parse import ParseError, parse
-    from mailbridge.routing import Router
 
     settings = _settings(config)
-    router = Router(settings.routing)
+    router = _router(settings)
     try:
         with expect.open(encoding="utf-8", newline="") as handle:
             rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
@@ -681,6 +683,18 @@ def rules_test(
         raise typer.Exit(1)
 
 
+def _router(settings: Settings) -> Any:
+    from mailbridge.customers import CustomerDirectory
+    from mailbridge.routing import Router
+
+    path = settings.routing.customers.directory
+    try:
+        return Router(settings.routing, CustomerDirectory.load(path) if path else None)
+    except DirectoryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _decision_json(decision: Any) -> dict[str, Any]:
     return {
         "queue": decision.queue,
@@ -690,6 +704,8 @@ def _decision_json(decision: Any) -> dict[str, Any]:
         "confidence": decision.confidence,
         "triage_reason": decision.triage_reason,
         "candidates": list(decision.candidates),
+        "organisation": decision.organisation.name if decision.organisation else None,
+        "tier": decision.organisation.tier if decision.organisation else None,
         "matched": [{"rule": m.rule.name, "why": m.why, "confidence": m.rule.confidence} for m in decision.matched],
     }
 

@@ -461,6 +461,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
         ("threading", "secret_file"),
         ("routing", "rules_file"),
     )
+    customers = (data.get("routing") or {}).get("customers") if isinstance(data.get("routing"), dict) else None
+    if isinstance(customers, dict):
+        fix(customers, "directory")
     for section, key in sections:
         if isinstance(data.get(section), dict):
             fix(data[section], key)

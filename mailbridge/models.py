@@ -132,6 +132,8 @@ class Ticket(Base):
     tags: Mapped[list[Any]] = mapped_column(default=list)
     routing_confidence: Mapped[float | None] = mapped_column(Float)
     routing_reason: Mapped[str | None] = mapped_column(Text)  # which rules decided, for `tickets show`
+    organisation: Mapped[str | None] = mapped_column(String(200))  # from the customer directory
+    tier: Mapped[str | None] = mapped_column(String(32))
     # The ticket a mail claimed to belong to, when it could not be let in (a stranger), or the closed
     # ticket a late reply continues.
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))

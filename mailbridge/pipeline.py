@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from mailbridge import lifecycle, receipts, tickets
 from mailbridge.agents import AgentDesk
+from mailbridge.assignment import Assigner
 from mailbridge.config import TicketSettings
 from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
@@ -58,6 +59,7 @@ class Pipeline:
         answers: Acknowledger,
         desk: AgentDesk,
         router: Router,
+        assigner: Assigner,
     ) -> None:
         self.db = db
         self.parser = parser
@@ -66,6 +68,7 @@ class Pipeline:
         self.answers = answers
         self.desk = desk
         self.router = router
+        self.assigner = assigner
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
@@ -259,6 +262,11 @@ class Pipeline:
         )
         items: list[tickets.Incoming] = []
         kept = [i for i in range(len(mails)) if i not in refused]
+        routed = self.assigner.assign(
+            session,
+            [None if threads[i].is_reply else self.router.route(mails[i][1], mails[i][0].mailbox) for i in kept],
+        )
+        routing = dict(zip(kept, routed, strict=True))
         for index in kept:
             raw, mail = mails[index]
             verdict, thread = verdicts[index], threads[index]
@@ -277,7 +285,7 @@ class Pipeline:
                     ticket_id=thread.ticket_id,
                     linked_ticket_id=thread.linked_ticket_id,
                     triage_reason=thread.triage_reason,
-                    routing=None if thread.is_reply else self.router.route(mail, raw.mailbox),
+                    routing=routing[index],
                 )
             )
         stored_kept = tickets.store(session, items, self.ticket_settings)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from mailbridge.customers import CustomerDirectory, Organisation
 from mailbridge.ingest.mail import ParsedMail
 from mailbridge.routing_rules import Keywords, RoutingSettings, Rule
 
@@ -62,6 +63,7 @@ class Decision:
     triage_reason: str | None = None
     candidates: tuple[str, ...] = ()
     matched: tuple[RuleMatch, ...] = field(default=(), repr=False)
+    organisation: Organisation | None = None
 
     @property
     def summary(self) -> str:
@@ -70,8 +72,9 @@ class Decision:
 
 
 class Router:
-    def __init__(self, settings: RoutingSettings) -> None:
+    def __init__(self, settings: RoutingSettings, directory: CustomerDirectory | None = None) -> None:
         self.settings = settings
+        self.directory = directory
         self._keywords: dict[int, dict[str, tuple[list[_Keyword], list[_Keyword], re.Pattern[str] | None]]] = {}
         for index, rule in enumerate(settings.rules):
             compiled = {}
@@ -86,11 +89,28 @@ class Router:
             self._keywords[index] = compiled
 
     def route(self, mail: ParsedMail, mailbox: str) -> Decision:
-        if not self.settings.rules:  # no routing configured: nothing to be unsure about
-            return Decision(self.settings.default_queue)
-        view = _MailView(mail, mailbox)
-        matches = [m for i, rule in enumerate(self.settings.rules) if (m := self._match(i, rule, view))]
-        return self._decide(matches)
+        if not self.settings.rules:  # no rules: nothing to be unsure about
+            decision = Decision(self.settings.default_queue)
+        else:
+            view = _MailView(mail, mailbox)
+            matches = [m for i, rule in enumerate(self.settings.rules) if (m := self._match(i, rule, view))]
+            decision = self._decide(matches)
+        return self._who(decision, mail)
+
+    def _who(self, decision: Decision, mail: ParsedMail) -> Decision:
+        """The customer's organisation: its tier sets at least its priority, its account manager the owner."""
+        if self.directory is None or mail.sender is None:
+            return decision
+        organisation = self.directory.find(mail.sender.address)
+        if organisation is None:
+            return decision
+        customers = self.settings.customers
+        priority = decision.priority
+        tier_priority = customers.tier_priority.get(organisation.tier or "")
+        if tier_priority is not None and (priority is None or tier_priority < priority):
+            priority = tier_priority  # "P1" < "P2": the more urgent one
+        owner = decision.owner or (organisation.account_manager if customers.account_manager_owns else None)
+        return replace(decision, priority=priority, owner=owner, organisation=organisation)
 
     def _decide(self, matches: list[RuleMatch]) -> Decision:
         settings = self.settings

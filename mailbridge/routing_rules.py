@@ -91,12 +91,34 @@ class Rule(_Strict):
     confidence: float = Field(default=1.0, gt=0, le=1)
 
 
+Priority = Literal["P1", "P2", "P3", "P4"]
+
+
+def _enterprise_first() -> dict[str, Priority]:
+    return {"enterprise": "P1"}
+
+
+class CustomerSettings(_Strict):
+    directory: Path | None = None  # YAML or CSV of organisations (see mailbridge/customers.py)
+    # A customer's tier sets at least this priority (a rule may ask for more urgency, never less).
+    tier_priority: dict[str, Priority] = Field(default_factory=lambda: _enterprise_first())
+    account_manager_owns: bool = True  # the organisation's account manager owns its tickets (unless a rule says)
+
+
+class AssignmentSettings(_Strict):
+    # Tickets without an owner (from a rule or the account manager) go to the queue's agents:
+    # round_robin takes turns, least_open picks the agent with the fewest tickets not yet closed.
+    strategy: Literal["none", "round_robin", "least_open"] = "none"
+
+
 class RoutingSettings(_Strict):
     triage_threshold: float = Field(default=0.95, ge=0, le=1)
     default_queue: str | None = Field(default=None, pattern=r"^[\w.-]+$")
     triage_queue: str = Field(default="triage", pattern=r"^[\w.-]+$")
     rules: list[Rule] = Field(default_factory=list)
     rules_file: Path | None = None  # more rules, after the inline ones (a YAML list of rules)
+    customers: CustomerSettings = CustomerSettings()
+    assignment: AssignmentSettings = AssignmentSettings()
 
     @model_validator(mode="after")
     def _unique(self) -> RoutingSettings:

@@ -161,6 +161,8 @@ def _routing_columns(decision: Decision | None) -> dict[str, Any]:
         "owner": db_text_or_none(decision.owner, 320),
         "tags": list(decision.tags),
         "routing_confidence": decision.confidence,
+        "organisation": db_text_or_none(decision.organisation.name if decision.organisation else None, 200),
+        "tier": decision.organisation.tier if decision.organisation else None,
         "routing_reason": db_text(decision.summary),
     }
 

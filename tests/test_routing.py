@@ -171,3 +171,133 @@ async def test_new_tickets_are_routed_in_intake(tmp_path: Path) -> None:
     exception = tickets["Faktura 45/2026"]
     assert exception.queue == "triage" and "candidates: accounting, legal" in (exception.triage_reason or "")
     assert tickets["VPN nie działa"].queue == "it"
+
+
+def test_customer_directory_yaml_and_csv(tmp_path: Path) -> None:
+    from mailbridge.customers import CustomerDirectory, DirectoryError
+
+    yaml_file = tmp_path / "customers.yaml"
+    yaml_file.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Northwind",
+                    "domains": ["northwind.example"],
+                    "tier": "Enterprise",
+                    "account_manager": "Ola@Helpdesk.example",
+                },
+                {"name": "Jan (freelancer)", "addresses": ["jan@gmail.example"], "tier": "standard"},
+            ]
+        )
+    )
+    directory = CustomerDirectory.load(yaml_file)
+    assert directory.find("Anna@Northwind.example").name == "Northwind"  # type: ignore[union-attr]
+    assert directory.find("x@mail.eu.northwind.example").tier == "enterprise"  # type: ignore[union-attr]
+    assert directory.find("jan@gmail.example").name == "Jan (freelancer)"  # type: ignore[union-attr]
+    assert directory.find("other@gmail.example") is None
+    csv_file = tmp_path / "customers.csv"
+    csv_file.write_text(
+        "name,domains,addresses,tier,account_manager\nFabrikam,fabrikam.example; fab.example,,enterprise,\n"
+    )
+    assert CustomerDirectory.load(csv_file).find("a@fab.example").name == "Fabrikam"  # type: ignore[union-attr]
+    broken = tmp_path / "broken.csv"
+    broken.write_text("name,domains,addresses,tier,account_manager\nNoDomains,,,standard,\n")
+    with pytest.raises(DirectoryError, match="entry 1 \\(NoDomains\\) has no domains and no addresses"):
+        CustomerDirectory.load(broken)
+
+
+def test_an_enterprise_customer_gets_p1_and_its_account_manager(tmp_path: Path) -> None:
+    from mailbridge.customers import CustomerDirectory
+
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "Northwind",
+                    "domains": ["northwind.example"],
+                    "tier": "enterprise",
+                    "account_manager": "ola@helpdesk.example",
+                }
+            ]
+        )
+    )
+    rules = [
+        {
+            "name": "billing",
+            "when": {"text": {"any": ["faktur*", "invoice*"]}},
+            "then": {"queue": "accounting", "priority": "P3"},
+        }
+    ]
+    routing = RoutingSettings.model_validate({"rules": rules})
+    routed = Router(routing, CustomerDirectory.load(tmp_path / "c.yaml")).route(
+        mail("Invoice question", sender="cfo@northwind.example"), "support"
+    )
+    assert (routed.queue, routed.priority, routed.owner) == ("accounting", "P1", "ola@helpdesk.example")
+    other = Router(routing, CustomerDirectory.load(tmp_path / "c.yaml")).route(mail("Invoice question"), "support")
+    assert (other.priority, other.owner, other.organisation) == ("P3", None, None)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"), [("round_robin", ["a", "b", "a", "b"]), ("least_open", ["b", "b", "a", "b"])]
+)
+async def test_assignment_among_the_queues_agents(tmp_path: Path, strategy: str, expected: list[str]) -> None:
+    from sqlalchemy import select
+
+    from mailbridge.models import Ticket
+    from tests.imap_env import make_app, sample_mail
+
+    app = make_app(
+        tmp_path,
+        [{"type": "maildir", "name": "support", "path": str(tmp_path / "md"), "acknowledge": False}],
+        agents=[
+            {"address": "a@helpdesk.example", "queues": ["it"]},
+            {"address": "b@helpdesk.example", "queues": ["it"]},
+            {"address": "c@helpdesk.example", "queues": ["accounting"]},
+        ],
+        routing={
+            "rules": [{"name": "it", "when": {"text": {"any": ["vpn"]}}, "then": {"queue": "it"}}],
+            "assignment": {"strategy": strategy},
+        },
+    )
+    try:
+        if strategy == "least_open":  # a already has two open tickets
+            with app.db.unit_of_work() as session:
+                seed = _contact(session)
+                session.add_all(
+                    [
+                        Ticket(
+                            number=f"X-{n}", customer_id=seed, mailbox="support", queue="it", owner="a@helpdesk.example"
+                        )
+                        for n in (1, 2)
+                    ]
+                )
+        folder = tmp_path / "in"
+        folder.mkdir()
+        for n in range(4):
+            (folder / f"{n}.eml").write_bytes(sample_mail(f"VPN {n}", sender=f"user{n}@klient.example"))
+        await app.ingest([folder], mailbox="support")
+        with app.db.reader() as session:
+            owners = [
+                t.owner for t in session.scalars(select(Ticket).where(Ticket.number.like("MB-%")).order_by(Ticket.id))
+            ]
+    finally:
+        app.close()
+    assert owners == [f"{x}@helpdesk.example" for x in expected]
+
+
+def _contact(session: Any) -> int:
+    from mailbridge.models import Contact
+
+    contact = Contact(address="seed@klient.example", name="")
+    session.add(contact)
+    session.flush()
+    return contact.id
+
+
+def test_an_unreadable_customer_directory_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "mailbridge.yaml"
+    path.write_text(
+        yaml.safe_dump({"data_dir": str(tmp_path / "d"), "routing": {"customers": {"directory": "missing.csv"}}})
+    )
+    result = runner.invoke(cli, ["db", "upgrade", "--config", str(path)])
+    assert result.exit_code == 2 and "missing.csv: cannot read the customer directory" in result.output
