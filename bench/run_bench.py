@@ -26,12 +26,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import email
+import email.header
 import email.message
+import email.utils
 import hashlib
 import json
 import os
 import platform
 import pstats
+import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -71,6 +75,9 @@ SUPPORT_ADDRESS = "support@bench.example"
 ACKS_KEY = "acks"
 # The variant key `replies=true`: half of the mails are replies to the other half (threading's cost).
 REPLIES_KEY = "replies"
+# The variant key `routing=true`: 200 keyword rules and a 50,000-organisation customer directory.
+ROUTING_KEY = "routing"
+ROUTING_RULES, DIRECTORY_SIZE = 200, 50_000
 MAILBOX_NAME = "support"
 PASSWORD = "bench-secret"
 SAMPLE_INTERVAL = 0.05
@@ -449,6 +456,10 @@ def write_config(
     for key, value in variant.overrides.items():
         if key == REPLIES_KEY:
             continue
+        if key == ROUTING_KEY:
+            if value:
+                config["routing"] = routing_config(path.parent)
+            continue
         if key == ACKS_KEY:
             if value and mailbox is not None:
                 if sink is None:
@@ -469,6 +480,68 @@ def answering(sink: SmtpSink, config: dict[str, Any]) -> dict[str, Any]:
         "acknowledge_backlog": True,
         "rate_limit": {"per_hour": 10_000_000, "per_day": 10_000_000},
     }
+
+
+def routing_config(directory: Path) -> dict[str, Any]:
+    """200 rules over words that occur in the generated mails, and a 50,000-entry customer directory that
+    also knows the generated senders' domains (some of them enterprise customers)."""
+    rng = random.Random(7)
+    subjects = [set(re.findall(r"[^\W\d_]{5,}", s.lower())) for s in _sample_subjects()]
+    frequency: dict[str, int] = {}
+    for found in subjects:
+        for word in found:
+            frequency[word] = frequency.get(word, 0) + 1
+    # Real rule sets are specific: most keywords are rare words (a mail matches a rule or two), a few
+    # broad rules use common ones.
+    rare = sorted(w for w, n in frequency.items() if n <= max(1, len(subjects) // 100)) or ["faktura", "umowa"]
+    common = sorted(w for w, n in frequency.items() if n > max(1, len(subjects) // 100)) or ["awaria"]
+    rules = []
+    for index in range(ROUTING_RULES):
+        pool = common if index % 20 == 0 else rare
+        keywords = []
+        for _ in range(5):
+            word = rng.choice(pool)
+            keywords.append(word[: max(4, len(word) - 2)] + "*" if rng.random() < 0.3 else word)
+        rules.append(
+            {
+                "name": f"rule{index:03d}",
+                "when": {"text": {"any": keywords}},
+                "then": {"queue": f"queue{index % 20}", "tags": [f"t{index % 7}"]},
+            }
+        )
+    rules_file = directory / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
+    customers = directory / "customers.csv"
+    with customers.open("w") as handle:
+        handle.write("name,domains,addresses,tier,account_manager\n")
+        for index in range(DIRECTORY_SIZE):
+            tier = "enterprise" if index % 10 == 0 else "standard"
+            handle.write(f"Org {index},org{index}.example,,{tier},am{index % 50}@helpdesk.example\n")
+        for index, domain in enumerate(_sample_domains()):
+            handle.write(f"Sender {index},{domain},,{'enterprise' if index % 3 == 0 else 'standard'},\n")
+    return {"rules_file": str(rules_file), "customers": {"directory": str(customers)}, "default_queue": "general"}
+
+
+def _sample_subjects() -> list[str]:
+    return [subject for subject, _ in _SAMPLE]
+
+
+def _sample_domains() -> list[str]:
+    return sorted({domain for _, domain in _SAMPLE})
+
+
+_SAMPLE: list[tuple[str, str]] = []
+
+
+def remember_sample(corpus: Corpus, count: int = 500) -> None:
+    """Subjects and sender domains of the first mails, for the routing variant's rules and directory."""
+    if _SAMPLE:
+        return
+    for file in corpus.files()[:count]:
+        message = email.message_from_bytes(file.read_bytes())
+        subject = str(email.header.make_header(email.header.decode_header(str(message.get("Subject", "")))))
+        domain = email.utils.parseaddr(str(message.get("From", "")))[1].rpartition("@")[2].lower()
+        _SAMPLE.append((subject, domain))
 
 
 def mailbox_entry(server: Dovecot, user: str) -> dict[str, Any]:
@@ -686,6 +759,7 @@ class Bench:
     # --- the benchmarks ------------------------------------------------------------------------
 
     def run_imap(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
+        remember_sample(corpus)
         replies = bool(variant.overrides.get(REPLIES_KEY))
         if replies:
             corpus = ensure_reply_corpus(corpus)
