@@ -30,10 +30,10 @@ from mailbridge.models import (
     TicketParticipant,
     TicketStatus,
 )
-from mailbridge.notify.outbox import Outgoing, enqueue
-from mailbridge.notify.render import Envelope, FileToSend, Renderer, compose, sendable
+from mailbridge.notify.outbox import enqueue
+from mailbridge.notify.render import FileToSend, sendable
 from mailbridge.notify.status import StatusMailer
-from mailbridge.threading.message_ids import make_message_id
+from mailbridge.notify.writer import Letter, MailWriter
 from mailbridge.threading.reply_text import new_text
 from mailbridge.threading.resolve import Threader
 from mailbridge.tickets import ticket_number
@@ -96,17 +96,15 @@ class AgentDesk:
     def __init__(
         self,
         settings: Settings,
-        renderer: Renderer,
-        secret: bytes,
+        writer: MailWriter,
         own_addresses: Collection[str],
         status_mailer: StatusMailer,
         threader: Threader,
     ) -> None:
+        self.writer = writer
         self.status_mailer = status_mailer
         self.threader = threader
         self.settings = settings
-        self.renderer = renderer
-        self.secret = secret
         self.agents: dict[str, Agent] = {a.address.lower(): a for a in settings.agents}
         self.own_addresses = set(own_addresses)
         self.boxes = {box.name: box for box in settings.mailboxes if settings.can_send(box)}
@@ -175,26 +173,15 @@ class AgentDesk:
             "original": {"subject": mail.subject},
             "reference_example": ticket_number(self.settings.tickets, 123),
         }
-        rendered = self.renderer.render("agent_unmatched", box.language, context)
-        message_id = make_message_id(None, self.secret, self.settings.outbox.domain)
-        envelope = Envelope(
-            sender=Address(box.from_name, box.address),
-            to=[mail.sender],
-            message_id=message_id,
-            in_reply_to=mail.message_id,
-            references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
-            loop_id=f"mailbridge@{self.settings.outbox.domain}",
-        )
-        outgoing = Outgoing(
-            None,
-            None,
-            "agent_unmatched",
-            box.name,
-            message_id,
-            box.address,
-            envelope.recipients,
-            rendered.subject,
-            compose(rendered, envelope),
+        outgoing = self.writer.write(
+            Letter(
+                "agent_unmatched",
+                box,
+                context,
+                to=[mail.sender],
+                in_reply_to=mail.message_id,
+                references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
+            )
         )
         enqueue(session, [outgoing], now, self.retry_for)
         return reason
@@ -223,43 +210,25 @@ class AgentDesk:
             .where(Article.ticket_id == ticket.id, Article.direction == Direction.INBOUND, Article.id != article.id)
             .order_by(Article.id.desc())
         ).first()
-        context = {
-            "ticket": {
-                "id": ticket.id,
-                "number": ticket.number,
-                "reference": self.settings.tickets.reference(ticket.number or ""),
-                "subject": ticket.subject,
-                "status": ticket.status,
-            },
-            "agent": {"name": agent.name, "address": agent.address},
-            "mailbox": {"name": box.name, "address": box.address, "from_name": box.from_name},
-            "reply": text,
-        }
-        rendered = self.renderer.render("agent_reply", box.language, context)
-        files = self._attachments(session, article)
-        message_id = make_message_id(ticket.id, self.secret, self.settings.outbox.domain)
-        name = f"{agent.name} ({box.from_name})" if agent.name else box.from_name
-        envelope = Envelope(
-            sender=Address(name, box.address),
-            to=to,
-            cc=cc,
-            message_id=message_id,
-            in_reply_to=last_inbound,
-            references=[m for m in thread if m],
-            loop_id=f"mailbridge@{self.settings.outbox.domain}",
-            automatic=False,
+        context = self.writer.ticket_context(
+            ticket, box, agent={"name": agent.name, "address": agent.address}, reply=text
         )
-        outgoing = Outgoing(
-            ticket.id,
-            article.id,
-            "agent_reply",
-            box.name,
-            message_id,
-            box.address,
-            envelope.recipients,
-            rendered.subject,
-            compose(rendered, envelope, files),
-            automatic=False,
+        outgoing = self.writer.write(
+            Letter(
+                "agent_reply",
+                box,
+                context,
+                to=to,
+                cc=cc,
+                ticket_id=ticket.id,
+                article_id=article.id,
+                in_reply_to=last_inbound,
+                references=[m for m in thread if m],
+                sender_name=f"{agent.name} ({box.from_name})" if agent.name else None,
+                auto_submitted=False,
+                rate_limited=False,
+                files=self._attachments(session, article),
+            )
         )
         enqueue(session, [outgoing], now, self.retry_for)
 

@@ -30,6 +30,7 @@ from mailbridge.notify.render import Renderer
 from mailbridge.notify.sender import OutboxSender
 from mailbridge.notify.sender_process import SenderProcess
 from mailbridge.notify.status import StatusMailer
+from mailbridge.notify.writer import MailWriter
 from mailbridge.pipeline import Pipeline, Result
 from mailbridge.routing import Router
 from mailbridge.threading.resolve import Threader
@@ -106,8 +107,7 @@ class App:
     def desk(self) -> AgentDesk:
         return AgentDesk(
             self.settings,
-            self.renderer,
-            self.threading_secret,
+            self.writer,
             self.answers.own_addresses,
             self.status_mailer,
             self.threader,
@@ -115,7 +115,7 @@ class App:
 
     @cached_property
     def status_mailer(self) -> StatusMailer:
-        return StatusMailer(self.settings, self.renderer, self.threading_secret)
+        return StatusMailer(self.settings, self.writer)
 
     @cached_property
     def threading_secret(self) -> bytes:
@@ -148,7 +148,11 @@ class App:
 
     @cached_property
     def answers(self) -> Acknowledger:
-        return Acknowledger(self.settings, self.renderer, self.threading_secret)
+        return Acknowledger(self.settings, self.writer)
+
+    @cached_property
+    def writer(self) -> MailWriter:
+        return MailWriter(self.settings, self.renderer, self.threading_secret)
 
     @cached_property
     def sender(self) -> OutboxSender:

@@ -17,8 +17,8 @@ from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Article
 from mailbridge.notify.outbox import Outgoing, RecentCounts, automatic_mail_counts, enqueue
-from mailbridge.notify.render import Envelope, Renderer, compose, sendable
-from mailbridge.threading.message_ids import make_message_id
+from mailbridge.notify.render import sendable
+from mailbridge.notify.writer import Letter, MailWriter
 
 log = logging.getLogger("mailbridge.notify")
 
@@ -45,10 +45,9 @@ class NewTicket:
 
 
 class Acknowledger:
-    def __init__(self, settings: Settings, renderer: Renderer, secret: bytes) -> None:
+    def __init__(self, settings: Settings, writer: MailWriter) -> None:
         self.settings = settings
-        self.renderer = renderer
-        self.secret = secret
+        self.writer = writer
         self.sending = {box.name: box for box in settings.mailboxes if settings.can_send(box)}
         self.own_addresses = frozenset(a for box in settings.mailboxes if (a := box.own_address))
         self.loop_id = f"mailbridge@{settings.outbox.domain}"
@@ -155,27 +154,18 @@ class Acknowledger:
                 "message_id": mail.message_id,
             },
         }
-        rendered = self.renderer.render("ack", box.language, context)
-        message_id = make_message_id(ticket.ticket_id, self.secret, self.settings.outbox.domain)
-        envelope = Envelope(
-            sender=Address(box.from_name, box.address),
-            to=ticket.plan.to,
-            cc=ticket.plan.cc,
-            message_id=message_id,
-            in_reply_to=mail.message_id,
-            references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
-            loop_id=self.loop_id,
-        )
-        return Outgoing(
-            ticket_id=ticket.ticket_id,
-            article_id=ticket.article_id,
-            template="ack",
-            mailbox=box.name,
-            message_id=message_id,
-            envelope_from=box.address,
-            recipients=envelope.recipients,
-            subject=rendered.subject,
-            raw=compose(rendered, envelope),
+        return self.writer.write(
+            Letter(
+                "ack",
+                box,
+                context,
+                to=ticket.plan.to,
+                cc=ticket.plan.cc,
+                ticket_id=ticket.ticket_id,
+                article_id=ticket.article_id,
+                in_reply_to=mail.message_id,
+                references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
+            )
         )
 
 

@@ -10,16 +10,15 @@ from sqlalchemy.orm import Session
 from mailbridge.config import Settings
 from mailbridge.ingest.mail import Address
 from mailbridge.models import Contact, Ticket, TicketStatus
-from mailbridge.notify.outbox import Outgoing, enqueue
-from mailbridge.notify.render import Envelope, Renderer, compose, sendable, status_context
-from mailbridge.threading.message_ids import make_message_id
+from mailbridge.notify.outbox import enqueue
+from mailbridge.notify.render import sendable, status_context
+from mailbridge.notify.writer import Letter, MailWriter
 
 
 class StatusMailer:
-    def __init__(self, settings: Settings, renderer: Renderer, secret: bytes) -> None:
+    def __init__(self, settings: Settings, writer: MailWriter) -> None:
         self.settings = settings
-        self.renderer = renderer
-        self.secret = secret
+        self.writer = writer
         self.boxes = {b.name: b for b in settings.mailboxes if settings.can_send(b) and b.status_mails}
         self.retry_for = timedelta(hours=settings.outbox.retry_for_hours)
 
@@ -33,39 +32,14 @@ class StatusMailer:
         if not sendable(to):
             return False
         template = "closed" if new == TicketStatus.CLOSED else "status_changed"
-        context = {
-            "ticket": {
-                "id": ticket.id,
-                "number": ticket.number,
-                "reference": self.settings.tickets.reference(ticket.number or ""),
-                "subject": ticket.subject,
-                "status": new,
-            },
-            "customer": {"name": customer.name, "address": customer.address},
-            "mailbox": {"name": box.name, "address": box.address, "from_name": box.from_name},
-            "status": status_context(old, new, box.language),
-        }
-        rendered = self.renderer.render(template, box.language, context)
-        message_id = make_message_id(ticket.id, self.secret, self.settings.outbox.domain)
-        envelope = Envelope(
-            sender=Address(box.from_name, box.address),
-            to=[to],
-            message_id=message_id,
-            loop_id=f"mailbridge@{self.settings.outbox.domain}",
+        context = self.writer.ticket_context(
+            ticket,
+            box,
+            customer={"name": customer.name, "address": customer.address},
+            status=status_context(old, new, box.language),
         )
         # Not counted by the rate limit (that one is for answers to incoming mail), but marked as
         # automatic in its headers so that no responder answers it.
-        mail = Outgoing(
-            ticket.id,
-            None,
-            template,
-            box.name,
-            message_id,
-            box.address,
-            envelope.recipients,
-            rendered.subject,
-            compose(rendered, envelope),
-            automatic=False,
-        )
+        mail = self.writer.write(Letter(template, box, context, to=[to], ticket_id=ticket.id, rate_limited=False))
         enqueue(session, [mail], now, self.retry_for)
         return True
