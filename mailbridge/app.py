@@ -83,6 +83,7 @@ class App:
             blob_root=self.settings.storage_path / "blobs",
             fsync=self.settings.storage.fsync,
             max_message_bytes=self.settings.parsing.max_message_bytes,
+            routing=self.settings.routing,
         )
 
     @cached_property

@@ -28,7 +28,7 @@ from mailbridge.ingest.raw import RawMail
 from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, utcnow
 from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
-from mailbridge.routing import Router
+from mailbridge.routing import Decision, Router
 from mailbridge.threading.our_mail import find_our_mails
 from mailbridge.threading.resolve import Threader
 
@@ -73,7 +73,9 @@ class Pipeline:
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
         """Start parsing at once; callers overlap this with recording the previous batch."""
-        return asyncio.ensure_future(self.parser.parse_many([raw.data for raw in batch]))
+        return asyncio.ensure_future(
+            self.parser.parse_many([raw.data for raw in batch], [raw.mailbox for raw in batch])
+        )
 
     async def record(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
         try:
@@ -127,7 +129,7 @@ class Pipeline:
         """Run the pipeline again on a quarantined mail (after a fix); it stays quarantined if it fails again."""
         item = await self.db.run(self._load_quarantined, quarantine_id)
         raw = RawMail(mailbox=item.mailbox, source=item.source, data=item.raw)
-        parsed = await self.parser.parse(raw.data)
+        parsed = await self.parser.parse(raw.data, raw.mailbox)
         result = await self.db.run(self._record_retry, item.id, raw, parsed)
         _log_result(result)
         return result
@@ -264,7 +266,7 @@ class Pipeline:
         kept = [i for i in range(len(mails)) if i not in refused]
         routed = self.assigner.assign(
             session,
-            [None if threads[i].is_reply else self.router.route(mails[i][1], mails[i][0].mailbox) for i in kept],
+            [None if threads[i].is_reply else self._route(*mails[i]) for i in kept],
         )
         routing = dict(zip(kept, routed, strict=True))
         for index in kept:
@@ -311,6 +313,11 @@ class Pipeline:
             Refused(refused[i]) if i in refused else StoredNew(stored[i], stored[i].article_id in acknowledged)
             for i in range(len(mails))
         ]
+
+    def _route(self, raw: RawMail, mail: ParsedMail) -> Decision:
+        # The parser workers have usually applied the rules already; the customer directory is looked up here.
+        by_rules = mail.routing if isinstance(mail.routing, Decision) else self.router.by_rules(mail, raw.mailbox)
+        return self.router.with_customer(by_rules, mail)
 
     @staticmethod
     def _quarantine(

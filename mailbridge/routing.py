@@ -122,18 +122,20 @@ class Router:
         self._gates = _Gates(settings.rules, self._keywords)
 
     def route(self, mail: ParsedMail, mailbox: str) -> Decision:
-        if not self.settings.rules:  # no rules: nothing to be unsure about
-            decision = Decision(self.settings.default_queue)
-        else:
-            view = _MailView(mail, mailbox)
-            candidates = self._gates.candidates(view)
-            matches = [
-                m for i, rule in enumerate(self.settings.rules) if i in candidates and (m := self._match(i, rule, view))
-            ]
-            decision = self._decide(matches)
-        return self._who(decision, mail)
+        return self.with_customer(self.by_rules(mail, mailbox), mail)
 
-    def _who(self, decision: Decision, mail: ParsedMail) -> Decision:
+    def by_rules(self, mail: ParsedMail, mailbox: str) -> Decision:
+        """The rules' decision (CPU work: the parser workers do it, beside parsing)."""
+        if not self.settings.rules:  # no rules: nothing to be unsure about
+            return Decision(self.settings.default_queue)
+        view = _MailView(mail, mailbox)
+        candidates = self._gates.candidates(view)
+        matches = [
+            m for i, rule in enumerate(self.settings.rules) if i in candidates and (m := self._match(i, rule, view))
+        ]
+        return self._decide(matches)
+
+    def with_customer(self, decision: Decision, mail: ParsedMail) -> Decision:
         """The customer's organisation: its tier sets at least its priority, its account manager the owner."""
         if self.directory is None or mail.sender is None:
             return decision

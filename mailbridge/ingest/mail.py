@@ -84,6 +84,7 @@ class ParsedMail:
     dedup_key: str
     report: DeliveryReport | None = None
     new_text: str | None = None  # a reply's text without the quoted history and signature; None: not a reply
+    routing: Any = None  # the routing rules' Decision, made on the parser worker (None: not routed there)
 
     def header(self, name: str) -> str | None:
         """The first header of that (lower-case) name."""
@@ -91,6 +92,9 @@ class ParsedMail:
 
     def header_values(self, name: str) -> list[str]:
         return [value for key, value in self.headers if key == name]
+
+    def routed(self, decision: Any) -> ParsedMail:
+        return replace(self, routing=decision)
 
     def without_payloads(self) -> ParsedMail:
         return replace(self, attachments=tuple(replace(p, payload=None) for p in self.attachments))

@@ -17,6 +17,7 @@ import signal
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
+from typing import Any
 
 from pebble import ProcessExpired, ProcessPool
 
@@ -27,25 +28,37 @@ MAX_TASKS_PER_WORKER = 40
 WORKER_MODULE = "mailbridge.ingest.parse_worker"
 
 
-def _init_worker() -> None:
-    from mailbridge.ingest.parse_worker import ignore_stop_signals
+def _init_worker(routing: Any = None) -> None:
+    from mailbridge.ingest.parse_worker import ignore_stop_signals, set_up_routing
 
     ignore_stop_signals()
+    set_up_routing(routing)
 
 
 class ParserStopped(Exception):
     """A parser process was stopped from outside (not by its mail): record nothing, fetch again later."""
 
 
-def _parse_chunk_in_worker(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float) -> list[Parsed]:
+def _parse_chunk_in_worker(
+    raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float, mailboxes: Sequence[str] | None
+) -> list[Parsed]:
     # Imported here, in the worker (the forkserver preloads it), not in the daemon's main process.
     from mailbridge.ingest.parse_worker import parse_chunk
 
-    return parse_chunk(raws, blob_root, fsync, timeout)
+    return parse_chunk(raws, blob_root, fsync, timeout, mailboxes)
 
 
 class ParsePool:
-    def __init__(self, *, workers: int, timeout: float, blob_root: Path, fsync: bool, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        workers: int,
+        timeout: float,
+        blob_root: Path,
+        fsync: bool,
+        max_message_bytes: int,
+        routing: Any = None,  # RoutingSettings: the workers route what they parse
+    ) -> None:
         self.workers = workers
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
@@ -56,13 +69,17 @@ class ParsePool:
         context.set_forkserver_preload([WORKER_MODULE])
         # Recycling workers now and then caps their memory high-water mark (CPython keeps freed arenas).
         self._pool = ProcessPool(
-            max_workers=workers, max_tasks=MAX_TASKS_PER_WORKER, initializer=_init_worker, context=context
+            max_workers=workers,
+            max_tasks=MAX_TASKS_PER_WORKER,
+            initializer=_init_worker,
+            initargs=(routing,),
+            context=context,
         )
 
-    async def parse(self, raw: bytes) -> Parsed:
-        return (await self.parse_many([raw]))[0]
+    async def parse(self, raw: bytes, mailbox: str | None = None) -> Parsed:
+        return (await self.parse_many([raw], None if mailbox is None else [mailbox]))[0]
 
-    async def parse_many(self, raws: Sequence[bytes]) -> list[Parsed]:
+    async def parse_many(self, raws: Sequence[bytes], mailboxes: Sequence[str] | None = None) -> list[Parsed]:
         """Parse mails on the workers, in chunks spread over every worker; results in input order."""
         results: list[Parsed | None] = [None] * len(raws)
         todo: list[int] = []
@@ -75,18 +92,27 @@ class ParsePool:
                 todo.append(index)
         size = max(1, min(CHUNK, math.ceil(len(todo) / self.workers)))
         chunks = [todo[start : start + size] for start in range(0, len(todo), size)]
-        done = await asyncio.gather(*(self._parse_chunk([raws[i] for i in chunk]) for chunk in chunks))
+        done = await asyncio.gather(
+            *(
+                self._parse_chunk(
+                    [raws[i] for i in chunk], None if mailboxes is None else [mailboxes[i] for i in chunk]
+                )
+                for chunk in chunks
+            )
+        )
         for chunk, parsed in zip(chunks, done, strict=True):
             for index, result in zip(chunk, parsed, strict=True):
                 results[index] = result
         assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
-    async def _parse_chunk(self, raws: list[bytes]) -> list[Parsed]:
+    async def _parse_chunk(self, raws: list[bytes], mailboxes: list[str] | None = None) -> list[Parsed]:
         # The hard limit is the backstop for what SIGALRM cannot interrupt.
         hard_limit = self.timeout * (len(raws) + 1)
         future = self._pool.schedule(
-            _parse_chunk_in_worker, args=(raws, self._blob_root, self._fsync, self.timeout), timeout=hard_limit
+            _parse_chunk_in_worker,
+            args=(raws, self._blob_root, self._fsync, self.timeout, mailboxes),
+            timeout=hard_limit,
         )
         try:
             return await asyncio.wrap_future(future)
@@ -94,7 +120,12 @@ class ParsePool:
             if isinstance(exc, ProcessExpired) and exc.exitcode in (-signal.SIGTERM, -signal.SIGINT):
                 raise ParserStopped(f"parser process stopped by signal {-exc.exitcode}") from None
             if len(raws) > 1:  # find the mail that did it; the others are parsed normally
-                singles = await asyncio.gather(*(self._parse_chunk([raw]) for raw in raws))
+                singles = await asyncio.gather(
+                    *(
+                        self._parse_chunk([raw], None if mailboxes is None else [mailboxes[i]])
+                        for i, raw in enumerate(raws)
+                    )
+                )
                 return [result for single in singles for result in single]
             if isinstance(exc, ProcessExpired):
                 return [ParseFailure("parse", f"the parser process died on this mail (exit code {exc.exitcode})")]

@@ -49,13 +49,29 @@ def parse_and_stash(raw: bytes, blob_root: str) -> ParsedMail:
     return mail.without_payloads()
 
 
-def parse_chunk(raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float) -> list[Parsed]:
+_router: Any = None  # this worker's routing rules (set up by the pool's initializer)
+
+
+def set_up_routing(routing: Any) -> None:
+    """Compile the routing rules once per worker: routing is CPU work too, and runs beside parsing."""
+    global _router
+    if routing is not None and routing.rules:
+        from mailbridge.routing import Router
+
+        _router = Router(routing)
+
+
+def parse_chunk(
+    raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float, mailboxes: Sequence[str] | None = None
+) -> list[Parsed]:
     results: list[Parsed] = []
-    for raw in raws:
+    for index, raw in enumerate(raws):
         result: Parsed
         try:
             with _soft_limit(timeout):
                 result = parse_and_stash(raw, blob_root)
+                if _router is not None and mailboxes is not None:
+                    result = result.routed(_router.by_rules(result, mailboxes[index]))
         except _SoftTimeout:
             result = too_slow(timeout)
         except Exception as exc:
