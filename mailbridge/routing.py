@@ -94,12 +94,17 @@ class Decision:
     confidence: float = 1.0
     triage_reason: str | None = None
     candidates: tuple[str, ...] = ()
-    matched: tuple[RuleMatch, ...] = field(default=(), repr=False)
+    matched: tuple[RuleMatch, ...] = field(default=(), repr=False)  # for explaining; not sent between processes
     organisation: Organisation | None = None
+    rule_names: tuple[str, ...] = ()
+
+    def portable(self) -> Decision:
+        """Without the rule objects (cheap to send from a parser worker)."""
+        return replace(self, matched=())
 
     @property
     def summary(self) -> str:
-        rules = ", ".join(m.rule.name for m in self.matched) or "none"
+        rules = ", ".join(self.rule_names) or "none"
         return f"queue {self.queue} (confidence {self.confidence:.2f}; rules: {rules})"
 
 
@@ -133,7 +138,7 @@ class Router:
         matches = [
             m for i, rule in enumerate(self.settings.rules) if i in candidates and (m := self._match(i, rule, view))
         ]
-        return self._decide(matches)
+        return replace(self._decide(matches), rule_names=tuple(m.rule.name for m in matches))
 
     def with_customer(self, decision: Decision, mail: ParsedMail) -> Decision:
         """The customer's organisation: its tier sets at least its priority, its account manager the owner."""

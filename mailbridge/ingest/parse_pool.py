@@ -66,7 +66,10 @@ class ParsePool:
         self._fsync = fsync
         # forkserver: the daemon has threads (the database thread) and a running loop; forking it is unsafe.
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([WORKER_MODULE])
+        # Routing rules, if any, are compiled on the workers; their modules (pydantic) are preloaded once in
+        # the forkserver instead of imported again by every recycled worker.
+        routing = routing if routing is not None and routing.rules else None
+        context.set_forkserver_preload([WORKER_MODULE, *(["mailbridge.routing"] if routing else [])])
         # Recycling workers now and then caps their memory high-water mark (CPython keeps freed arenas).
         self._pool = ProcessPool(
             max_workers=workers,
