@@ -45,10 +45,6 @@ class Verdict:
     kind: MailKind
     no_answer_reason: str | None = None  # None: a person wrote it, it may be answered
 
-    @property
-    def answerable(self) -> bool:
-        return self.no_answer_reason is None
-
 
 HUMAN = Verdict(MailKind.HUMAN)
 

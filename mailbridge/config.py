@@ -191,6 +191,9 @@ class MaildirMailbox(_Answering):
     poll_interval: float = Field(default=0.5, gt=0)
 
 
+MailboxConfig = ImapMailbox | MaildirMailbox
+
+
 def _mailbox_kind(value: Any) -> str:
     # `type` may be left out: a mailbox is IMAP unless it says otherwise.
     kind = value.get("type", "imap") if isinstance(value, dict) else getattr(value, "type", "imap")

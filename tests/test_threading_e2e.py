@@ -84,6 +84,10 @@ def reply(
     return ("\r\n".join(lines) + "\r\n" + headers + "\r\n" + text.replace("\n", "\r\n")).encode()
 
 
+def message_id_of(raw: bytes) -> str:
+    return str(email_message(raw)["Message-ID"])
+
+
 def tickets(app: App) -> list[Ticket]:
     with app.db.reader() as session:
         return list(session.scalars(select(Ticket).order_by(Ticket.id)))
@@ -128,7 +132,7 @@ async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own
 ) -> None:
     original = sample_mail("Faktura", sender=CUSTOMER)
     await deliver(app, tmp_path, original)
-    own_id = next(line for line in original.decode().splitlines() if line.startswith("Message-ID:")).split(": ")[1]
+    own_id = message_id_of(original)
     follow_up = (
         f"From: Anna <{CUSTOMER}>\r\nTo: {SUPPORT}\r\nSubject: Faktura - uzupełnienie\r\n"
         f"Message-ID: {make_msgid(domain='klient.example')}\r\n"
@@ -186,7 +190,7 @@ async def test_attack_stranger_copies_the_in_reply_to_of_the_victims_mail(
 ) -> None:
     victim = sample_mail("Umowa", sender=CUSTOMER)
     await deliver(app, tmp_path, victim)
-    victim_id = next(line for line in victim.decode().splitlines() if line.startswith("Message-ID:")).split(": ")[1]
+    victim_id = message_id_of(victim)
     attack = (
         f"From: M <{ATTACKER}>\r\nTo: {SUPPORT}\r\nSubject: Re: Umowa\r\nMessage-ID: {make_msgid()}\r\n"
         f"In-Reply-To: {victim_id}\r\nReferences: {victim_id}\r\n\r\nWhat is the status?\r\n"

@@ -12,7 +12,7 @@ from sqlalchemy import Table, bindparam, update
 from sqlalchemy.orm import Session
 
 from mailbridge.classify import Verdict, classify
-from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
+from mailbridge.config import MailboxConfig, Settings
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Article
@@ -21,8 +21,6 @@ from mailbridge.notify.render import sendable
 from mailbridge.notify.writer import Letter, MailWriter
 
 log = logging.getLogger("mailbridge.notify")
-
-MailboxConfig = ImapMailbox | MaildirMailbox
 
 
 @dataclass(frozen=True, slots=True)

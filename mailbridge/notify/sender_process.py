@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from mailbridge.config import Settings
 
 if TYPE_CHECKING:
-    from mailbridge.notify.sender import OutboxSender
+    from mailbridge.db import Database
 
 log = logging.getLogger("mailbridge.outbox")
 
@@ -81,20 +81,21 @@ def _main(settings: Settings, conn: Connection) -> None:
         os.nice(SENDER_NICENESS)
     from mailbridge.db import Database
     from mailbridge.logs import setup_logging
-    from mailbridge.notify.sender import OutboxSender
 
     setup_logging(settings.logging.level)
     log.info("outbox sender running (pid %d)", os.getpid())
     db = Database(settings.database_url, fsync_each_commit=False)
     try:
-        asyncio.run(_serve(OutboxSender(db, settings, asyncio.Event()), conn))
+        asyncio.run(_serve(db, settings, conn))
     finally:
         db.close()
 
 
-async def _serve(sender: OutboxSender, conn: Connection) -> None:
+async def _serve(db: Database, settings: Settings, conn: Connection) -> None:
+    from mailbridge.notify.sender import OutboxSender
+
     loop = asyncio.get_running_loop()
-    sender.ready = asyncio.Event()
+    sender = OutboxSender(db, settings, asyncio.Event())
     done = asyncio.Event()
     ending: list[str] = []
 

@@ -8,14 +8,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
+from mailbridge.config import MailboxConfig, Settings
 from mailbridge.ingest.mail import Address
 from mailbridge.models import Ticket
 from mailbridge.notify.outbox import Outgoing
 from mailbridge.notify.render import Envelope, FileToSend, Renderer, compose
 from mailbridge.threading.message_ids import make_message_id
-
-MailboxConfig = ImapMailbox | MaildirMailbox
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,6 @@ class Thread:
     linked_ticket_id: int | None = None
     triage_reason: str | None = None
     reason: str = "no reference to a ticket: a new ticket"
-    reopen: bool = False  # a reply to a closed ticket within the reopen window
 
     @property
     def is_reply(self) -> bool:
@@ -121,7 +120,7 @@ class Threader:
                     linked_ticket_id=ticket.id,
                     reason=f"{how}, but {ticket.number} was closed on {closed_at:%Y-%m-%d}: a new ticket linked to it",
                 )
-            return Thread(ticket_id=ticket.id, reason=f"{how}: reopens {ticket.number}", reopen=True)
+            return Thread(ticket_id=ticket.id, reason=f"{how}: reopens {ticket.number}")
         return Thread(ticket_id=ticket.id, reason=f"{how}: a reply on {ticket.number}")
 
     def _stranger(self, ticket: Ticket, why: str) -> Thread:
