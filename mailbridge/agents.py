@@ -155,6 +155,9 @@ class AgentDesk:
             self._relay(session, mailbox, ticket, article, agent, commands.text, now)
             if ticket.first_response_at is None:
                 ticket.first_response_at = now
+                session.add(
+                    TicketEvent(ticket_id=ticket.id, at=now, actor=actor, kind="first_response", article_id=article.id)
+                )
             if commands.status is None and ticket.status == TicketStatus.NEW:
                 change_status(session, ticket, TicketStatus.OPEN, actor, now)
         if commands.status is not None:

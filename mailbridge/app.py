@@ -10,8 +10,10 @@ import signal
 from collections import Counter
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailbridge.agents import AgentDesk
 from mailbridge.assignment import Assigner
@@ -24,16 +26,22 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import Outcome
+from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
 from mailbridge.notify.sender import OutboxSender
 from mailbridge.notify.sender_process import SenderProcess
+from mailbridge.notify.sla_alerts import SlaAlerts
 from mailbridge.notify.status import StatusMailer
 from mailbridge.notify.writer import MailWriter
 from mailbridge.pipeline import Pipeline, Result
 from mailbridge.routing import Router
+from mailbridge.sla.check import CheckReport, SlaCheck
+from mailbridge.sla.planner import SlaPlanner
 from mailbridge.threading.resolve import Threader
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = logging.getLogger("mailbridge")
 
@@ -163,6 +171,37 @@ class App:
             Database(self.settings.database_url, fsync_each_commit=False), self.settings, self.pipeline.outbox_ready
         )
 
+    @cached_property
+    def sla(self) -> SlaCheck:
+        return SlaCheck(self.settings.sla, SlaPlanner(self.settings.sla), SlaAlerts(self.settings, self.writer))
+
+    async def check_sla(self) -> CheckReport:
+        """One SLA check (the scheduler's job); the sender is woken for the mails it queued."""
+        report = await self.db.run(self.sla.run, self.db, utcnow())
+        if report.mails:
+            self.pipeline.outbox_ready.set()
+        return report
+
+    def _start_sla_scheduler(self) -> AsyncIOScheduler | None:
+        if not self.settings.sla.enabled:
+            return None
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        # One check at a time; checks missed while one ran long are merged into the next.
+        scheduler.add_job(
+            self.check_sla,
+            "interval",
+            seconds=self.settings.sla.check_interval_seconds,
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            id="sla-check",
+        )
+        scheduler.start()
+        log.info("SLA checks every %gs", self.settings.sla.check_interval_seconds)
+        return scheduler
+
     @property
     def sends_mail(self) -> bool:
         return any(self.settings.can_send(box) for box in self.settings.mailboxes)
@@ -185,6 +224,9 @@ class App:
         self.db.upgrade()
         self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
         _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
+        if self.settings.sla.enabled:
+            with self.db.unit_of_work() as session:
+                self.sla.planner.start(session, utcnow())
         for box in self.settings.mailboxes:
             if box.acknowledge and not self.settings.can_send(box):
                 log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)
@@ -201,6 +243,7 @@ class App:
         sender = self._start_sender_process()
         if sender is not None:
             tasks.append(asyncio.create_task(self._wake_sender(sender, stop), name="outbox"))
+        scheduler = self._start_sla_scheduler()
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -223,6 +266,8 @@ class App:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:
             stopper.cancel()
+            if scheduler is not None:
+                scheduler.shutdown(wait=False)
             if sender is not None:
                 await sender.stop(self.settings.shutdown_grace_seconds)
 
@@ -231,12 +276,16 @@ class App:
         sender = self._start_sender_process()
         if sender is None:
             await asyncio.gather(*(w.run_once() for w in self.watchers))
+            if self.settings.sla.enabled:
+                await self.check_sla()
             return
         # Acknowledgements go out while the mailboxes are drained, as in the daemon.
         drained = asyncio.Event()
         waking = asyncio.create_task(self._wake_sender(sender, drained), name="outbox")
         try:
             await asyncio.gather(*(w.run_once() for w in self.watchers))
+            if self.settings.sla.enabled:
+                await self.check_sla()
         finally:
             drained.set()
             await waking

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from mailbridge.routing_rules import RoutingSettings
+from mailbridge.sla.settings import SlaSettings
 
 CONFIG_ENV = "MAILBRIDGE_CONFIG"
 DATA_DIR_ENV = "MAILBRIDGE_DATA_DIR"
@@ -319,6 +320,7 @@ class Settings(_Strict):
     threading: ThreadingSettings = ThreadingSettings()
     agents: list[Agent] = Field(default_factory=list)
     routing: RoutingSettings = RoutingSettings()
+    sla: SlaSettings = SlaSettings()
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     mailboxes: list[Mailbox] = Field(default_factory=list)
 

@@ -139,6 +139,14 @@ class Ticket(Base):
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
     # Set when a human must look: why (a stranger's follow-up, …). NULL: nothing to triage.
     triage_reason: Mapped[str | None] = mapped_column(Text)
+    # The SLA (filled by the SLA planner from the ticket's history): the policy, the priority its targets
+    # follow (an escalation raising the priority does not move them), the deadlines, and since when the
+    # clock is stopped (waiting on the customer, closed).
+    sla_policy: Mapped[str | None] = mapped_column(String(200))
+    sla_priority: Mapped[str | None] = mapped_column(String(8))
+    first_response_due_at: Mapped[datetime | None] = mapped_column()
+    resolution_due_at: Mapped[datetime | None] = mapped_column()
+    sla_paused_at: Mapped[datetime | None] = mapped_column()
 
     customer: Mapped[Contact] = relationship(lazy="joined")
     articles: Mapped[list[Article]] = relationship(
@@ -324,3 +332,33 @@ class TicketEvent(Base):
     old: Mapped[str | None] = mapped_column(Text)
     new: Mapped[str | None] = mapped_column(Text)
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+
+
+class SlaTimer(Base):
+    """A reminder (share < 1) or the escalation at a breach (share 1) of one SLA target of a ticket.
+    Done once: `done_at` is set in the transaction that queues its mail."""
+
+    __tablename__ = "sla_timers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"))
+    target: Mapped[str] = mapped_column(String(32))  # first_response | resolution
+    share: Mapped[float] = mapped_column(Float)
+    fire_at: Mapped[datetime | None] = mapped_column()  # NULL: not scheduled (clock stopped, target met)
+    done_at: Mapped[datetime | None] = mapped_column()
+    outcome: Mapped[str | None] = mapped_column(Text)  # what was done, for `tickets show`
+
+    __table_args__ = (
+        Index("ux_sla_timers_ticket_target_share", "ticket_id", "target", "share", unique=True),
+        Index("ix_sla_timers_due", "done_at", "fire_at"),
+    )
+
+
+class SlaCursor(Base):
+    """How far the SLA planner has read the ticket history (the id of the last event it planned from),
+    and since when SLAs apply: tickets older than the first start with policies get none, rather than a
+    flood of escalations for deadlines that passed before anyone set them."""
+
+    __tablename__ = "sla_cursor"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

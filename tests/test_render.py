@@ -38,6 +38,21 @@ def context(language: str) -> dict[str, object]:
         "agent": {"name": "Agata <admin>", "address": "agata@helpdesk.example"},
         "reply": "Proszę zrestartować drukarkę MB-000007.\nPozdrawiam <b>",
         "reference_example": "MB-000123",
+        "alert": {
+            "target": "first_response",
+            "target_label": "first response",
+            "share_percent": 75,
+            "breach": False,
+            "due_at": "2026-11-16 13:00 (Europe/Warsaw)",
+            "left": "59 min",
+            "overdue": "",
+            "policy": "P2 + tier enterprise",
+            "priority": "P2",
+            "queue": "accounting <b>",
+            "owner": "agata@helpdesk.example",
+            "first_response": True,
+        },
+        "last_message": "Drukarka nie drukuje <b>",
     }
 
 

@@ -26,7 +26,15 @@ from mailbridge.ingest.mail import Address
 from mailbridge.models import TicketStatus, utcnow
 
 SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-TEMPLATES = ("ack", "status_changed", "closed", "agent_reply", "agent_unmatched")
+TEMPLATES = (
+    "ack",
+    "status_changed",
+    "closed",
+    "agent_reply",
+    "agent_unmatched",
+    "sla_reminder",
+    "sla_escalation",
+)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _MAX_SUBJECT = 500
 _MAX_REFERENCES = 20

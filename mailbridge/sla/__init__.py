@@ -1,0 +1,1 @@
+"""Service levels: business calendars, policies, deadlines, reminders and escalations."""

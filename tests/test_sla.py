@@ -1,0 +1,333 @@
+"""SLA arithmetic (business hours, holidays, DST, pauses) and the check that fires reminders and
+escalations exactly once, with a controllable clock (time-machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import time_machine
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from mailbridge.app import App
+from mailbridge.config import Settings
+from mailbridge.models import OutboxMail, SlaTimer, Ticket, TicketEvent, TicketStatus
+from mailbridge.sla.calendar import BusinessCalendar
+from mailbridge.sla.plan import FIRST_RESPONSE, RESOLUTION, Policy, plan, policy_for
+from mailbridge.sla.settings import CalendarSettings, SlaSettings, parse_duration
+from tests.imap_env import make_app, sample_mail
+
+WARSAW = ZoneInfo("Europe/Warsaw")
+HOUR = 3600.0
+
+
+def local(*args: int) -> datetime:
+    return datetime(*args, tzinfo=WARSAW)  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def office() -> BusinessCalendar:
+    """Mon–Fri 08:00–16:00 in Warsaw, Polish public holidays."""
+    return CalendarSettings(timezone="Europe/Warsaw", working_hours=["08:00-16:00"], holidays="PL").build()
+
+
+# --- business time ---------------------------------------------------------------------------------
+
+
+def test_a_target_crosses_the_weekend(office: BusinessCalendar) -> None:
+    friday = local(2026, 11, 6, 15, 0)
+    assert office.add(friday, 4 * HOUR) == local(2026, 11, 9, 11, 0)  # 1 h on Friday, 3 h on Monday
+    assert office.between(friday, local(2026, 11, 9, 11, 0)) == 4 * HOUR
+
+
+def test_polish_public_holidays_are_not_working_days(office: BusinessCalendar) -> None:
+    # 11 November (Independence Day) is a Wednesday in 2026.
+    assert office.add(local(2026, 11, 10, 14, 0), 4 * HOUR) == local(2026, 11, 12, 10, 0)
+    # Christmas Eve is a public holiday in Poland from 2025 on; 25 and 26 December too.
+    assert office.add(local(2026, 12, 23, 15, 0), 2 * HOUR) == local(2026, 12, 28, 9, 0)
+    assert office.is_holiday(date(2026, 12, 24)) and not office.is_holiday(date(2026, 12, 23))
+
+
+def test_mail_outside_working_hours_starts_the_clock_next_morning(office: BusinessCalendar) -> None:
+    evening = local(2026, 11, 17, 22, 30)
+    assert office.add(evening, 30 * 60) == local(2026, 11, 18, 8, 30)
+    assert office.between(evening, local(2026, 11, 18, 8, 0)) == 0
+
+
+def test_working_hours_keep_their_length_across_dst(office: BusinessCalendar) -> None:
+    # Summer time ends on Sunday 25 October 2026: Friday is UTC+2, Monday UTC+1.
+    friday = local(2026, 10, 23, 15, 0)
+    monday = office.add(friday, 2 * HOUR)
+    assert monday == local(2026, 10, 26, 9, 0)
+    assert monday.astimezone(UTC).hour == 8 and friday.astimezone(UTC).hour == 13
+
+
+def test_a_round_the_clock_calendar_has_a_25_hour_day_when_dst_ends() -> None:
+    always_warsaw = CalendarSettings(timezone="Europe/Warsaw", working_days=list(_DAYS), working_hours=["00:00-24:00"])
+    clock = always_warsaw.build()
+    assert clock.between(local(2026, 10, 25, 0, 0), local(2026, 10, 26, 0, 0)) == 25 * HOUR
+    assert clock.between(local(2026, 3, 29, 0, 0), local(2026, 3, 30, 0, 0)) == 23 * HOUR
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def test_add_and_between_agree(office: BusinessCalendar) -> None:
+    start = local(2026, 12, 18, 11, 17)
+    for hours in (0.25, 3, 7.9, 8, 13, 40, 120):
+        end = office.add(start, hours * HOUR)
+        assert office.between(start, end) == pytest.approx(hours * HOUR)
+
+
+def test_several_spans_a_day_and_no_working_time_at_all() -> None:
+    split = BusinessCalendar("UTC", range(5), ((time(9), time(12)), (time(13), time(17))))
+    monday = datetime(2026, 11, 16, 11, 0, tzinfo=UTC)
+    assert split.add(monday, 2 * HOUR) == datetime(2026, 11, 16, 14, 0, tzinfo=UTC)  # lunch does not count
+    with pytest.raises(ValueError, match="working day"):
+        BusinessCalendar("UTC", (), ((time(9), time(17)),))
+
+
+# --- the configuration ---------------------------------------------------------------------------
+
+
+def test_durations_and_their_errors() -> None:
+    assert parse_duration("1h30m") == 5400 and parse_duration("45m") == 2700 and parse_duration(20) == 20
+    for bad in ("2d", "soon", "", "0m", "-1h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("sla", "message"),
+    [
+        ({"policies": {"P2": {"first_response": "2 days"}}}, "not a duration"),
+        ({"calendar": {"timezone": "Europe/Warsa"}}, "unknown time zone"),
+        ({"calendar": {"working_hours": ["16:00-08:00"]}}, "end must come after"),
+        ({"calendar": {"holidays": "XX"}}, "no public holidays known"),
+        ({"reminders": [75]}, "between 0 and 1"),
+        ({"overrides": [{"first_response": "1h"}]}, "names a queue"),
+        ({"policies": {"P9": {"first_response": "1h"}}}, "P9"),
+    ],
+)
+def test_a_bad_sla_config_names_what_is_wrong(sla: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings.model_validate({"sla": sla})
+
+
+def test_overrides_apply_in_order() -> None:
+    settings = SlaSettings.model_validate(
+        {
+            "policies": {"P2": {"first_response": "4h", "resolution": "16h"}, "P1": {"first_response": "1h"}},
+            "overrides": [
+                {"tier": "enterprise", "first_response": "2h"},
+                {"queue": "accounting", "priority": "P2", "resolution": "24h", "business_hours": False},
+            ],
+        }
+    )
+    plain = policy_for(settings, "P2", "general", None)
+    assert plain == Policy("P2", 4 * HOUR, 16 * HOUR, True, False)
+    both = policy_for(settings, "P2", "accounting", "enterprise")
+    assert both is not None
+    assert (both.first_response, both.resolution, both.business_hours) == (2 * HOUR, 24 * HOUR, False)
+    assert both.name == "P2 + tier enterprise + queue accounting"
+    assert policy_for(settings, "P4", "general", None) is None  # no policy, no SLA
+
+
+# --- plans from a ticket's history ---------------------------------------------------------------
+
+
+POLICY = Policy("P2", first_response=4 * HOUR, resolution=16 * HOUR, business_hours=True, raise_priority=False)
+
+
+def test_waiting_on_the_customer_stops_the_clock(office: BusinessCalendar) -> None:
+    created = local(2026, 11, 16, 9, 0)  # Monday
+    changes = [(local(2026, 11, 16, 10, 0), TicketStatus.WAITING_CUSTOMER), (local(2026, 11, 17, 9, 0), "open")]
+    result = plan(POLICY, office, created, changes, None, [0.75], ["waiting_customer"])
+    # 1 h ran on Monday; the other 3 h from Tuesday 09:00.
+    assert result.first_response_due == local(2026, 11, 17, 12, 0)
+    timers = {(t.target, t.share): t.fire_at for t in result.timers}
+    assert timers[(FIRST_RESPONSE, 0.75)] == local(2026, 11, 17, 11, 0)
+    assert result.paused_since is None
+
+
+def test_a_waiting_ticket_has_no_reminder_scheduled(office: BusinessCalendar) -> None:
+    created = local(2026, 11, 16, 9, 0)
+    result = plan(
+        POLICY, office, created, [(local(2026, 11, 16, 10, 0), "waiting_customer")], None, [0.75], ["waiting_customer"]
+    )
+    assert result.paused_since == local(2026, 11, 16, 10, 0)
+    assert all(t.fire_at is None for t in result.timers)
+    assert result.first_response_due is None
+
+
+def test_waiting_on_a_third_party_does_not_stop_the_clock_unless_configured(office: BusinessCalendar) -> None:
+    created = local(2026, 11, 16, 9, 0)
+    changes = [(local(2026, 11, 16, 10, 0), "waiting_third_party")]
+    running = plan(POLICY, office, created, changes, None, [0.75], ["waiting_customer"])
+    assert running.first_response_due == local(2026, 11, 16, 13, 0)
+    paused = plan(POLICY, office, created, changes, None, [0.75], ["waiting_customer", "waiting_third_party"])
+    assert paused.first_response_due is None
+
+
+def test_met_targets_schedule_nothing_and_a_reopened_ticket_runs_on(office: BusinessCalendar) -> None:
+    created = local(2026, 11, 16, 9, 0)
+    answered = local(2026, 11, 16, 10, 0)
+    closed = [(local(2026, 11, 16, 12, 0), "closed")]
+    result = plan(POLICY, office, created, closed, answered, [0.75], ["waiting_customer"])
+    assert all(t.fire_at is None for t in result.timers)
+    reopened = [*closed, (local(2026, 11, 18, 8, 0), "open")]
+    again = plan(POLICY, office, created, reopened, answered, [0.75], ["waiting_customer"])
+    # 3 h before closing, 13 h more from Wednesday 08:00: Wednesday 8 h, Thursday 5 h.
+    assert again.resolution_due == local(2026, 11, 19, 13, 0)
+    assert {t.target for t in again.timers if t.fire_at is not None} == {RESOLUTION}
+
+
+# --- the check: reminders and escalations, once --------------------------------------------------
+
+SUPPORT = "support@helpdesk.example"
+OWNER = "agata@helpdesk.example"
+LEAD = "lead@helpdesk.example"
+T0 = datetime(2026, 11, 16, 9, 0, tzinfo=UTC)  # a Monday
+
+
+def _sla_app(tmp_path: Path, started: datetime = T0 - timedelta(hours=1), **sla: object) -> App:
+    with time_machine.travel(started, tick=False):  # SLAs apply from the first start with policies
+        return _make_sla_app(tmp_path, **sla)
+
+
+def _make_sla_app(tmp_path: Path, **sla: object) -> App:
+    return make_app(
+        tmp_path,
+        [{"type": "maildir", "name": "support", "path": str(tmp_path / "md"), "address": SUPPORT}],
+        outbox={"domain": "helpdesk.example", "deliver_to_directory": str(tmp_path / "sent")},
+        agents=[{"address": OWNER, "name": "Agata", "queues": ["general"]}],
+        routing={"default_queue": "general"},
+        sla={
+            "policies": {"P3": {"first_response": "4h", "resolution": "40h", "raise_priority": True}},
+            "calendar": {"timezone": "UTC", "working_hours": ["08:00-16:00"]},
+            "escalation_contacts": {"*": [LEAD]},
+            **sla,
+        },
+    )
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[App]:
+    application = _sla_app(tmp_path)
+    yield application
+    application.close()
+
+
+def _ingest(app: App, tmp_path: Path, name: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "1.eml").write_bytes(sample_mail("Nie działa logowanie"))
+    asyncio.run(app.ingest([folder], mailbox="support"))
+
+
+def _sla_mails(app: App) -> list[tuple[str, list[str]]]:
+    with app.db.reader() as session:
+        rows = session.execute(
+            select(OutboxMail.template, OutboxMail.recipients)
+            .where(OutboxMail.template.like("sla_%"))
+            .order_by(OutboxMail.id)
+        )
+        return [(template, list(recipients)) for template, recipients in rows]
+
+
+def _check_at(app: App, when: datetime) -> None:
+    with time_machine.travel(when, tick=False):
+        app.sla.run(app.db, datetime.now(UTC))
+
+
+def test_one_reminder_at_75_percent_and_one_escalation_at_the_breach(app: App, tmp_path: Path) -> None:
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+    _check_at(app, T0 + timedelta(hours=2, minutes=59))
+    assert _sla_mails(app) == []
+    with app.db.reader() as session:
+        ticket = session.scalars(select(Ticket)).one()
+    assert ticket.sla_policy == "P3" and ticket.first_response_due_at == T0 + timedelta(hours=4)
+    _check_at(app, T0 + timedelta(hours=3))
+    _check_at(app, T0 + timedelta(hours=3, minutes=30))  # checked again: nothing new
+    assert _sla_mails(app) == [("sla_reminder", [OWNER])]  # nobody owns it: the queue's agents
+    _check_at(app, T0 + timedelta(hours=4))
+    _check_at(app, T0 + timedelta(hours=5))
+    assert _sla_mails(app) == [("sla_reminder", [OWNER]), ("sla_escalation", [LEAD])]
+    with app.db.reader() as session:
+        ticket = session.scalars(select(Ticket)).one()
+        kinds = session.scalars(select(TicketEvent.kind).where(TicketEvent.actor == "sla").order_by(TicketEvent.id))
+        assert list(kinds) == ["sla_reminder", "sla_breach", "priority"]
+    assert ticket.priority == "P2" and ticket.sla_priority == "P3"  # raised, but the targets stay
+
+
+def test_a_reply_from_the_agent_cancels_the_first_response_reminder(app: App, tmp_path: Path) -> None:
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+    _check_at(app, T0 + timedelta(minutes=5))
+    with app.db.unit_of_work() as session:
+        ticket = session.scalars(select(Ticket)).one()
+        ticket.first_response_at = T0 + timedelta(hours=1)
+        session.add(TicketEvent(ticket_id=ticket.id, at=T0 + timedelta(hours=1), actor=OWNER, kind="first_response"))
+    _check_at(app, T0 + timedelta(hours=6))
+    assert _sla_mails(app) == []
+    with app.db.reader() as session:
+        pending = session.scalars(select(SlaTimer).where(SlaTimer.fire_at.is_not(None), SlaTimer.done_at.is_(None)))
+        assert {t.target for t in pending} == {RESOLUTION}
+
+
+def test_after_downtime_past_the_deadline_only_the_escalation_goes(app: App, tmp_path: Path) -> None:
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+    _check_at(app, T0 + timedelta(hours=7))
+    assert [template for template, _ in _sla_mails(app)] == ["sla_escalation"]
+
+
+def test_two_instances_checking_at_once_send_each_mail_once(app: App, tmp_path: Path) -> None:
+    with time_machine.travel(T0, tick=False):
+        for n in range(20):
+            _ingest(app, tmp_path, f"m{n}")
+    other = _sla_app(tmp_path)  # a second daemon on the same database
+    try:
+        for moment in (T0 + timedelta(hours=3), T0 + timedelta(hours=4)):
+            with time_machine.travel(moment, tick=False):
+                now = datetime.now(UTC)
+                threads = [threading.Thread(target=a.sla.run, args=(a.db, now)) for a in (app, other, app, other)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+    finally:
+        other.close()
+    with app.db.reader() as session:
+        per_ticket = session.execute(
+            select(OutboxMail.ticket_id, OutboxMail.template, func.count())
+            .where(OutboxMail.template.like("sla_%"))
+            .group_by(OutboxMail.ticket_id, OutboxMail.template)
+        ).all()
+    assert len(per_ticket) == 40 and all(n == 1 for *_, n in per_ticket)
+
+
+def test_tickets_from_before_the_sla_was_configured_get_none(tmp_path: Path) -> None:
+    plain = make_app(tmp_path, [{"type": "maildir", "name": "support", "path": str(tmp_path / "md")}])
+    with time_machine.travel(T0, tick=False):
+        _ingest(plain, tmp_path, "old")
+    plain.close()
+    application = _sla_app(tmp_path, started=T0 + timedelta(minutes=30))
+    try:
+        with time_machine.travel(T0 + timedelta(hours=1), tick=False):
+            _ingest(application, tmp_path, "new")
+        _check_at(application, T0 + timedelta(hours=1, minutes=1))
+        _check_at(application, T0 + timedelta(hours=30))
+        with application.db.reader() as session:
+            policies = dict(session.execute(select(Ticket.id, Ticket.sla_policy)).all())
+        assert policies == {1: None, 2: "P3"}
+        assert [t for t, _ in _sla_mails(application)] == ["sla_escalation"]
+    finally:
+        application.close()
