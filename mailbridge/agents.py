@@ -228,7 +228,7 @@ class AgentDesk:
                 in_reply_to=last_inbound,
                 references=[m for m in thread if m],
                 sender_name=f"{agent.name} ({box.from_name})" if agent.name else None,
-                auto_submitted=False,
+                auto_submitted=None,
                 rate_limited=False,
                 files=self._attachments(session, article),
             )

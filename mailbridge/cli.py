@@ -337,6 +337,14 @@ def tickets_show(number: str, config: ConfigOption = None, json_out: JsonOption 
         _say(f"routing: {detail['routing']}")
     if detail["triage_reason"]:
         _say(f"TRIAGE: {detail['triage_reason']}")
+    if detail["sla"]:
+        sla = detail["sla"]
+        _say(
+            f"SLA {sla['policy']}: first response due {sla['first_response_due'] or '-'}"
+            + (f" (answered {sla['first_response_at']})" if sla["first_response_at"] else "")
+            + f"  resolution due {sla['resolution_due'] or '-'}"
+            + (f"  clock stopped since {sla['paused_since']}" if sla["paused_since"] else "")
+        )
     if detail["linked_ticket"]:
         _say(f"linked to: {detail['linked_ticket']}")
     _say("participants: " + ", ".join(f"{p['address']} ({p['role']})" for p in detail["participants"]))

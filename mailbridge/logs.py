@@ -43,3 +43,5 @@ def setup_logging(level: str = "INFO") -> None:
     # aioimaplib logs every line it sends and receives at DEBUG, message bodies included.
     logging.getLogger("aioimaplib").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # APScheduler logs each run of the SLA check; the check logs what it did itself.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -46,6 +46,22 @@ def ticket_rows(session: Session, limit: int) -> list[dict[str, Any]]:
     ]
 
 
+def _sla(ticket: Ticket) -> dict[str, Any] | None:
+    if ticket.sla_policy is None:
+        return None
+
+    def when(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {
+        "policy": ticket.sla_policy,
+        "first_response_due": when(ticket.first_response_due_at),
+        "first_response_at": when(ticket.first_response_at),
+        "resolution_due": when(ticket.resolution_due_at),
+        "paused_since": when(ticket.sla_paused_at),
+    }
+
+
 def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
     ticket = session.scalars(
         select(Ticket).where(Ticket.number == number).options(selectinload(Ticket.articles))
@@ -70,6 +86,7 @@ def ticket_detail(session: Session, number: str) -> dict[str, Any] | None:
         "tags": list(ticket.tags or []),
         "routing": ticket.routing_reason,
         "linked_ticket": linked.number if linked else None,
+        "sla": _sla(ticket),
         "participants": [{"address": a, "role": r} for a, r in participants],
         "history": [
             {"at": e.at.isoformat(), "actor": e.actor, "kind": e.kind, "old": e.old, "new": e.new} for e in events

@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from mailbridge.app import App
 from mailbridge.config import Settings
 from mailbridge.models import OutboxMail, SlaTimer, Ticket, TicketEvent, TicketStatus
+from mailbridge.queries import ticket_detail
 from mailbridge.sla.calendar import BusinessCalendar
 from mailbridge.sla.plan import FIRST_RESPONSE, RESOLUTION, Policy, plan, policy_for
 from mailbridge.sla.settings import CalendarSettings, SlaSettings, parse_duration
@@ -265,6 +266,16 @@ def test_one_reminder_at_75_percent_and_one_escalation_at_the_breach(app: App, t
         kinds = session.scalars(select(TicketEvent.kind).where(TicketEvent.actor == "sla").order_by(TicketEvent.id))
         assert list(kinds) == ["sla_reminder", "sla_breach", "priority"]
     assert ticket.priority == "P2" and ticket.sla_priority == "P3"  # raised, but the targets stay
+    with app.db.reader() as session:
+        detail = ticket_detail(session, "MB-000001")
+    assert detail is not None and detail["sla"] == {
+        "policy": "P3",
+        "first_response_due": (T0 + timedelta(hours=4)).isoformat(),
+        "first_response_at": None,
+        # 40 h of 08-16 days from Monday 09:00: 7 + 8 + 8 + 8 + 8 h this week, the last hour next Monday.
+        "resolution_due": datetime(2026, 11, 23, 9, 0, tzinfo=UTC).isoformat(),
+        "paused_since": None,
+    }
 
 
 def test_a_reply_from_the_agent_cancels_the_first_response_reminder(app: App, tmp_path: Path) -> None:

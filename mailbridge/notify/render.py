@@ -118,7 +118,9 @@ class Envelope:
     in_reply_to: str | None = None
     references: Sequence[str] = ()
     loop_id: str = ""
-    automatic: bool = True
+    # RFC 3834: "auto-replied" answers a mail (an acknowledgement), "auto-generated" is not an answer
+    # (a status mail, an SLA reminder); None: a person's mail (an agent's relayed answer).
+    auto_submitted: str | None = "auto-replied"
 
     @property
     def recipients(self) -> list[str]:
@@ -151,10 +153,11 @@ def compose(rendered: Rendered, envelope: Envelope, files: Sequence[FileToSend] 
     references = [_msgid(r) for r in envelope.references if r and _msgid(r)][-_MAX_REFERENCES:]
     if references:
         headers.append(("References", "\r\n ".join(f"<{r}>" for r in references)))
-    if envelope.automatic:
+    if envelope.auto_submitted:
         # RFC 3834: responders must not answer this; Exchange: no out-of-office back to us.
-        headers += [("Auto-Submitted", "auto-replied"), ("X-Auto-Response-Suppress", "All")]
-        headers.append(("Precedence", "auto_reply"))
+        headers += [("Auto-Submitted", envelope.auto_submitted), ("X-Auto-Response-Suppress", "All")]
+        if envelope.auto_submitted == "auto-replied":
+            headers.append(("Precedence", "auto_reply"))
     headers.append(("X-Loop", header_safe(envelope.loop_id)))
     alternative = _multipart("alternative", [_text_part("plain", rendered.text), _text_part("html", rendered.html)])
     body = _multipart("mixed", [alternative, *(_file_part(f) for f in files)]) if files else alternative

@@ -59,7 +59,18 @@ class SlaAlerts:
             customer=self._customer(session, ticket),
             last_message=self._last_message(session, ticket),
         )
-        mail = self.writer.write(Letter(template, box, context, to=to, cc=cc, ticket_id=ticket.id, rate_limited=False))
+        mail = self.writer.write(
+            Letter(
+                template,
+                box,
+                context,
+                to=to,
+                cc=cc,
+                ticket_id=ticket.id,
+                rate_limited=False,
+                auto_submitted="auto-generated",
+            )
+        )
         enqueue(session, [mail], now, self.retry_for)
         return f"{template} to {', '.join(a.address for a in (*to, *cc))}"
 

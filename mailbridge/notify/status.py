@@ -39,7 +39,17 @@ class StatusMailer:
             status=status_context(old, new, box.language),
         )
         # Not counted by the rate limit (that one is for answers to incoming mail), but marked as
-        # automatic in its headers so that no responder answers it.
-        mail = self.writer.write(Letter(template, box, context, to=[to], ticket_id=ticket.id, rate_limited=False))
+        # automatic in its headers (auto-generated: it answers no mail) so that no responder answers it.
+        mail = self.writer.write(
+            Letter(
+                template,
+                box,
+                context,
+                to=[to],
+                ticket_id=ticket.id,
+                rate_limited=False,
+                auto_submitted="auto-generated",
+            )
+        )
         enqueue(session, [mail], now, self.retry_for)
         return True

@@ -28,7 +28,8 @@ class Letter:
     in_reply_to: str | None = None
     references: Sequence[str] = ()
     sender_name: str | None = None  # default: the mailbox's from_name
-    auto_submitted: bool = True  # Auto-Submitted & co: no responder answers it
+    # Auto-Submitted (no responder answers it): "auto-replied", "auto-generated", or None for a person's mail.
+    auto_submitted: str | None = "auto-replied"
     rate_limited: bool = True  # counted by the per-address limit on automatic answers
     files: Sequence[FileToSend] = field(default=())
 
@@ -53,7 +54,7 @@ class MailWriter:
             in_reply_to=letter.in_reply_to,
             references=letter.references,
             loop_id=self.loop_id,
-            automatic=letter.auto_submitted,
+            auto_submitted=letter.auto_submitted,
         )
         return Outgoing(
             ticket_id=letter.ticket_id,
