@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mailbridge.blobstore import BlobStore
+from mailbridge.classify import Verdict
 from mailbridge.config import Agent, Settings
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.lifecycle import change_status
@@ -24,13 +25,14 @@ from mailbridge.models import (
     Attachment,
     Contact,
     Direction,
+    MailKind,
     ParticipantRole,
     Ticket,
     TicketEvent,
     TicketParticipant,
     TicketStatus,
 )
-from mailbridge.notify.outbox import enqueue
+from mailbridge.notify.outbox import RecentCounts, automatic_mail_counts, enqueue
 from mailbridge.notify.render import FileToSend, sendable
 from mailbridge.notify.status import StatusMailer
 from mailbridge.notify.writer import Letter, MailWriter
@@ -165,13 +167,23 @@ class AgentDesk:
             if old is not None:
                 self.status_mailer.changed(session, ticket, old, commands.status, now)
 
-    def refuse(self, session: Session, mailbox: str, mail: ParsedMail, now: datetime) -> str:
+    def refuse(self, session: Session, mailbox: str, mail: ParsedMail, verdict: Verdict, now: datetime) -> str:
         """An agent's mail that answers no ticket: a short explanation back to the agent; returns the reason
-        to keep the mail by (in quarantine, never dropped)."""
+        to keep the mail by (in quarantine, never dropped). An agent's out-of-office or bounce gets no
+        explanation, and explanations count towards the per-address limit on automatic mails."""
+        if verdict.kind is not MailKind.HUMAN:
+            return f"an agent's automatic mail ({verdict.no_answer_reason}) that answers no ticket: not answered"
         reason = "an agent's mail that answers no ticket mail: not sent to anyone"
         box = self.boxes.get(mailbox)
         if box is None or box.address is None or mail.sender is None:
             return reason
+        address = mail.sender.address.lower()
+        limited = (
+            automatic_mail_counts(session, [address], now).get(address, RecentCounts()).take(box.rate_limit, address)
+        )
+        if limited:
+            log.warning("no explanation to agent %s: %s", address, limited)
+            return f"{reason} (no explanation sent: {limited})"
         context = {
             "original": {"subject": mail.subject},
             "reference_example": ticket_number(self.settings.tickets, 123),

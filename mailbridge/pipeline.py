@@ -246,7 +246,7 @@ class Pipeline:
         answered = dict(zip(machine, find_our_mails(session, [mails[i][1] for i in machine]), strict=True))
         agent_mail = {i for i, (_, mail) in enumerate(mails) if self.desk.is_agent(mail)}
         refused = {
-            i: self.desk.refuse(session, mails[i][0].mailbox, mails[i][1], now)
+            i: self.desk.refuse(session, mails[i][0].mailbox, mails[i][1], verdicts[i], now)
             for i in agent_mail
             if not threads[i].is_reply
         }
@@ -293,7 +293,9 @@ class Pipeline:
         stored_kept = tickets.store(session, items, self.ticket_settings)
         lifecycle.after_store(session, items, stored_kept, self.threader.agents, self.answers.own_addresses, now)
         stored = dict(zip(kept, stored_kept, strict=True))
-        for index in sorted(agent_mail - set(refused)):
+        # An agent's out-of-office or bounce is kept on the ticket like a customer's: it commands nothing
+        # and is relayed to nobody (answering it is how a loop between two responders starts).
+        for index in sorted(i for i in agent_mail - set(refused) if verdicts[i].kind is MailKind.HUMAN):
             raw, mail = mails[index]
             self.desk.answer(session, raw.mailbox, stored[index].ticket_id, stored[index].article_id, mail, now)
         acknowledging = [

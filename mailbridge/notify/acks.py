@@ -79,17 +79,8 @@ class Acknowledger:
         counts = automatic_mail_counts(session, [to[0].address.lower() for _, _, to, _ in wanted], now)
         for index, box, to, cc in wanted:
             seen = counts.setdefault(to[0].address.lower(), RecentCounts())
-            limit = box.rate_limit
-            if seen.last_hour >= limit.per_hour:
-                reason = f"rate limit: {seen.last_hour} automatic mails to {to[0].address} in the last hour"
-            elif seen.last_day >= limit.per_day:
-                reason = f"rate limit: {seen.last_day} automatic mails to {to[0].address} in the last day"
-            else:
-                seen.last_hour += 1
-                seen.last_day += 1
-                plans[index] = Planned(to=to, cc=cc)
-                continue
-            plans[index] = Planned(no_answer_reason=reason)
+            limited = seen.take(box.rate_limit, to[0].address)
+            plans[index] = Planned(no_answer_reason=limited) if limited else Planned(to=to, cc=cc)
         return plans
 
     def enqueue(self, session: Session, tickets: Sequence[NewTicket], now: datetime) -> list[int]:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import case, func, insert, select
 from sqlalchemy.orm import Session
 
+from mailbridge.config import RateLimit
 from mailbridge.db import chunked
 from mailbridge.models import OutboxMail, OutboxStatus, db_text
 
@@ -61,6 +62,16 @@ def enqueue(session: Session, mails: Sequence[Outgoing], now: datetime, retry_fo
 class RecentCounts:
     last_hour: int = 0
     last_day: int = 0
+
+    def take(self, limit: RateLimit, address: str) -> str | None:
+        """Count one more automatic mail to `address`, or say why the limit forbids it."""
+        if self.last_hour >= limit.per_hour:
+            return f"rate limit: {self.last_hour} automatic mails to {address} in the last hour"
+        if self.last_day >= limit.per_day:
+            return f"rate limit: {self.last_day} automatic mails to {address} in the last day"
+        self.last_hour += 1
+        self.last_day += 1
+        return None
 
 
 def automatic_mail_counts(session: Session, addresses: Iterable[str], now: datetime) -> dict[str, RecentCounts]:
