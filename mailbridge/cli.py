@@ -166,6 +166,8 @@ def demo(
                             "path": str(inbox),
                             "poll_interval": 0.5,
                             "address": "support@demo.invalid",
+                            # The pre-filled mails are a backlog; the demo shows their acknowledgements.
+                            "acknowledge_backlog": True,
                         }
                     ],
                 },

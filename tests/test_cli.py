@@ -198,6 +198,7 @@ def test_demo_turns_dropped_mail_into_tickets_and_stops_cleanly(tmp_path: Path) 
         wait_for(lambda: config.exists() and _tickets(config) == expected, 60)
         (data_dir / "demo-inbox" / "new" / "dropped.eml").write_bytes(sample_mail("dropped into the demo"))
         wait_for(lambda: _tickets(config) == expected + 1, 15)
+        wait_for(lambda: any(b"dropped into the demo" in mail for mail in _sent(data_dir)), 15)
     finally:
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=20)[0].decode()
@@ -205,6 +206,15 @@ def test_demo_turns_dropped_mail_into_tickets_and_stops_cleanly(tmp_path: Path) 
     assert "drop an .eml file here" in output
     assert list((data_dir / "demo-inbox" / "new").iterdir()) == []
     assert len(list((data_dir / "demo-inbox" / ".Processed" / "cur").iterdir())) == expected + 1
+    # As the README says: the pre-filled mails' acknowledgements (a backlog, acknowledged on purpose) and the
+    # dropped one's are in sent/.
+    sent = _sent(data_dir)
+    assert sum(b"dropped into the demo" in mail for mail in sent) == 1
+    assert len(sent) > 1
+
+
+def _sent(data_dir: Path) -> list[bytes]:
+    return [path.read_bytes() for path in (data_dir / "sent").glob("*.eml")]
 
 
 def _tickets(config: Path) -> int:

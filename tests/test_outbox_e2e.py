@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from mailbridge.app import App
+from mailbridge.ingest.maildir import ensure_maildir
 from mailbridge.models import Article, OutboxMail, OutboxStatus, Ticket
 from tests.crash_env import start_daemon
 from tests.imap_env import count, imap_box, make_app, new_user, sample_mail, wait_until
@@ -156,6 +157,63 @@ async def test_backlog_gets_no_acknowledgement_but_new_mail_does(
     finally:
         server.stop()
     assert [r.rcpt_tos for r in sink.received] == [["new@klient.example"]]
+
+
+@pytest.mark.parametrize("acknowledge_backlog", [False, True])
+async def test_maildir_backlog_gets_no_acknowledgement_but_later_drops_do(
+    tmp_path: Path, sink: SmtpSink, acknowledge_backlog: bool
+) -> None:
+    inbox = tmp_path / "maildir"
+    ensure_maildir(inbox)
+    for index in range(3):
+        (inbox / "new" / f"old{index}.eml").write_bytes(sample_mail(sender=f"old{index}@klient.example"))
+    app = files_app(tmp_path, sink, box={"acknowledge_backlog": acknowledge_backlog})
+    try:
+        [watcher] = app.watchers
+        await watcher.run_once()
+        await app.sender.deliver_due()
+        assert count(app, "select count(*) from tickets") == 3
+        backlog_acks = sorted(r.rcpt_tos[0] for r in sink.received)
+        reasons = {a.no_answer_reason for a in _articles(app)}
+        (inbox / "new" / "fresh.eml").write_bytes(sample_mail(sender="new@klient.example"))
+        await watcher.run_once()
+        await app.sender.deliver_due()
+    finally:
+        app.close()
+    if acknowledge_backlog:  # what the demo asks for: its pre-filled mails are acknowledged
+        assert backlog_acks == [f"old{i}@klient.example" for i in range(3)] and reasons == {None}
+    else:
+        assert backlog_acks == []
+        assert reasons == {"already in the mailbox before its first run (acknowledge_backlog is off)"}
+    assert sink.received[-1].rcpt_tos == ["new@klient.example"]
+    assert len(sink.received) == (4 if acknowledge_backlog else 1)
+
+
+async def test_maildir_backlog_survives_a_restart_before_its_first_drain_is_done(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    inbox = tmp_path / "maildir"
+    ensure_maildir(inbox)
+    (inbox / "new" / "old.eml").write_bytes(sample_mail(sender="old@klient.example"))
+    app = files_app(tmp_path, sink)
+    try:
+        stopped = asyncio.Event()
+        stopped.set()  # stopped before the first drain took anything
+        await app.watchers[0].run_once(stopped)
+        assert count(app, "select count(*) from tickets") == 0
+    finally:
+        app.close()
+    await asyncio.sleep(0.05)  # a mail delivered after the mailbox was first seen is not backlog
+    (inbox / "new" / "later.eml").write_bytes(sample_mail(sender="later@klient.example"))
+    app = files_app(tmp_path, sink)
+    try:
+        await app.watchers[0].run_once()
+        await app.sender.deliver_due()
+        reasons = sorted((a.no_answer_reason or "") for a in _articles(app))
+    finally:
+        app.close()
+    assert [r.rcpt_tos for r in sink.received] == [["later@klient.example"]]
+    assert reasons == ["", "already in the mailbox before its first run (acknowledge_backlog is off)"]
 
 
 async def test_smtp_outage_loses_nothing_and_sends_each_acknowledgement_once(tmp_path: Path, sink: SmtpSink) -> None:

@@ -25,7 +25,7 @@ from mailbridge.ingest.imap_client import (
     wait_for_stop,
 )
 from mailbridge.ingest.ledger import FolderPlan, Ledger
-from mailbridge.ingest.raw import RawMail
+from mailbridge.ingest.raw import BACKLOG, RawMail
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
 
@@ -33,9 +33,6 @@ log = logging.getLogger("mailbridge.imap")
 
 AUTH_RETRY_MAX_SECONDS = 15 * 60
 UNDELIVERABLE_AFTER = 3  # drains in a row without a body for the same UID
-
-
-BACKLOG = "already in the mailbox before its first run (acknowledge_backlog is off)"
 
 
 class ImapWatcher:

@@ -103,6 +103,19 @@ class Ledger:
                 found.update({key: Outcome(outcome) for key, outcome in rows if key})
         return found
 
+    async def backlog_cutoff(self) -> datetime | None:
+        """For a mailbox without UIDs (a Maildir): until its first complete drain, mail written before the
+        mailbox was first seen is backlog; None once that drain is done."""
+        return await self.db.run(self._backlog_cutoff)
+
+    def _backlog_cutoff(self) -> datetime | None:
+        with self.db.unit_of_work() as session:
+            state = session.get(MailboxState, self.mailbox)
+            if state is None:
+                state = MailboxState(mailbox=self.mailbox, first_seen_at=utcnow())
+                session.add(state)
+            return None if state.initial_done else state.first_seen_at
+
     async def initial_import_done(self) -> None:
         await self._update(initial_done=True)
 

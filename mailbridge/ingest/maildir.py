@@ -1,7 +1,10 @@
 """Fetch stage for a local Maildir: the demo mailbox, or mail an MTA delivers into a directory.
 
 Stored mail is moved to the `.Processed` subfolder and quarantined mail to `.Quarantine` (Maildir++),
-after the commit, just as the IMAP watcher moves mail on the server.
+after the commit, just as the IMAP watcher moves mail on the server. Mail that was already in the Maildir
+when the mailbox was first seen is a backlog, as in IMAP: no acknowledgement unless `acknowledge_backlog`.
+A Maildir has no UIDs, so "already there" is told by the file's mtime (when it was written) against the
+moment the mailbox was first seen, until the first drain has completed; a restart in between keeps it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncGenerator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from mailbridge.config import FetchSettings, MaildirMailbox
 from mailbridge.ingest.ledger import Ledger
-from mailbridge.ingest.raw import RawMail
+from mailbridge.ingest.raw import BACKLOG, RawMail
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
 
@@ -63,6 +67,7 @@ class MaildirWatcher:
 
     async def run_once(self, stop: asyncio.Event | None = None) -> None:
         ensure_maildir(self.box.path)
+        cutoff = await self.ledger.backlog_cutoff()
         files = self._waiting()
         known = await self.ledger.outcomes([_key(self.name, f) for f in files])
         # Stored before a crash but not yet moved: just move them now.
@@ -75,12 +80,14 @@ class MaildirWatcher:
             for start in range(0, len(fresh), size):
                 if stop is not None and stop.is_set():
                     return  # the batches in hand are still finished
-                yield [self._raw(f) for f in fresh[start : start + size]]
+                yield [self._raw(f, cutoff) for f in fresh[start : start + size]]
 
         async def committed(results: list[Result]) -> None:
             await self._move([(path_of[r.raw.source_key or ""], r.outcome) for r in results])
 
         await self.pipeline.process_stream(batches(), committed)
+        if cutoff is not None and not (stop is not None and stop.is_set()):
+            await self.ledger.initial_import_done()
         await self.ledger.fetched(len(self._waiting()))
 
     def _waiting(self) -> list[Path]:
@@ -89,12 +96,14 @@ class MaildirWatcher:
             files += [p for p in (self.box.path / sub).iterdir() if p.is_file() and not p.name.startswith(".")]
         return sorted(files, key=lambda p: p.name)
 
-    def _raw(self, path: Path) -> RawMail:
+    def _raw(self, path: Path, backlog_cutoff: datetime | None) -> RawMail:
+        backlog = backlog_cutoff is not None and _written_at(path) <= backlog_cutoff
         return RawMail(
             mailbox=self.name,
             source=f"maildir://{self.name}/{path.name}",
             data=path.read_bytes(),
             source_key=_key(self.name, path),
+            quiet=BACKLOG if backlog and not self.box.acknowledge_backlog else None,
         )
 
     async def _move(self, items: Sequence[tuple[Path, Outcome]]) -> None:
@@ -112,3 +121,8 @@ class MaildirWatcher:
 def _key(mailbox: str, path: Path) -> str:
     # The unique part of a Maildir name is everything before the ":2,flags" info suffix.
     return f"{mailbox}/{path.name.split(':', 1)[0]}"
+
+
+def _written_at(path: Path) -> datetime:
+    # Delivery writes the file in tmp/ and renames it into new/: a rename keeps the mtime of the write.
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+BACKLOG = "already in the mailbox before its first run (acknowledge_backlog is off)"
+
 
 @dataclass(frozen=True, slots=True)
 class RawMail:
