@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import itertools
+import re
 from email.message import EmailMessage
 
 import pytest
@@ -107,3 +110,29 @@ def test_header_values_are_one_line() -> None:
 )
 def test_sendable_addresses(address: str, ok: bool) -> None:
     assert sendable(Address("", address)) is ok
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "[MB-000123] Re: Faktura nr 12/2026 – pilne, proszę o korektę dokumentu sprzedaży i przesłanie duplikatu",
+        "[MB-000124] Re: Счёт-фактура № 17 — не пришла оплата по договору поставки оборудования 😀" * 2,
+        "ż",
+        "a" * 44 + "ę" * 3,  # a two-byte character where a word fills up
+    ],
+)
+def test_a_non_ascii_subject_is_encoded_in_short_lines_of_whole_characters(subject: str) -> None:
+    rendered = Renderer().render("ack", "en", context("en"))
+    raw = compose(
+        type(rendered)(subject=subject, text=rendered.text, html=rendered.html),
+        Envelope(Address("Pomoc", "support@helpdesk.example"), [Address("", "zofia@example.com")]),
+    )
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("ascii")
+    start = head.index("\r\nSubject: ") + 2
+    lines = head[start:].split("\r\n")
+    lines = [lines[0], *(line for line in itertools.takewhile(lambda line: line.startswith(" "), lines[1:]))]
+    assert all(len(line) <= 76 for line in lines), lines  # RFC 2047 section 2
+    for word in re.findall(r"=\?utf-8\?b\?([^?]*)\?=", "".join(lines)):
+        base64.b64decode(word).decode("utf-8")  # each word holds whole characters
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["Subject"] == subject and not message.defects

@@ -13,13 +13,14 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from email import base64mime
 from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
+from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, Template, TemplateError, TemplateNotFound
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailbridge.ingest.mail import Address
@@ -38,6 +39,8 @@ TEMPLATES = (
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _MAX_SUBJECT = 500
 _MAX_REFERENCES = 20
+_ENCODED_LINE = 76  # RFC 2047 section 2: a line with an encoded-word is at most 76 characters
+_ENCODED_CHROME = len("=?utf-8?b??=")
 
 STATUS_LABELS: dict[str, dict[str, str]] = {
     "en": {
@@ -77,9 +80,12 @@ class Rendered:
 class Renderer:
     def __init__(self, override: Path | None = None, shipped: Path = SHIPPED_TEMPLATES) -> None:
         loaders = [FileSystemLoader(str(d)) for d in (override, shipped) if d is not None]
-        options: dict[str, Any] = {"loader": ChoiceLoader(loaders), "undefined": StrictUndefined}
+        # Templates are checked at start-up and kept compiled: no stat() of three files per mail to see
+        # whether one changed (an edited template takes effect, checked, at the next start).
+        options: dict[str, Any] = {"loader": ChoiceLoader(loaders), "undefined": StrictUndefined, "auto_reload": False}
         self._text = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True, **options)
         self._html = ImmutableSandboxedEnvironment(autoescape=True, **options)
+        self._compiled: dict[tuple[str, str], tuple[Template, Template, Template]] = {}
 
     def check(self, languages: Iterable[str], names: Sequence[str] = TEMPLATES) -> None:
         """At start-up: every template every mailbox needs exists and compiles."""
@@ -96,12 +102,20 @@ class Renderer:
 
     def render(self, name: str, language: str, context: dict[str, Any]) -> Rendered:
         try:
-            subject = self._text.get_template(f"{language}/{name}.subject.txt").render(context)
-            text = self._text.get_template(f"{language}/{name}.txt").render(context)
-            html = self._html.get_template(f"{language}/{name}.html").render(context)
+            subject, text, html = (template.render(context) for template in self._templates(name, language))
         except TemplateError as exc:
             raise TemplateProblem(f"template {language}/{name}: {exc}") from None
         return Rendered(subject=header_safe(subject)[:_MAX_SUBJECT], text=text, html=html)
+
+    def _templates(self, name: str, language: str) -> tuple[Template, Template, Template]:
+        key = (name, language)
+        if key not in self._compiled:
+            self._compiled[key] = (
+                self._text.get_template(f"{language}/{name}.subject.txt"),
+                self._text.get_template(f"{language}/{name}.txt"),
+                self._html.get_template(f"{language}/{name}.html"),
+            )
+        return self._compiled[key]
 
 
 def header_safe(value: str) -> str:
@@ -195,8 +209,25 @@ def _addresses(addresses: Sequence[Address]) -> str:
 
 
 def _encoded(name: str, value: str) -> str:
-    charset = "us-ascii" if value.isascii() else "utf-8"
-    return Header(header_safe(value), charset, maxlinelen=78, header_name=name).encode(linesep="\r\n")
+    text = header_safe(value)
+    if text.isascii():
+        return Header(text, "us-ascii", maxlinelen=78, header_name=name).encode(linesep="\r\n")
+    # RFC 2047 encoded-words of whole characters, each line with one at most 76 characters long (the
+    # first after "Name: "). Header(..., "utf-8") does the same but measures every prefix of every line
+    # in both encodings: 1.2 ms for a 100-character Polish subject, the largest cost of an acknowledgement;
+    # this takes 0.05 ms.
+    first = (_ENCODED_LINE - len(name) - 2 - _ENCODED_CHROME) // 4 * 3
+    rest = (_ENCODED_LINE - 1 - _ENCODED_CHROME) // 4 * 3
+    chunks: list[str] = []
+    start, size = 0, 0
+    for index, character in enumerate(text):
+        width = len(character.encode("utf-8"))
+        if size + width > (rest if chunks else first):
+            chunks.append(text[start:index])
+            start, size = index, 0
+        size += width
+    chunks.append(text[start:])
+    return "\r\n ".join(base64mime.header_encode(chunk, "utf-8") for chunk in chunks if chunk)
 
 
 def _msgid(value: str) -> str:
