@@ -98,6 +98,9 @@ FIGURES: dict[str, str] = {
     "cpu_main_s": "{:.1f}",
     "dovecot_cpu_s": "{:.1f}",
     "intake_mails_per_s": "{:.0f}",
+    "render_mails_per_s": "{:.0f}",
+    "deliver_mails_per_s": "{:.0f}",
+    "sequential_mails_per_s": "{:.0f}",
 }
 
 
@@ -582,6 +585,11 @@ class RunResult:
     # Mails per second until the last ticket was stored; differs from mails_per_s when the command also
     # delivers acknowledgements after the mailbox is drained.
     intake_mails_per_s: float | None = None
+    # outbox: N / the render phase (ack_phase's timed loop), N / the delivery phase (`run --once`), and
+    # N / (render + delivery) one after the other; mails_per_s is both at once, as in the daemon.
+    render_mails_per_s: float | None = None
+    deliver_mails_per_s: float | None = None
+    sequential_mails_per_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -847,24 +855,37 @@ class Bench:
         return self._result("ingest", variant, repeat, corpus, m, extra={"loadavg_1m": load})
 
     def run_outbox(self, corpus: Corpus, variant: Variant, repeat: int, *, profile: Path | None = None) -> RunResult:
-        """N acknowledgements from the outbox to the SMTP sink. The mails are ingested (and their
-        acknowledgements rendered into the outbox) first, unmeasured; then `run --once` delivers them."""
+        """N acknowledgements rendered into the outbox and delivered to the SMTP sink, in three measured
+        phases on N tickets stored beforehand (`ingest --no-notify`, not measured):
+
+        1. render: `bench/ack_phase.py` runs the pipeline's acknowledgement code (loop rules, rate-limit
+           query, Jinja sandbox render, signed Message-ID, RFC 5322 bytes, outbox INSERT), 50 per transaction;
+        2. deliver: `mailbridge run --once` sends the N queued mails to the sink over reused sessions;
+        3. end to end, as the daemon works: the outbox is emptied, `mailbridge run` (with its sender
+           process) is started, and ack_phase renders N again while the sender delivers; timed from the
+           first render to the N-th mail accepted by the sink. This is the figure in `mails_per_s`.
+        """
         run_dir = self._run_dir("outbox")
         load = os.getloadavg()[0]
         sink = self.sink
         mailbox = {"type": "maildir", "name": MAILBOX_NAME, "path": str(run_dir / "maildir")}
         config_data: dict[str, Any] = {}
         mailbox.update(answering(sink, config_data))
+        # The daemon's own intake wakes its sender after each commit; mail queued by another process is
+        # found by polling, so poll about as often.
+        config_data["outbox"]["poll_seconds"] = 0.05
         config = write_config(run_dir / "mailbridge.yaml", run_dir / "data", mailbox, variant, sink)
         data = yaml.safe_load(config.read_text())
         data.update(config_data)
         config.write_text(yaml.safe_dump(data, sort_keys=False))
+        ack_phase = [self.python, str(BENCH_DIR / "ack_phase.py"), "--config", str(config)]
+        ack_phase += ["--corpus", str(corpus.path), "--mailbox", MAILBOX_NAME]
         failed = True
         try:
             started = time.perf_counter()
             setup = subprocess.run(
                 [
-                    *self._mailbridge("ingest", str(corpus.path), "--mailbox", MAILBOX_NAME, "--json"),
+                    *self._mailbridge("ingest", str(corpus.path), "--mailbox", MAILBOX_NAME, "--no-notify", "--json"),
                     "--config",
                     str(config),
                 ],
@@ -876,22 +897,113 @@ class Bench:
             setup_s = time.perf_counter() - started
             if setup.returncode != 0:
                 raise BenchError(f"ingest before the outbox run failed:\n{setup.stderr[-3000:]}")
+            rendering = measure(ack_phase, cwd=run_dir, log_dir=_phase_dir(run_dir, "render"))
+            render_s = _rendered(rendering, corpus.count)
             received_before = len(sink.received)
-            m = measure(
+            delivering = measure(
                 self._mailbridge("run", "--once", "--config", str(config), profile=profile),
                 cwd=run_dir,
-                log_dir=run_dir,
+                log_dir=_phase_dir(run_dir, "deliver"),
             )
-            if m.returncode != 0:
-                raise BenchError(f"mailbridge run --once exited with {m.returncode}:\n{_tail(m.stderr_path)}")
-            sent_bytes = self._check_delivered(sink, received_before, corpus.count, m)
+            if delivering.returncode != 0:
+                raise BenchError(
+                    f"mailbridge run --once exited with {delivering.returncode}:\n{_tail(delivering.stderr_path)}"
+                )
+            sent_bytes = self._check_delivered(sink, received_before, corpus.count, delivering)
+            both = self._render_while_the_daemon_sends(run_dir, config, ack_phase, corpus.count)
             failed = False
         finally:
             self._cleanup(run_dir, failed=failed)
-        result = self._result("outbox", variant, repeat, corpus, m, setup_s=setup_s, extra={"loadavg_1m": load})
-        result.mb_per_s = sent_bytes / m.wall_s / 1e6
+        m = both.rendering
+        result = self._result(
+            "outbox",
+            variant,
+            repeat,
+            corpus,
+            m,
+            setup_s=setup_s,
+            extra={
+                "loadavg_1m": load,
+                "render_s": render_s,
+                "deliver_wall_s": delivering.wall_s,
+                "render_phase_peak_rss_tree_mib": rendering.peak_rss_tree_mib,
+                "deliver_phase_peak_rss_tree_mib": delivering.peak_rss_tree_mib,
+                "end_to_end_daemon_peak_rss_tree_mib": both.daemon_peak_rss_tree_mib,
+                "end_to_end_render_peak_rss_tree_mib": m.peak_rss_tree_mib,
+            },
+        )
+        # The headline: end to end, both processes at work (their peaks added: an upper bound).
+        result.wall_s = both.seconds
+        result.mails_per_s = corpus.count / both.seconds
+        result.mb_per_s = sent_bytes / both.seconds / 1e6
         result.total_bytes = sent_bytes
+        result.peak_rss_tree_mib = m.peak_rss_tree_mib + both.daemon_peak_rss_tree_mib
+        result.peak_rss_main_mib = max(m.peak_rss_main_mib, both.daemon_peak_rss_main_mib)
+        result.cpu_s = m.cpu_s + both.daemon_cpu_s
+        result.render_mails_per_s = corpus.count / render_s
+        result.deliver_mails_per_s = corpus.count / delivering.wall_s
+        result.sequential_mails_per_s = corpus.count / (render_s + delivering.wall_s)
         return result
+
+    def _render_while_the_daemon_sends(
+        self, run_dir: Path, config: Path, ack_phase: list[str], count: int
+    ) -> _EndToEnd:
+        with sqlite3.connect(run_dir / "data" / "mailbridge.db") as db:
+            db.execute("delete from outbox")
+        sink = self.sink
+        target = len(sink.received) + count
+        log_dir = _phase_dir(run_dir, "daemon")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBRIDGE_")}
+        with (log_dir / "stderr.txt").open("wb") as err:
+            daemon = subprocess.Popen(
+                self._mailbridge("run", "--config", str(config)),
+                cwd=run_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        sampler = RssSampler(daemon.pid)
+        sampler.start()
+        try:
+            deadline = time.monotonic() + 60
+            while b"outbox sender running" not in (log_dir / "stderr.txt").read_bytes():
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"the daemon did not start its sender:\n{_tail(log_dir / 'stderr.txt')}")
+                time.sleep(0.05)
+            arrived: list[float] = []
+
+            def watch() -> None:
+                limit = time.monotonic() + RUN_TIMEOUT
+                while len(sink.received) < target and time.monotonic() < limit:
+                    time.sleep(0.01)
+                arrived.append(time.time())
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            rendering = measure(ack_phase, cwd=run_dir, log_dir=_phase_dir(run_dir, "render-while-sending"))
+            _rendered(rendering, count)
+            watcher.join()
+            if len(sink.received) < target:
+                raise BenchError(f"the daemon delivered {len(sink.received) - target + count} of {count} mails")
+            first_render = json.loads(rendering.stdout)["started"]
+            return _EndToEnd(
+                seconds=arrived[0] - first_render,
+                rendering=rendering,
+                daemon_peak_rss_tree_mib=sampler.peak_tree_kib / 1024,
+                daemon_peak_rss_main_mib=sampler.peak_main_kib / 1024,
+                daemon_cpu_s=sampler.cpu_tree_s,
+            )
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+            sampler.stop()
 
     def _check_delivered(self, sink: SmtpSink, before: int, expected: int, m: Measurement) -> int:
         received = sink.received[before:]
@@ -928,6 +1040,32 @@ class Bench:
         if benchmark in ("imap", "outbox"):
             self.drop_user(user)
         return m
+
+
+@dataclass
+class _EndToEnd:
+    seconds: float  # first render to the N-th mail at the sink
+    rendering: Measurement
+    daemon_peak_rss_tree_mib: float
+    daemon_peak_rss_main_mib: float
+    daemon_cpu_s: float
+
+
+def _phase_dir(run_dir: Path, phase: str) -> Path:
+    path = run_dir / phase
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _rendered(m: Measurement, count: int) -> float:
+    """Seconds of ack_phase's timed loop, after checking that it acknowledged all N."""
+    try:
+        report = json.loads(m.stdout)
+    except ValueError:
+        report = {}
+    if m.returncode != 0 or report.get("acknowledged") != count:
+        raise BenchError(f"ack_phase acknowledged {report.get('acknowledged')} of {count}:\n{_tail(m.stderr_path)}")
+    return float(report["render_s"])
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -981,6 +1119,9 @@ def print_table(groups: list[dict[str, Any]]) -> None:
         ("runs", None),
         ("mails/s", "mails_per_s"),
         ("to last ticket mails/s", "intake_mails_per_s"),
+        ("render/s", "render_mails_per_s"),
+        ("deliver/s", "deliver_mails_per_s"),
+        ("render then deliver /s", "sequential_mails_per_s"),
         ("MB/s", "mb_per_s"),
         ("wall s", "wall_s"),
         ("peak RSS tree MiB", "peak_rss_tree_mib"),
