@@ -899,6 +899,7 @@ class Bench:
                 raise BenchError(f"ingest before the outbox run failed:\n{setup.stderr[-3000:]}")
             rendering = measure(ack_phase, cwd=run_dir, log_dir=_phase_dir(run_dir, "render"))
             render_s = _rendered(rendering, corpus.count)
+            render_cpu_s = float(json.loads(rendering.stdout)["cpu_s"])
             received_before = len(sink.received)
             delivering = measure(
                 self._mailbridge("run", "--once", "--config", str(config), profile=profile),
@@ -925,7 +926,9 @@ class Bench:
             extra={
                 "loadavg_1m": load,
                 "render_s": render_s,
+                "render_cpu_s": render_cpu_s,  # the timed loop alone: about the CPU cost of N acknowledgements
                 "deliver_wall_s": delivering.wall_s,
+                "deliver_cpu_s": delivering.cpu_s,  # run --once's whole tree, start-up included
                 "render_phase_peak_rss_tree_mib": rendering.peak_rss_tree_mib,
                 "deliver_phase_peak_rss_tree_mib": delivering.peak_rss_tree_mib,
                 "end_to_end_daemon_peak_rss_tree_mib": both.daemon_peak_rss_tree_mib,
