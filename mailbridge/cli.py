@@ -221,7 +221,8 @@ def ingest(
         typer.Option("--notify/--no-notify", help="Acknowledge new tickets (through the outbox) as the mailbox would."),
     ] = True,
 ) -> None:
-    """Run the pipeline over local files and print a reconciliation: read = stored + duplicates + quarantined."""
+    """Run the pipeline over local files and print a reconciliation:
+    read = stored (new tickets) + replies (on existing tickets) + duplicates + quarantined."""
     for path in paths:
         if not path.exists():
             typer.echo(f"error: {path}: no such file or directory", err=True)

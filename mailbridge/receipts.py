@@ -1,7 +1,7 @@
 """Receipts: one row per mail taken from a source, written in the same transaction as the ticket.
 
 The receipt is what makes a mail fetched twice (after a crash, before the server was told) a no-op,
-and what `mailbridge status` reconciles: fetched = stored + duplicates + quarantined.
+and what `mailbridge status` reconciles with what the server holds.
 """
 
 from __future__ import annotations
