@@ -254,6 +254,47 @@ async def test_a_failing_mailbox_never_stalls_the_others(server: Dovecot, tmp_pa
         assert "wrong" not in rows[bad.name]["last_error"]  # the password is never echoed
 
 
+async def test_a_broken_maildir_never_stalls_the_other_mailboxes(server: Dovecot, tmp_path: Path) -> None:
+    from mailbridge.queries import mailbox_status
+
+    def status() -> dict[str, dict[str, object]]:
+        with app.db.reader() as session:
+            return {row["mailbox"]: row for row in mailbox_status(session, app.settings)}
+
+    user = new_user(server)
+    server.append(sample_mail("over imap"), user=user.name)
+    blocked = tmp_path / "blocked-maildir"
+    blocked.write_text("a file where the Maildir should be")
+    healthy = tmp_path / "healthy-maildir"
+    (healthy / "new").mkdir(parents=True)
+    (healthy / "new" / "1.local").write_bytes(sample_mail("from a maildir"))
+    app = make_app(
+        tmp_path,
+        [
+            _box(server, user),
+            {"type": "maildir", "name": "blocked", "path": str(blocked)},
+            {"type": "maildir", "name": "local", "path": str(healthy)},
+        ],
+    )
+    async with daemon(app):
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 2, 10)
+        await wait_until(lambda: bool(status()["blocked"]["last_error"]), 10)
+        server.append(sample_mail("later over imap"), user=user.name)
+        (healthy / "new" / "2.local").write_bytes(sample_mail("later from a maildir"))
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 4, 10)
+        rows = status()
+        assert not rows["blocked"]["connected"]
+        assert "blocked-maildir" in str(rows["blocked"]["last_error"])
+        assert rows[user.name]["connected"] and rows["local"]["connected"]
+        # Once the path is fixed, the mailbox comes back on its own (back-off capped at 1 s here).
+        blocked.unlink()
+        (blocked / "new").mkdir(parents=True)
+        (blocked / "new" / "1.blocked").write_bytes(sample_mail("from the mended maildir"))
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 5, 10)
+        await wait_until(lambda: status()["blocked"]["last_error"] is None, 5)
+        assert status()["blocked"]["connected"]
+
+
 async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     server = Dovecot.start(tmp_path / "dovecot")
     try:

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from mailbridge.config import FetchSettings, MaildirMailbox
+from mailbridge.ingest.imap_client import wait_for_stop
 from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome
@@ -42,8 +43,6 @@ class MaildirWatcher:
         return self.box.name
 
     async def run(self, stop: asyncio.Event) -> None:
-        ensure_maildir(self.box.path)
-        await self.ledger.connected()
         try:
             await self._watch(stop)
         finally:
@@ -51,15 +50,26 @@ class MaildirWatcher:
                 await self.ledger.disconnected()
 
     async def _watch(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        healthy = False
         while not stop.is_set():
             try:
+                if not healthy:  # at start, or after a failure: reachable again, so `status` drops the error
+                    ensure_maildir(self.box.path)
+                    await self.ledger.connected()
+                    healthy = True
                 await self.run_once(stop)
-            except Exception as exc:  # this mailbox retries at its next poll; the others go on regardless
-                log.warning("maildir %s: %s", self.name, exc, exc_info=not isinstance(exc, OSError))
+                delay = 1.0
+            except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
+                expected = isinstance(exc, OSError)  # permission denied, a file where a folder should be …
+                log.warning("maildir %s: %s; retrying in %.0f s", self.name, exc, delay, exc_info=not expected)
                 with contextlib.suppress(Exception):  # the database may be what failed
                     await self.ledger.failed(f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.box.poll_interval)
+                healthy = False
+                await wait_for_stop(stop, delay)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+                continue
+            await wait_for_stop(stop, self.box.poll_interval)
 
     async def run_once(self, stop: asyncio.Event | None = None) -> None:
         ensure_maildir(self.box.path)
