@@ -243,29 +243,49 @@ def ingest(
 
 @app.command()
 def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """Per mailbox: connection, last error, mails in the folder, imported, quarantined, last fetch."""
+    """Per mailbox: connection, last error, last fetch; what was read (= stored + replies + duplicates +
+    quarantined) and the folder as last counted on the server: mails waiting, mails missing (must be 0).
+    Exits 1 when a mail is missing."""
     from mailbridge.queries import mailbox_status
 
     with _app(config) as application, application.db.reader() as session:
         rows = mailbox_status(session, application.settings)
     if json_out:
         _print_json(rows)
-        return
-    _table(
-        rows,
-        [
-            "mailbox",
-            "connected",
-            "in_folder",
-            "fetched",
-            "stored",
-            "duplicates",
-            "quarantined",
-            "awaiting_server_update",
-            "last_fetch_at",
-            "last_error",
-        ],
-    )
+    else:
+        _table(
+            rows,
+            [
+                "mailbox",
+                "connected",
+                "read",
+                "stored",
+                "replies",
+                "duplicates",
+                "quarantined",
+                "in_folder",
+                "waiting",
+                "missing",
+                "awaiting_server_update",
+                "last_fetch_at",
+                "last_error",
+            ],
+        )
+        for row in rows:
+            if row["waiting"]:
+                _say(
+                    f"{row['mailbox']}: {row['waiting']} mail(s) in the folder to import (counted {row['counted_at']})"
+                )
+    missing = [row for row in rows if row["missing"]]
+    for row in missing:
+        typer.echo(
+            f"error: {row['mailbox']}: {row['missing']} mail(s) in the folder have no receipt, yet the fetches have"
+            f" passed them (counted {row['counted_at']}); they will not be imported on their own"
+            " (a bug: please report)",
+            err=True,
+        )
+    if missing:
+        raise typer.Exit(1)
 
 
 @app.command("parse")

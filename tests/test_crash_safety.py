@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.crash_env import start_daemon
-from tests.imap_env import imap_box, new_user, sample_mail, write_config
+from tests.imap_env import append_many, imap_box, new_user, sample_mail, write_config
 from tests.support.dovecot import Dovecot
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")]
@@ -145,8 +145,7 @@ def test_server_stopped_mid_fetch_and_started_again_loses_and_duplicates_nothing
     user = new_user(server)
     total = 300
     rng = random.Random(20261201)
-    for _ in range(total):
-        server.append(sample_mail(body="Proszę o pomoc. " * rng.randint(5, 400)), user=user.name)
+    append_many(server, user, [sample_mail(body="Proszę o pomoc. " * rng.randint(5, 400)) for _ in range(total)])
     on_server = {hashlib.sha256(raw).hexdigest() for raw in server.fetch_all(user=user.name)}
     config = write_config(tmp_path, [imap_box(server, user, poll_interval=0.5)], fetch={"batch_size": 5})
     db = tmp_path / "data" / "mailbridge.db"

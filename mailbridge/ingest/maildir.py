@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mailbridge.config import FetchSettings, MaildirMailbox
 from mailbridge.ingest.imap_client import wait_for_stop
-from mailbridge.ingest.ledger import Ledger
+from mailbridge.ingest.ledger import FolderCount, Ledger
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
@@ -91,7 +91,14 @@ class MaildirWatcher:
             await self._move([(path_of[r.raw.source_key or ""], r.outcome) for r in results])
 
         await self.pipeline.process_stream(batches(), committed)
-        await self.ledger.fetched(len(self._waiting()))
+        await self.ledger.fetched(await self._count_folder())
+
+    async def _count_folder(self) -> FolderCount:
+        """What is left in new/ and cur/ after a pass, against our receipts: a file without one is waiting
+        (every pass takes every file without a receipt, so none is ever passed over for good)."""
+        files = self._waiting()
+        known = await self.ledger.outcomes([_key(self.name, f) for f in files]) if files else {}
+        return FolderCount(in_folder=len(files), waiting=len(files) - len(known), missing=0, left_by_existing_mail=0)
 
     def _waiting(self) -> list[Path]:
         files: list[Path] = []
