@@ -274,13 +274,14 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
         for row in rows:
             if row["waiting"]:
                 _say(
-                    f"{row['mailbox']}: {row['waiting']} mail(s) in the folder to import (counted {row['counted_at']})"
+                    f"{row['mailbox']}: {row['waiting']} mail(s) in the folder to import"
+                    f" (counted at the fetch of {row['last_fetch_at']})"
                 )
     missing = [row for row in rows if row["missing"]]
     for row in missing:
         typer.echo(
             f"error: {row['mailbox']}: {row['missing']} mail(s) in the folder have no receipt, yet the fetches have"
-            f" passed them (counted {row['counted_at']}); they will not be imported on their own"
+            f" passed them (counted at the fetch of {row['last_fetch_at']}); they will not be imported on their own"
             " (a bug: please report)",
             err=True,
         )

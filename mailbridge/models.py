@@ -265,11 +265,10 @@ class MailboxState(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None] = mapped_column()
     last_fetch_at: Mapped[datetime | None] = mapped_column()
-    # The folder counted on the server against our receipts (at counted_at: after each fetch, and before
-    # the first fetch of a connection): its mails; those without a receipt that the next fetch imports;
+    # The folder counted on the server against our receipts at the end of each fetch (last_fetch_at): its
+    # mails; those without a receipt that the next fetch imports;
     # those without a receipt behind the high-water mark, which no fetch would import (must stay 0);
     # those `existing_mail` leaves alone.
-    counted_at: Mapped[datetime | None] = mapped_column()
     messages_in_folder: Mapped[int | None] = mapped_column(BigInteger)
     waiting: Mapped[int | None] = mapped_column(BigInteger)
     missing: Mapped[int | None] = mapped_column(BigInteger)

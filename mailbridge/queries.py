@@ -227,8 +227,7 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
                 "duplicates": dup,
                 "quarantined": quar,
                 "awaiting_server_update": pending.get(name, 0),
-                # Counted on the server (at counted_at), not derived from the receipts above.
-                "counted_at": _when(state.counted_at if state else None),
+                # Counted on the server at the end of the last fetch, not derived from the receipts above.
                 "in_folder": state.messages_in_folder if state else None,
                 "waiting": state.waiting if state else None,
                 "missing": state.missing if state else None,

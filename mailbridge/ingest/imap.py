@@ -65,10 +65,9 @@ class ImapWatcher:
             try:
                 async with self._connection() as conn:
                     delay = 1.0
-                    first, again = True, False
+                    again = False
                     while not stop.is_set():
-                        count = await self._drain(conn, stop, count_first=first)
-                        first = False
+                        count = await self._drain(conn, stop)
                         if stop.is_set():
                             break
                         # Mail that arrived during the drain was announced in its replies, so IDLE would not
@@ -93,7 +92,7 @@ class ImapWatcher:
         """Drain what is waiting now and return (`mailbridge run --once`, the tests)."""
         try:
             async with self._connection() as conn:
-                await self._drain(conn, asyncio.Event(), count_first=True)
+                await self._drain(conn, asyncio.Event())
         except (ImapError, OSError, TimeoutError, aioimaplib.AioImapException) as exc:
             await self.ledger.failed(describe(exc))
             raise
@@ -114,13 +113,11 @@ class ImapWatcher:
         finally:
             await conn.close()
 
-    async def _drain(self, conn: ImapConnection, stop: asyncio.Event, count_first: bool = False) -> FolderCount:
+    async def _drain(self, conn: ImapConnection, stop: asyncio.Event) -> FolderCount:
         status = await conn.select()
         plan = await self.ledger.open_folder(status.uidvalidity, status.uidnext)
         if plan.pending:
             await self._finish_pending(conn, plan)
-        if count_first:  # what waited while we were away, for `status` during a long first fetch
-            await self.ledger.counted(await self._count_folder(conn, plan, status.exists))
         todo = await self._initial_uids(conn, plan) if not plan.initial_done else []
         todo += await conn.uids_above(max(plan.high_water, plan.baseline_uid))
         complete = await self._import(conn, plan, sorted(set(todo)), stop) if todo else True

@@ -173,13 +173,15 @@ class Ledger:
     async def connected(self) -> None:
         await self._update(connected=True, last_error=None)
 
-    async def counted(self, count: FolderCount) -> None:
-        """The folder as the server had it just now (before the first fetch of a connection)."""
-        await self._update(**_count_values(count))
-
     async def fetched(self, count: FolderCount) -> None:
         """A fetch is done; the folder as the server had it after it."""
-        await self._update(last_fetch_at=utcnow(), **_count_values(count))
+        await self._update(
+            last_fetch_at=utcnow(),
+            messages_in_folder=count.in_folder,
+            waiting=count.waiting,
+            missing=count.missing,
+            left_by_existing_mail=count.left_by_existing_mail,
+        )
 
     async def failed(self, error: str) -> None:
         await self._update(connected=False, last_error=error, last_error_at=utcnow())
@@ -198,13 +200,3 @@ class Ledger:
                 session.add(state)
             for key, value in values.items():
                 setattr(state, key, value)
-
-
-def _count_values(count: FolderCount) -> dict[str, object]:
-    return {
-        "counted_at": utcnow(),
-        "messages_in_folder": count.in_folder,
-        "waiting": count.waiting,
-        "missing": count.missing,
-        "left_by_existing_mail": count.left_by_existing_mail,
-    }

@@ -10,8 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import mailbridge.models
-
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
@@ -22,7 +20,6 @@ def upgrade() -> None:
     with op.batch_alter_table("receipts", schema=None) as batch_op:
         batch_op.add_column(sa.Column("reply", sa.Boolean(), nullable=False, server_default=sa.false()))
     with op.batch_alter_table("mailbox_state", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("counted_at", mailbridge.models.UTCDateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("waiting", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("missing", sa.BigInteger(), nullable=True))
         batch_op.add_column(sa.Column("left_by_existing_mail", sa.BigInteger(), nullable=True))
@@ -45,6 +42,5 @@ def downgrade() -> None:
         batch_op.drop_column("left_by_existing_mail")
         batch_op.drop_column("missing")
         batch_op.drop_column("waiting")
-        batch_op.drop_column("counted_at")
     with op.batch_alter_table("receipts", schema=None) as batch_op:
         batch_op.drop_column("reply")
