@@ -223,7 +223,8 @@ def ingest(
         typer.Option("--notify/--no-notify", help="Acknowledge new tickets (through the outbox) as the mailbox would."),
     ] = True,
 ) -> None:
-    """Run the pipeline over local files and print a reconciliation: read = stored + duplicates + quarantined."""
+    """Run the pipeline over local files and print a reconciliation:
+    read = stored (new tickets) + replies (on existing tickets) + duplicates + quarantined."""
     for path in paths:
         if not path.exists():
             typer.echo(f"error: {path}: no such file or directory", err=True)
@@ -244,29 +245,50 @@ def ingest(
 
 @app.command()
 def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
-    """Per mailbox: connection, last error, mails in the folder, imported, quarantined, last fetch."""
+    """Per mailbox: connection, last error, last fetch; what was read (= stored + replies + duplicates +
+    quarantined) and the folder as last counted on the server: mails waiting, mails missing (must be 0).
+    Exits 1 when a mail is missing."""
     from mailbridge.queries import mailbox_status
 
     with _app(config) as application, application.db.reader() as session:
         rows = mailbox_status(session, application.settings)
     if json_out:
         _print_json(rows)
-        return
-    _table(
-        rows,
-        [
-            "mailbox",
-            "connected",
-            "in_folder",
-            "fetched",
-            "stored",
-            "duplicates",
-            "quarantined",
-            "awaiting_server_update",
-            "last_fetch_at",
-            "last_error",
-        ],
-    )
+    else:
+        _table(
+            rows,
+            [
+                "mailbox",
+                "connected",
+                "read",
+                "stored",
+                "replies",
+                "duplicates",
+                "quarantined",
+                "in_folder",
+                "waiting",
+                "missing",
+                "awaiting_server_update",
+                "last_fetch_at",
+                "last_error",
+            ],
+        )
+        for row in rows:
+            if row["waiting"]:
+                _say(
+                    f"{row['mailbox']}: {row['waiting']} mail(s) in the folder to import"
+                    f" (counted at the fetch of {row['last_fetch_at']})"
+                )
+    missing = [row for row in rows if row["missing"]]
+    for row in missing:
+        typer.echo(
+            f"error: {row['mailbox']}: {row['missing']} mail(s) in the folder have no receipt, yet the fetches have"
+            f" passed them (counted at the fetch of {row['last_fetch_at']}); they will not be imported on their own"
+            " (a bug: please report)",
+            err=True,
+        )
+    if missing:
+        raise typer.Exit(1)
 
 
 @app.command("parse")

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -236,6 +237,8 @@ class Receipt(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     message_id: Mapped[str | None] = mapped_column(String(998))
     outcome: Mapped[str] = mapped_column(String(16))
+    # A stored mail that went onto an existing ticket (`status` and `ingest` count these apart from new tickets).
+    reply: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
     quarantine_id: Mapped[int | None] = mapped_column(ForeignKey("quarantine.id"))
     # False until the IMAP move/flag/delete (or Maildir move) that follows the commit has been done.
@@ -262,7 +265,14 @@ class MailboxState(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_at: Mapped[datetime | None] = mapped_column()
     last_fetch_at: Mapped[datetime | None] = mapped_column()
+    # The folder counted on the server against our receipts at the end of each fetch (last_fetch_at): its
+    # mails; those without a receipt that the next fetch imports;
+    # those without a receipt behind the high-water mark, which no fetch would import (must stay 0);
+    # those `existing_mail` leaves alone.
     messages_in_folder: Mapped[int | None] = mapped_column(BigInteger)
+    waiting: Mapped[int | None] = mapped_column(BigInteger)
+    missing: Mapped[int | None] = mapped_column(BigInteger)
+    left_by_existing_mail: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class OutboxMail(Base):

@@ -173,6 +173,7 @@ class Pipeline:
                             mail.raw_sha256,
                             mail.message_id,
                             article_id=outcome.stored.article_id,
+                            reply=not outcome.stored.new_ticket,
                         )
                     )
                 elif isinstance(outcome, Refused):
@@ -360,8 +361,9 @@ class Pipeline:
                 stored = existing
             item.resolved_at = utcnow()
             item.resolved_article_id = stored.article_id
-            receipts.resolve_quarantined(session, item.id, outcome, stored.article_id)
-            return Result(raw, outcome, stored.ticket, stored.article_id, message_id=parsed.message_id)
+            reply = outcome is Outcome.STORED and not stored.new_ticket
+            receipts.resolve_quarantined(session, item.id, outcome, stored.article_id, reply)
+            return Result(raw, outcome, stored.ticket, stored.article_id, message_id=parsed.message_id, reply=reply)
 
 
 def reply_waves(mails: Sequence[tuple[int, ParsedMail]]) -> list[list[int]]:

@@ -187,11 +187,16 @@ def quarantine_row(item: QuarantinedMail) -> dict[str, Any]:
 
 
 def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]:
-    counts: dict[str, dict[str, int]] = {}
-    for mailbox, outcome, n in session.execute(
-        select(Receipt.mailbox, Receipt.outcome, func.count()).group_by(Receipt.mailbox, Receipt.outcome)
+    """Per mailbox: health, what the receipts say was read (read = stored + replies + duplicates +
+    quarantined), and the folder as the watcher last counted it on the server: `waiting` (the next fetch
+    imports them) and `missing` (no receipt, yet behind the high-water mark: passed over; must be 0)."""
+    counts: dict[str, dict[tuple[str, bool], int]] = {}
+    for mailbox, outcome, reply, n in session.execute(
+        select(Receipt.mailbox, Receipt.outcome, Receipt.reply, func.count()).group_by(
+            Receipt.mailbox, Receipt.outcome, Receipt.reply
+        )
     ):
-        counts.setdefault(mailbox, {})[outcome] = n
+        counts.setdefault(mailbox, {})[(outcome, bool(reply))] = n
     pending = dict(
         session.execute(
             select(Receipt.mailbox, func.count()).where(Receipt.server_done.is_(False)).group_by(Receipt.mailbox)
@@ -205,25 +210,32 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
     for name in names:
         state = states.get(name)
         c = counts.get(name, {})
-        stored, dup, quar = (
-            c.get(Outcome.STORED, 0),
-            c.get(Outcome.DUPLICATE, 0),
-            c.get(Outcome.QUARANTINED, 0),
-        )
+        stored, replies = c.get((Outcome.STORED, False), 0), c.get((Outcome.STORED, True), 0)
+        dup = c.get((Outcome.DUPLICATE, False), 0) + c.get((Outcome.DUPLICATE, True), 0)
+        quar = c.get((Outcome.QUARANTINED, False), 0) + c.get((Outcome.QUARANTINED, True), 0)
         rows.append(
             {
                 "mailbox": name,
                 "configured": name in configured,
                 "connected": bool(state and state.connected),
                 "last_error": state.last_error if state else None,
-                "last_error_at": state.last_error_at.isoformat() if state and state.last_error_at else None,
-                "last_fetch_at": state.last_fetch_at.isoformat() if state and state.last_fetch_at else None,
-                "in_folder": state.messages_in_folder if state else None,
-                "fetched": stored + dup + quar,
+                "last_error_at": _when(state.last_error_at if state else None),
+                "last_fetch_at": _when(state.last_fetch_at if state else None),
+                "read": stored + replies + dup + quar,
                 "stored": stored,
+                "replies": replies,
                 "duplicates": dup,
                 "quarantined": quar,
                 "awaiting_server_update": pending.get(name, 0),
+                # Counted on the server at the end of the last fetch, not derived from the receipts above.
+                "in_folder": state.messages_in_folder if state else None,
+                "waiting": state.waiting if state else None,
+                "missing": state.missing if state else None,
+                "left_by_existing_mail": state.left_by_existing_mail if state else None,
             }
         )
     return rows
+
+
+def _when(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None

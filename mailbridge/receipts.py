@@ -1,7 +1,7 @@
 """Receipts: one row per mail taken from a source, written in the same transaction as the ticket.
 
 The receipt is what makes a mail fetched twice (after a crash, before the server was told) a no-op,
-and what `mailbridge status` reconciles: fetched = stored + duplicates + quarantined.
+and what `mailbridge status` reconciles with what the server holds.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class NewReceipt:
     message_id: str | None
     article_id: int | None = None
     quarantine_id: int | None = None
+    reply: bool = False  # stored on an existing ticket
 
 
 def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
@@ -72,6 +73,7 @@ def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
                 "sha256": r.sha256,
                 "message_id": db_text_or_none(r.message_id, 998),
                 "outcome": r.outcome,
+                "reply": r.reply,
                 "article_id": r.article_id,
                 "quarantine_id": r.quarantine_id,
                 "server_done": r.raw.source_key is None,  # nothing to tell a server about a file import
@@ -86,7 +88,11 @@ def mark_server_done(session: Session, source_keys: Sequence[str]) -> None:
         session.execute(update(Receipt).where(Receipt.source_key.in_(chunk)).values(server_done=True))
 
 
-def resolve_quarantined(session: Session, quarantine_id: int, outcome: Outcome, article_id: int | None) -> None:
+def resolve_quarantined(
+    session: Session, quarantine_id: int, outcome: Outcome, article_id: int | None, reply: bool
+) -> None:
     session.execute(
-        update(Receipt).where(Receipt.quarantine_id == quarantine_id).values(outcome=outcome, article_id=article_id)
+        update(Receipt)
+        .where(Receipt.quarantine_id == quarantine_id)
+        .values(outcome=outcome, article_id=article_id, reply=reply)
     )

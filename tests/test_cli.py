@@ -67,7 +67,7 @@ def test_ingest_files_dirs_mbox_and_maildir_reconcile(tmp_path: Path, config_fil
     assert len(tickets) == 10
     assert {t["subject"] for t in tickets} >= {"single file", "from an mbox 3", "from a maildir 1"}
     status = cli("status", "--json", "--config", str(config_file))
-    assert status == [{**status[0], "mailbox": "import", "fetched": 17, "stored": 10, "duplicates": 7}]
+    assert status == [{**status[0], "mailbox": "import", "read": 17, "stored": 10, "duplicates": 7}]
 
 
 def test_ingest_text_summary_and_missing_path(tmp_path: Path, config_file: Path) -> None:

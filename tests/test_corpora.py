@@ -97,27 +97,37 @@ def test_corpora_every_mail_is_a_ticket_or_quarantined(
     assert summary["quarantined"] <= 0.01 * summary["read"], [q[0] for q in quarantined]
 
 
-def test_corpora_no_mime_part_is_lost(report: Callable[[str], None]) -> None:
+def test_corpora_no_mime_part_is_lost(tmp_path: Path, report: Callable[[str], None]) -> None:
     runner = CliRunner()
-    checked = lost = 0
+    checked = lost = from_mbox = 0
     failures: list[str] = []
     for path in corpus_files():
-        if path.read_bytes()[:5] == b"From ":
-            continue  # mbox files are checked per message by the ingest test
-        result = runner.invoke(app, ["parse", str(path), "--json"])
-        if result.exit_code != 0:
-            continue  # not a mail at all (quarantined by ingest; see the test above)
-        parsed = json.loads(result.stdout)
-        leaves = _leaf_count(email.message_from_bytes(path.read_bytes().removeprefix(b"\xef\xbb\xbf")))
-        checked += 1
-        if parsed["body_parts"] + len(parsed["attachments"]) != leaves:
-            lost += 1
-            failures.append(
-                f"{path.relative_to(CORPORA)}: {leaves} leaves, got {parsed['body_parts']} body + "
-                f"{len(parsed['attachments'])} attachments"
-            )
-    report(f"checked {checked} corpus mails for lost MIME parts: {lost} lose a part")
+        mails = mails_in(path)
+        is_mbox = path.read_bytes()[:5] == b"From "
+        for index, raw in enumerate(mails):
+            name = f"{path.relative_to(CORPORA)}" + (f" message {index + 1}" if is_mbox else "")
+            mail_file = path
+            if is_mbox:  # `mailbridge parse` takes one mail: each message of an mbox on its own
+                mail_file = tmp_path / f"mbox-message-{checked}-{index}.eml"
+                mail_file.write_bytes(raw)
+            result = runner.invoke(app, ["parse", str(mail_file), "--json"])
+            if result.exit_code != 0:
+                continue  # not a mail at all (quarantined by ingest; see the test above)
+            parsed = json.loads(result.stdout)
+            leaves = _leaf_count(email.message_from_bytes(raw.removeprefix(b"\xef\xbb\xbf")))
+            checked += 1
+            from_mbox += is_mbox
+            if parsed["body_parts"] + len(parsed["attachments"]) != leaves:
+                lost += 1
+                failures.append(
+                    f"{name}: {leaves} leaves, got {parsed['body_parts']} body + "
+                    f"{len(parsed['attachments'])} attachments"
+                )
+    report(
+        f"checked {checked} corpus mails ({from_mbox} of them from mbox files) for lost MIME parts: {lost} lose a part"
+    )
     assert checked > 400
+    assert from_mbox > 100
     assert not failures, "\n".join(failures[:20])
 
 

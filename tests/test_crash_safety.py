@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.crash_env import start_daemon
-from tests.imap_env import imap_box, new_user, sample_mail, write_config
+from tests.imap_env import append_many, imap_box, new_user, sample_mail, write_config
 from tests.support.dovecot import Dovecot
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")]
@@ -68,6 +69,13 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     progress: list[int] = []
     while kills < 15 and server.uids("INBOX", user=user.name):
         daemon = start_connected(config, log)
+        if kills % 2:
+            # Every other kill lands once this run has committed something: on a busy machine the first
+            # commit can take longer than the random delay below, and no kill would be mid-import.
+            before = tickets(db)
+            deadline = time.monotonic() + 30
+            while tickets(db) == before and daemon.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
         time.sleep(rng.uniform(0.0, 0.5))
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(10)
@@ -136,3 +144,59 @@ def test_sigterm_during_a_backlog_finishes_the_mail_in_hand_and_exits_0(server: 
     assert rerun.returncode == 0
     assert tickets(db) == total
     assert server.uids("INBOX", user=user.name) == []
+
+
+def test_server_stopped_mid_fetch_and_started_again_loses_and_duplicates_nothing(
+    server: Dovecot, tmp_path: Path, report: Callable[[str], None]
+) -> None:
+    user = new_user(server)
+    total = 300
+    rng = random.Random(20261201)
+    append_many(server, user, [sample_mail(body="Proszę o pomoc. " * rng.randint(5, 400)) for _ in range(total)])
+    on_server = {hashlib.sha256(raw).hexdigest() for raw in server.fetch_all(user=user.name)}
+    config = write_config(tmp_path, [imap_box(server, user, poll_interval=0.5)], fetch={"batch_size": 5})
+    db = tmp_path / "data" / "mailbridge.db"
+    log = tmp_path / "daemon.log"
+    daemon = start_connected(config, log)
+    try:
+        while tickets(db) < total // 6:  # well into the backlog
+            assert daemon.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.005)
+        server.stop()
+        at_stop = tickets(db)
+        assert at_stop < total, "the import finished before the server stopped; the test proves nothing"
+        # The daemon keeps running while the server is away, and says so.
+        offset = log.stat().st_size
+        deadline = time.monotonic() + 20
+        while "retrying in" not in log.read_bytes()[offset:].decode(errors="replace"):
+            assert daemon.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        while_down = tickets(db)
+        server.restart()
+        deadline = time.monotonic() + 120
+        while (server.uids("INBOX", user=user.name) or tickets(db) < total) and time.monotonic() < deadline:
+            assert daemon.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(15) == 0, log.read_text()[-3000:]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(10)
+    report(f"server stopped with {at_stop} of {total} stored ({while_down} once it was down); all {total} after it")
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from tickets").fetchone()[0] == total
+        assert conn.execute("select count(distinct dedup_key) from articles").fetchone()[0] == total
+        assert conn.execute("select count(*) from receipts").fetchone()[0] == total
+        assert conn.execute("select count(*) from receipts where server_done = 0").fetchone()[0] == 0
+        assert conn.execute("select count(*) from quarantine").fetchone()[0] == 0
+        stored = {row[0] for row in conn.execute("select raw_sha256 from articles")}
+    assert stored == on_server
+    assert server.uids("INBOX", user=user.name) == []
+    processed = server.fetch_all("Processed", user=user.name)
+    assert len(processed) == total
+    assert {hashlib.sha256(raw).hexdigest() for raw in processed} == on_server
+    text = log.read_text()
+    assert not re.search(r'File "[^"]*/mailbridge/', text), text[-3000:]
+    assert " ERROR mailbridge" not in text

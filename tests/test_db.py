@@ -73,3 +73,35 @@ def test_a_write_that_read_first_waits_for_another_writer(tmp_path: Path) -> Non
         assert session.execute(text("SELECT count(*) FROM contacts")).scalar() == 2
     first.close()
     second.close()
+
+
+async def test_migration_0008_marks_the_replies_among_older_receipts(tmp_path: Path) -> None:
+    """Receipts from before 0008 had no `reply`: the upgrade tells them apart by their ticket's earlier articles."""
+    import email
+
+    from alembic import command
+
+    from tests.imap_env import make_app, sample_mail
+
+    first = sample_mail("Drukarka")
+    reply = email.message_from_bytes(sample_mail("Re: Drukarka"))
+    reply["In-Reply-To"] = email.message_from_bytes(first)["Message-ID"]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "1.eml").write_bytes(first)
+    (tmp_path / "in" / "2.eml").write_bytes(reply.as_bytes())
+    (tmp_path / "in" / "3.eml").write_bytes(sample_mail("Something else"))
+    app = make_app(tmp_path, [])
+    try:
+        summary = await app.ingest([tmp_path / "in"], notify=False)
+        assert (summary.stored, summary.replies) == (2, 1)
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with app.db.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, "0007")
+        app.db.upgrade()
+        with app.db.engine.connect() as connection:
+            rows = connection.exec_driver_sql("select outcome, reply from receipts order by id").all()
+        assert sorted(rows) == [("stored", False), ("stored", False), ("stored", True)]
+    finally:
+        app.close()

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
 import hashlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mailbridge.app import App
 from mailbridge.blobstore import BlobStore
-from tests.imap_env import count, make_app, new_user, sample_mail, wait_until
+from tests.imap_env import append_many, count, make_app, new_user, sample_mail, wait_until
 from tests.support.dovecot import Dovecot
 
 pytestmark = pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
@@ -243,15 +245,148 @@ async def test_a_failing_mailbox_never_stalls_the_others(server: Dovecot, tmp_pa
         )
         server.append(sample_mail(), user=good.name)
         await wait_until(lambda: count(app, "select count(*) from tickets") == 2, 5)
-        # What `mailbridge status` shows an admin for the two mailboxes.
+        # What `mailbridge status` shows an admin for the two mailboxes, once the fetch has counted the folder.
         from mailbridge.queries import mailbox_status
 
-        with app.db.reader() as session:
-            rows = {row["mailbox"]: row for row in mailbox_status(session, app.settings)}
+        def status() -> dict[str, dict[str, Any]]:
+            with app.db.reader() as session:
+                return {row["mailbox"]: row for row in mailbox_status(session, app.settings)}
+
+        await wait_until(lambda: status()[good.name]["in_folder"] == 0, 5)
+        rows = status()
         assert rows[good.name]["connected"] and rows[good.name]["stored"] == 2 and not rows[good.name]["last_error"]
-        assert rows[good.name]["in_folder"] == 0 and rows[good.name]["last_fetch_at"]
+        assert rows[good.name]["waiting"] == rows[good.name]["missing"] == 0 and rows[good.name]["last_fetch_at"]
         assert not rows[bad.name]["connected"] and "refused" in rows[bad.name]["last_error"]
         assert "wrong" not in rows[bad.name]["last_error"]  # the password is never echoed
+
+
+async def test_a_broken_maildir_never_stalls_the_other_mailboxes(server: Dovecot, tmp_path: Path) -> None:
+    from mailbridge.queries import mailbox_status
+
+    def status() -> dict[str, dict[str, object]]:
+        with app.db.reader() as session:
+            return {row["mailbox"]: row for row in mailbox_status(session, app.settings)}
+
+    user = new_user(server)
+    server.append(sample_mail("over imap"), user=user.name)
+    blocked = tmp_path / "blocked-maildir"
+    blocked.write_text("a file where the Maildir should be")
+    healthy = tmp_path / "healthy-maildir"
+    (healthy / "new").mkdir(parents=True)
+    (healthy / "new" / "1.local").write_bytes(sample_mail("from a maildir"))
+    app = make_app(
+        tmp_path,
+        [
+            _box(server, user),
+            {"type": "maildir", "name": "blocked", "path": str(blocked)},
+            {"type": "maildir", "name": "local", "path": str(healthy)},
+        ],
+    )
+    async with daemon(app):
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 2, 10)
+        await wait_until(lambda: bool(status()["blocked"]["last_error"]), 10)
+        server.append(sample_mail("later over imap"), user=user.name)
+        (healthy / "new" / "2.local").write_bytes(sample_mail("later from a maildir"))
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 4, 10)
+        rows = status()
+        assert not rows["blocked"]["connected"]
+        assert "blocked-maildir" in str(rows["blocked"]["last_error"])
+        assert rows[user.name]["connected"] and rows["local"]["connected"]
+        # Once the path is fixed, the mailbox comes back on its own (back-off capped at 1 s here).
+        blocked.unlink()
+        (blocked / "new").mkdir(parents=True)
+        (blocked / "new" / "1.blocked").write_bytes(sample_mail("from the mended maildir"))
+        await wait_until(lambda: count(app, "select count(*) from tickets") == 5, 10)
+        await wait_until(lambda: status()["blocked"]["last_error"] is None, 5)
+        assert status()["blocked"]["connected"]
+
+
+def _status(app: App) -> dict[str, dict[str, Any]]:
+    from mailbridge.queries import mailbox_status
+
+    with app.db.reader() as session:
+        return {row["mailbox"]: row for row in mailbox_status(session, app.settings)}
+
+
+async def test_status_reconciles_the_receipts_with_the_folder_on_the_server(server: Dovecot, tmp_path: Path) -> None:
+    user = new_user(server)
+    first = sample_mail("the first mail")
+    server.append(first, user=user.name)
+    app = make_app(tmp_path, [_box(server, user)], fetch={"batch_size": 5})
+    try:
+        await app.run_once()
+        row = _status(app)[user.name]
+        assert (row["read"], row["stored"], row["in_folder"], row["waiting"], row["missing"]) == (1, 1, 0, 0, 0)
+
+        # While the daemon is not running: a reply on that ticket, the first mail once more (a duplicate),
+        # something that is not a mail (quarantined), and a backlog of new mail.
+        reply = email.message_from_bytes(sample_mail("Re: the first mail"))
+        reply["In-Reply-To"] = email.message_from_bytes(first)["Message-ID"]
+        server.append(reply.as_bytes(), user=user.name)
+        server.append(first, user=user.name)
+        server.append(b"\x00\x01 this is not a mail at all\r\n\r\n", user=user.name)
+        backlog = 200
+        append_many(server, user, [sample_mail(body="Dzień dobry. " * 100) for _ in range(backlog)])
+        appended = 1 + 3 + backlog
+        app.close()
+        # The daemon starts and is stopped part-way through the backlog.
+        app = make_app(tmp_path, [_box(server, user)], fetch={"batch_size": 5})
+        async with daemon(app) as stop:
+            await wait_until(lambda: count(app, "select count(*) from tickets") > 1, 20, interval=0.005)
+            stop.set()
+        app = make_app(tmp_path, [_box(server, user)], fetch={"batch_size": 5})
+        row = _status(app)[user.name]
+        left_on_server = len(server.uids("INBOX", user=user.name))
+        assert 0 < row["waiting"] == left_on_server == row["in_folder"], "stopped too late to prove anything"
+        assert row["read"] == row["stored"] + row["replies"] + row["duplicates"] + row["quarantined"]
+        assert row["read"] + row["waiting"] == appended and row["missing"] == 0
+        assert (row["replies"], row["duplicates"], row["quarantined"]) == (1, 1, 1)
+        assert row["last_fetch_at"]
+
+        await app.run_once()  # drained: nothing waits, and every mail the server had is accounted for
+        row = _status(app)[user.name]
+        assert (row["in_folder"], row["waiting"], row["missing"]) == (0, 0, 0)
+        assert (row["read"], row["stored"], row["replies"], row["duplicates"], row["quarantined"]) == (
+            appended,
+            1 + backlog,
+            1,
+            1,
+            1,
+        )
+        assert row["awaiting_server_update"] == 0
+    finally:
+        app.close()
+
+
+async def test_status_shows_a_mail_that_the_intake_passed_over(server: Dovecot, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    user = new_user(server)
+    for n in range(3):
+        server.append(sample_mail(f"kept in the folder {n}"), user=user.name)
+    app = make_app(tmp_path, [_box(server, user, after_store="flag_seen")])
+    try:
+        await app.run_once()
+        assert _status(app)[user.name]["in_folder"] == 3 and _status(app)[user.name]["missing"] == 0
+        # As if the intake had skipped the middle mail: it is in the folder, with no receipt, behind the
+        # high-water mark, so no fetch would ever import it.
+        middle = server.uids("INBOX", user=user.name)[1]
+        with app.db.unit_of_work() as session:
+            from sqlalchemy import delete
+
+            from mailbridge.models import Receipt
+
+            session.execute(delete(Receipt).where(Receipt.uid == middle))
+        await app.run_once()
+        row = _status(app)[user.name]
+        assert (row["in_folder"], row["waiting"], row["missing"], row["read"]) == (3, 0, 1, 2)
+    finally:
+        app.close()
+    result = CliRunner().invoke(cli, ["status", "--config", str(tmp_path / "mailbridge.yaml")])
+    assert result.exit_code == 1
+    assert f"error: {user.name}: 1 mail(s) in the folder have no receipt" in result.output
 
 
 async def test_reconnects_after_a_server_restart(tmp_path: Path) -> None:

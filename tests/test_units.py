@@ -10,6 +10,7 @@ from mailbridge.config import FetchSettings
 from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.imap import _batches
 from mailbridge.ingest.imap_client import _search_uids, imap_utf7, uid_set
+from mailbridge.ingest.ledger import FolderCount, Receipted, count_folder
 from mailbridge.ingest.parse import decode_header_value, decode_text, dedup_key, parse, safe_filename
 
 
@@ -143,3 +144,26 @@ def test_a_uid_without_a_body_blocks_only_until_it_is_given_up() -> None:
 )
 def test_folder_names_in_modified_utf7(name: str, encoded: str) -> None:
     assert imap_utf7(name) == encoded
+
+
+def _receipted(uids: set[int], high_water: int, baseline: int = 0, initial_done: bool = True) -> Receipted:
+    return Receipted(uids=frozenset(uids), high_water=high_water, baseline_uid=baseline, initial_done=initial_done)
+
+
+def test_folder_count_after_a_drain_with_flag_seen() -> None:
+    # 1-3 imported and kept in the folder; 4 has no receipt though 5 has: passed over; 6 arrived since.
+    count = count_folder([1, 2, 3, 4, 5, 6], _receipted({1, 2, 3, 5}, high_water=5), set())
+    assert count == FolderCount(in_folder=6, waiting=1, missing=1, left_by_existing_mail=0)
+
+
+def test_folder_count_of_the_mail_there_before_the_first_run() -> None:
+    # UIDs up to 10 were there at the first run; `existing_mail` imports 8-10 (`since`) and left 1-7.
+    wanted = {8, 9, 10}
+    during = count_folder(range(1, 13), _receipted({8}, high_water=8, baseline=10, initial_done=False), wanted)
+    assert during == FolderCount(in_folder=12, waiting=4, missing=0, left_by_existing_mail=7)  # 9, 10, 11, 12
+    after = count_folder(range(1, 13), _receipted({8, 10, 11, 12}, high_water=12, baseline=10), wanted)
+    assert after == FolderCount(in_folder=12, waiting=0, missing=1, left_by_existing_mail=7)  # 9 was passed over
+
+
+def test_folder_count_of_an_empty_folder() -> None:
+    assert count_folder([], _receipted(set(), high_water=40), set()) == FolderCount(0, 0, 0, 0)

@@ -24,7 +24,7 @@ from mailbridge.ingest.imap_client import (
     uid_set,
     wait_for_stop,
 )
-from mailbridge.ingest.ledger import FolderPlan, Ledger
+from mailbridge.ingest.ledger import FolderCount, FolderPlan, Ledger, count_folder
 from mailbridge.ingest.raw import BACKLOG, RawMail
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
@@ -62,11 +62,16 @@ class ImapWatcher:
             try:
                 async with self._connection() as conn:
                     delay = 1.0
+                    again = False
                     while not stop.is_set():
-                        await self._drain(conn, stop)
+                        count = await self._drain(conn, stop)
                         if stop.is_set():
                             break
-                        await conn.wait_for_news(stop, self.box.poll_interval)
+                        # Mail that arrived during the drain was announced in its replies, so IDLE would not
+                        # report it again: fetch it now (once; a mail the server cannot deliver waits).
+                        again = count.waiting > 0 and not again
+                        if not again:
+                            await conn.wait_for_news(stop, self.box.poll_interval)
             except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
                 expected = isinstance(exc, ImapError | OSError | TimeoutError | aioimaplib.AioImapException)
                 reason = describe(exc) if expected else f"unexpected error: {describe(exc)}"
@@ -95,17 +100,17 @@ class ImapWatcher:
     async def _connection(self) -> AsyncIterator[ImapConnection]:
         conn = ImapConnection(self.box)
         try:
-            status = await conn.open()
+            await conn.open()
             if isinstance(self.box.after_store, MoveTo):
                 await conn.ensure_folder(self.box.after_store.move)
             await conn.ensure_folder(self.box.quarantine_folder)
-            await self.ledger.connected(status.exists)
+            await self.ledger.connected()
             log.info("mailbox %s: connected to %s:%s", self.name, self.box.host, self.box.port)
             yield conn
         finally:
             await conn.close()
 
-    async def _drain(self, conn: ImapConnection, stop: asyncio.Event) -> None:
+    async def _drain(self, conn: ImapConnection, stop: asyncio.Event) -> FolderCount:
         status = await conn.select()
         plan = await self.ledger.open_folder(status.uidvalidity, status.uidnext)
         if plan.pending:
@@ -117,23 +122,36 @@ class ImapWatcher:
             # Only now: the initial set is recomputed (minus what has receipts) until every mail of it is in.
             await self.ledger.initial_import_done()
         after = await conn.select()
-        await self.ledger.fetched(after.exists)
+        count = await self._count_folder(conn, plan, after.exists)
+        await self.ledger.fetched(count)
+        return count
+
+    async def _count_folder(self, conn: ImapConnection, plan: FolderPlan, exists: int) -> FolderCount:
+        """The folder as the server has it now, against our receipts: what `mailbridge status` reconciles.
+        With `move` (the default) a drained folder is empty and this costs nothing."""
+        uids = await conn.uids_above(0) if exists else []
+        receipted = await self.ledger.receipted(plan.uidvalidity, uids)
+        old = any(u <= receipted.baseline_uid and u not in receipted.uids for u in uids)
+        wanted = set(await self._wanted_up_to_baseline(conn, plan)) if old else set()
+        return count_folder(uids, receipted, wanted)
 
     async def _initial_uids(self, conn: ImapConnection, plan: FolderPlan) -> list[int]:
         """The mail that was already in the folder on the first run, as `existing_mail` says."""
+        uids = await self._wanted_up_to_baseline(conn, plan)
+        known = await self.ledger.known_uids(plan.uidvalidity, uids)
+        return [u for u in uids if u not in known]
+
+    async def _wanted_up_to_baseline(self, conn: ImapConnection, plan: FolderPlan) -> list[int]:
         policy = self.box.existing_mail
         if plan.validity_changed:
             # A reset folder: take everything again, but not what `skip`/`since` left out the first time.
             since = policy if isinstance(policy, ImportSince) else None
             if policy == "skip":
                 since = ImportSince(since=plan.first_seen_at.date())
-            uids = await conn.uids_up_to(plan.baseline_uid, since)
-        elif policy == "skip":
+            return await conn.uids_up_to(plan.baseline_uid, since)
+        if policy == "skip":
             return []
-        else:
-            uids = await conn.uids_up_to(plan.baseline_uid, policy if isinstance(policy, ImportSince) else None)
-        known = await self.ledger.known_uids(plan.uidvalidity, uids)
-        return [u for u in uids if u not in known]
+        return await conn.uids_up_to(plan.baseline_uid, policy if isinstance(policy, ImportSince) else None)
 
     async def _import(self, conn: ImapConnection, plan: FolderPlan, uids: list[int], stop: asyncio.Event) -> bool:
         """Import these UIDs in order; False when it stopped early (stop requested, or a gap on the server)."""

@@ -3,6 +3,8 @@ still has to be told, and the health that `mailbridge status` shows. Runs in the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,6 +32,45 @@ class FolderPlan:
     first_seen_at: datetime
     high_water: int  # the highest UID we hold a receipt for under this UIDVALIDITY
     pending: tuple[Pending, ...]  # stored, but the server was not told yet (we died in between)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipted:
+    """What our records say about some UIDs of a folder, for counting it against the server."""
+
+    uids: frozenset[int]  # those of the UIDs asked about that we hold a receipt for
+    high_water: int  # the highest UID we hold a receipt for under this UIDVALIDITY
+    baseline_uid: int
+    initial_done: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FolderCount:
+    """A folder counted on the server against our receipts (what `mailbridge status` reconciles)."""
+
+    in_folder: int
+    waiting: int  # no receipt yet; the next fetch imports them
+    missing: int  # no receipt, yet behind what the fetches still look at: passed over, never imported
+    left_by_existing_mail: int  # there before the first run, and `existing_mail` says not to import them
+
+
+def count_folder(uids: Iterable[int], receipted: Receipted, wanted_up_to_baseline: AbstractSet[int]) -> FolderCount:
+    """Sort the UIDs in a folder by what will become of them. `wanted_up_to_baseline`: those up to the
+    baseline that `existing_mail` imports (only looked at for UIDs up to the baseline without a receipt)."""
+    in_folder = waiting = missing = left = 0
+    horizon = max(receipted.high_water, receipted.baseline_uid)  # a fetch looks only above this ...
+    for uid in uids:
+        in_folder += 1
+        if uid in receipted.uids:
+            continue
+        old = uid <= receipted.baseline_uid
+        if old and uid not in wanted_up_to_baseline:
+            left += 1
+        elif uid > horizon or (old and not receipted.initial_done):  # ... and at the initial set until it is in
+            waiting += 1
+        else:
+            missing += 1
+    return FolderCount(in_folder, waiting, missing, left)
 
 
 class Ledger:
@@ -91,6 +132,29 @@ class Ledger:
                 )
         return known
 
+    async def receipted(self, uidvalidity: int, uids: list[int]) -> Receipted:
+        return await self.db.run(self._receipted, uidvalidity, uids)
+
+    def _receipted(self, uidvalidity: int, uids: list[int]) -> Receipted:
+        with self.db.reader() as session:
+            state = session.get(MailboxState, self.mailbox)
+            of_this_folder = (Receipt.mailbox == self.mailbox, Receipt.uidvalidity == uidvalidity)
+            held: set[int] = set()
+            if uids:
+                # One range scan (the folder's lowest to highest UID) rather than a list of every UID:
+                # with `move` the folder holds little; with `flag_seen` this is the folder's own size.
+                wanted = set(uids)
+                rows = session.scalars(
+                    select(Receipt.uid).where(*of_this_folder, Receipt.uid.between(min(uids), max(uids)))
+                )
+                held = {uid for uid in rows if uid in wanted}
+            return Receipted(
+                uids=frozenset(held),
+                high_water=session.scalar(select(func.max(Receipt.uid)).where(*of_this_folder)) or 0,
+                baseline_uid=state.baseline_uid if state else 0,
+                initial_done=bool(state and state.initial_done),
+            )
+
     async def outcomes(self, source_keys: list[str]) -> dict[str, Outcome]:
         """What became of the mails with these source keys, for those we hold a receipt of."""
         return await self.db.run(self._outcomes, source_keys)
@@ -119,11 +183,18 @@ class Ledger:
     async def initial_import_done(self) -> None:
         await self._update(initial_done=True)
 
-    async def connected(self, messages_in_folder: int | None = None) -> None:
-        await self._update(connected=True, last_error=None, messages_in_folder=messages_in_folder)
+    async def connected(self) -> None:
+        await self._update(connected=True, last_error=None)
 
-    async def fetched(self, messages_in_folder: int | None) -> None:
-        await self._update(last_fetch_at=utcnow(), messages_in_folder=messages_in_folder)
+    async def fetched(self, count: FolderCount) -> None:
+        """A fetch is done; the folder as the server had it after it."""
+        await self._update(
+            last_fetch_at=utcnow(),
+            messages_in_folder=count.in_folder,
+            waiting=count.waiting,
+            missing=count.missing,
+            left_by_existing_mail=count.left_by_existing_mail,
+        )
 
     async def failed(self, error: str) -> None:
         await self._update(connected=False, last_error=error, last_error_at=utcnow())
@@ -141,6 +212,4 @@ class Ledger:
                 state = MailboxState(mailbox=self.mailbox)
                 session.add(state)
             for key, value in values.items():
-                if key == "messages_in_folder" and value is None:
-                    continue
                 setattr(state, key, value)

@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from mailbridge.config import FetchSettings, MaildirMailbox
-from mailbridge.ingest.ledger import Ledger
+from mailbridge.ingest.imap_client import wait_for_stop
+from mailbridge.ingest.ledger import FolderCount, Ledger
 from mailbridge.ingest.raw import BACKLOG, RawMail
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
@@ -46,8 +47,6 @@ class MaildirWatcher:
         return self.box.name
 
     async def run(self, stop: asyncio.Event) -> None:
-        ensure_maildir(self.box.path)
-        await self.ledger.connected()
         try:
             await self._watch(stop)
         finally:
@@ -55,15 +54,26 @@ class MaildirWatcher:
                 await self.ledger.disconnected()
 
     async def _watch(self, stop: asyncio.Event) -> None:
+        delay = 1.0
+        healthy = False
         while not stop.is_set():
             try:
+                if not healthy:  # at start, or after a failure: reachable again, so `status` drops the error
+                    ensure_maildir(self.box.path)
+                    await self.ledger.connected()
+                    healthy = True
                 await self.run_once(stop)
-            except Exception as exc:  # this mailbox retries at its next poll; the others go on regardless
-                log.warning("maildir %s: %s", self.name, exc, exc_info=not isinstance(exc, OSError))
+                delay = 1.0
+            except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
+                expected = isinstance(exc, OSError)  # permission denied, a file where a folder should be …
+                log.warning("maildir %s: %s; retrying in %.0f s", self.name, exc, delay, exc_info=not expected)
                 with contextlib.suppress(Exception):  # the database may be what failed
                     await self.ledger.failed(f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.box.poll_interval)
+                healthy = False
+                await wait_for_stop(stop, delay)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+                continue
+            await wait_for_stop(stop, self.box.poll_interval)
 
     async def run_once(self, stop: asyncio.Event | None = None) -> None:
         ensure_maildir(self.box.path)
@@ -88,7 +98,14 @@ class MaildirWatcher:
         await self.pipeline.process_stream(batches(), committed)
         if cutoff is not None and not (stop is not None and stop.is_set()):
             await self.ledger.initial_import_done()
-        await self.ledger.fetched(len(self._waiting()))
+        await self.ledger.fetched(await self._count_folder())
+
+    async def _count_folder(self) -> FolderCount:
+        """What is left in new/ and cur/ after a pass, against our receipts: a file without one is waiting
+        (every pass takes every file without a receipt, so none is ever passed over for good)."""
+        files = self._waiting()
+        known = await self.ledger.outcomes([_key(self.name, f) for f in files]) if files else {}
+        return FolderCount(in_folder=len(files), waiting=len(files) - len(known), missing=0, left_by_existing_mail=0)
 
     def _waiting(self) -> list[Path]:
         files: list[Path] = []

@@ -26,7 +26,16 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mailbridge.ingest.mail import Address
 from mailbridge.models import TicketStatus, utcnow
 
-SHIPPED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+
+def _shipped_templates() -> Path:
+    """An installed wheel carries them as `mailbridge/templates` (see setup.py); a source checkout or an
+    editable install has them in the repository's top-level `templates/`."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "templates"
+    return installed if installed.is_dir() else package.parent / "templates"
+
+
+SHIPPED_TEMPLATES = _shipped_templates()
 TEMPLATES = (
     "ack",
     "status_changed",
