@@ -127,6 +127,28 @@ async def test_a_customer_reply_lands_on_the_same_ticket(
     assert len(sink.received) == 1, "a reply gets no second acknowledgement"
 
 
+async def test_sizes_and_counts_in_a_subject_are_not_ticket_references(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    """ "MB 2" in "Plik ma 25 MB 2 razy za duży" is a size, not ticket MB-000002: the new customer gets a
+    ticket of their own and its acknowledgement, and ticket 2's customer does not land on ticket 2."""
+    other = "jan.kowalski@firma.example"
+    await deliver(app, tmp_path, sample_mail("Drukarka", sender=CUSTOMER), sample_mail("Skaner", sender=other))
+    newcomer = "ewa@nowa.example"
+    summary = await deliver(
+        app,
+        tmp_path,
+        sample_mail("Plik ma 25 MB 2 razy za duży", sender=newcomer),
+        sample_mail("Plik ma 25 MB 2 razy za duży", sender=other),
+        sample_mail("mb-2 files missing, 10MB-3 too", sender=other),
+    )
+    assert summary["stored"] == 3 and summary["replies"] == 0
+    _first, second, *new = tickets(app)
+    assert len(articles(app, second.id)) == 1
+    assert [(t.linked_ticket_id, t.triage_reason) for t in new] == [(None, None)] * 3
+    assert any(newcomer in r.rcpt_tos for r in sink.received), "the new customer is acknowledged"
+
+
 async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own_message_id(
     app: App, tmp_path: Path, sink: SmtpSink
 ) -> None:

@@ -25,6 +25,7 @@ from mailbridge.db import chunked
 from mailbridge.ingest.mail import ParsedMail
 from mailbridge.models import Article, Ticket, TicketParticipant, TicketStatus
 from mailbridge.threading.message_ids import read_message_id
+from mailbridge.threading.ticket_refs import TicketRefs
 
 log = logging.getLogger("mailbridge.threading")
 
@@ -64,12 +65,7 @@ class Threader:
         reopen_days: float,
     ) -> None:
         self.secret = secret
-        prefix = re.escape(tickets.number_prefix)
-        # Tolerant of what mail clients and gateways do to "[MB-000123]": "[ MB-000123 ]", "(MB 123)", "MB#123".
-        self._subject_ref = re.compile(
-            rf"(?<![A-Za-z0-9])[\[({{]?\s*{prefix}\s*[-#: ]?\s*(\d{{1,12}})\s*[\])}}]?(?![0-9])", re.IGNORECASE
-        )
-        self._footer_ref = re.compile(rf"\[{prefix}-(\d{{1,12}})\]", re.IGNORECASE)
+        self.refs = TicketRefs(tickets)
         self.number_prefix = tickets.number_prefix
         self.agents = {a.lower() for a in agents}
         self.trusted = {a.lower() for a in trusted_authserv_ids}
@@ -160,12 +156,11 @@ class Threader:
                 continue
             if claims[index] is not None:
                 continue
-            match = self._subject_ref.search(mail.subject)
-            where = "subject"
-            if match is None and "[" in mail.text:
-                match, where = self._footer_ref.search(mail.text), "quoted footer"
-            if match is not None:
-                numbers[index] = (int(match.group(1)), where)
+            number, where = self.refs.in_subject(mail.subject), "subject"
+            if number is None:
+                number, where = self.refs.in_footer(mail.text), "quoted footer"
+            if number is not None:
+                numbers[index] = (number, where)
         if numbers:
             for index, (number, where) in numbers.items():
                 claims[index] = _Claim(number, f"its {where} names {self.number_prefix}-{number}", False)
