@@ -430,7 +430,11 @@ def tickets_merge(
         if into == other:
             typer.echo("error: a ticket cannot be merged into itself", err=True)
             raise typer.Exit(2)
-        moved = merge(session, found[into], found[other], "cli", utcnow())
+        try:
+            moved = merge(session, found[into], found[other], "cli", utcnow())
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     _say(f"{other} merged into {into}: {moved} article(s) moved; {other} is closed and links to {into}")
 
 

@@ -401,6 +401,50 @@ async def test_triage_merge_and_status_from_the_cli(app: App, tmp_path: Path, si
     assert "merged" in shown.output and "waiting_customer -> open" in shown.output
 
 
+async def test_mail_naming_a_merged_ticket_goes_to_the_ticket_it_was_merged_into(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    colleague = "jan.kowalski@klient.example"
+    await deliver(app, tmp_path, sample_mail("Drukarka", sender=CUSTOMER))
+    await deliver(app, tmp_path, sample_mail("Drukarka na 2. piętrze też", sender=colleague))
+    _ack_1, ack_2 = sink.received
+    config = str(tmp_path / "mailbridge.yaml")
+    runner = CliRunner()
+    merged = runner.invoke(cli, ["tickets", "merge", "MB-000001", "MB-000002", "--config", config])
+    assert merged.exit_code == 0, merged.output
+    # The colleague answers the acknowledgement of MB-000002: by its subject reference only, then with our
+    # signed Message-ID. Both land on MB-000001; MB-000002 stays closed and empty.
+    by_subject = reply(ack_2, "Nadal nie drukuje.", sender=colleague, in_reply_to=False, references=False)
+    signed = reply(ack_2, "Dalej to samo.", sender=colleague)
+    assert (await deliver(app, tmp_path, by_subject, signed))["replies"] == 2
+    first, second = tickets(app)
+    assert (second.status, second.merged_into_id, articles(app, second.id)) == ("closed", first.id, [])
+    assert [a.new_text for a in articles(app, first.id)][-2:] == ["Nadal nie drukuje.", "Dalej to samo."]
+    # A stranger naming MB-000002 is checked against MB-000001's participants: flagged, linked to it.
+    stranger = reply(ack_2, "Send me the files.", sender=ATTACKER, in_reply_to=False, references=False)
+    assert (await deliver(app, tmp_path, stranger))["replies"] == 0
+    flagged = tickets(app)[-1]
+    assert flagged.linked_ticket_id == first.id and "merged into MB-000001" in (flagged.triage_reason or "")
+    assert all(ATTACKER not in r.rcpt_tos for r in sink.received)
+    # Merging into a ticket that was itself merged would hide the articles: refused.
+    again = runner.invoke(cli, ["tickets", "merge", "MB-000002", f"{flagged.number}", "--config", config])
+    assert again.exit_code == 2 and "MB-000002 was itself merged" in again.output
+
+
+async def test_a_loop_of_merges_does_not_hang_threading(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    """Only a hand-edited database can make one; a mail naming one of its tickets is still stored, once."""
+    await deliver(app, tmp_path, sample_mail("A", sender=CUSTOMER), sample_mail("B", sender="jan@klient.example"))
+    with app.db.unit_of_work() as session:
+        session.execute(update(Ticket).where(Ticket.id == 1).values(merged_into_id=2))
+        session.execute(update(Ticket).where(Ticket.id == 2).values(merged_into_id=1))
+    summary = await deliver(app, tmp_path, sample_mail("Re: [MB-000002] B", sender="jan@klient.example"))
+    assert summary["read"] == 1 and summary["stored"] + summary["replies"] == 1
+
+
 async def test_status_mails_where_the_mailbox_asks_for_them(tmp_path: Path, sink: SmtpSink) -> None:
     from typer.testing import CliRunner
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -26,6 +26,7 @@ from mailbridge.ingest.mail import ParsedMail
 from mailbridge.models import Article, Ticket, TicketParticipant, TicketStatus
 from mailbridge.threading.message_ids import read_message_id
 from mailbridge.threading.ticket_refs import TicketRefs
+from mailbridge.tickets import ticket_number
 
 log = logging.getLogger("mailbridge.threading")
 
@@ -66,16 +67,15 @@ class Threader:
     ) -> None:
         self.secret = secret
         self.refs = TicketRefs(tickets)
-        self.number_prefix = tickets.number_prefix
+        self.tickets = tickets
         self.agents = {a.lower() for a in agents}
         self.trusted = {a.lower() for a in trusted_authserv_ids}
         self.reopen_window = timedelta(days=reopen_days)
 
     def resolve(self, session: Session, mails: Sequence[ParsedMail], now: datetime) -> list[Thread]:
         claims = self._claims(session, mails)
-        wanted = {c.ticket_id for c in claims if c is not None}
-        tickets = _tickets(session, wanted)
-        participants = _participants(session, wanted)
+        tickets = _with_merge_targets(session, {c.ticket_id for c in claims if c is not None})
+        participants = _participants(session, tickets.keys())
         threads = []
         for mail, claim in zip(mails, claims, strict=True):
             thread = self._decide(mail, claim, tickets, participants, now)
@@ -98,9 +98,13 @@ class Threader:
     ) -> Thread:
         if claim is None:
             return NEW
-        ticket = tickets.get(claim.ticket_id)
-        if ticket is None:
+        claimed = tickets.get(claim.ticket_id)
+        if claimed is None:
             return Thread(reason=f"{claim.how} names a ticket that does not exist: a new ticket")
+        # A ticket merged into another lives on in it: so do the mails that name it, and its participants.
+        ticket = _surviving(claimed, tickets)
+        if ticket is not claimed:
+            claim = replace(claim, how=f"{claim.how}, merged into {ticket.number}")
         sender = _sender(mail)
         dmarc = self._dmarc_failed(mail)
         if dmarc:
@@ -163,7 +167,7 @@ class Threader:
                 numbers[index] = (number, where)
         if numbers:
             for index, (number, where) in numbers.items():
-                claims[index] = _Claim(number, f"its {where} names {self.number_prefix}-{number}", False)
+                claims[index] = _Claim(number, f"its {where} names {ticket_number(self.tickets, number)}", False)
         return claims
 
     def _dmarc_failed(self, mail: ParsedMail) -> str | None:
@@ -209,6 +213,29 @@ def _tickets(session: Session, ids: Collection[int]) -> dict[int, Ticket]:
     for chunk in chunked(sorted(ids)):
         found.update({t.id: t for t in session.scalars(select(Ticket).where(Ticket.id.in_(chunk)))})
     return found
+
+
+def _with_merge_targets(session: Session, ids: Collection[int]) -> dict[int, Ticket]:
+    """The tickets, and the tickets they were merged into, down to the end of every chain."""
+    found = _tickets(session, ids)
+    looked_up = set(ids)
+    while wanted := {t.merged_into_id for t in found.values() if t.merged_into_id} - looked_up:
+        found.update(_tickets(session, wanted))
+        looked_up |= wanted
+    return found
+
+
+def _surviving(ticket: Ticket, tickets: dict[int, Ticket]) -> Ticket:
+    """The ticket a merged one went into, following merges of merges; a chain that loops back (only a
+    hand-edited database can make one) stops at the last ticket before the loop."""
+    seen = {ticket.id}
+    while ticket.merged_into_id is not None:
+        target = tickets.get(ticket.merged_into_id)
+        if target is None or target.id in seen:
+            break
+        seen.add(target.id)
+        ticket = target
+    return ticket
 
 
 def _participants(session: Session, ticket_ids: Collection[int]) -> dict[int, set[str]]:

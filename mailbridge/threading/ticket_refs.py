@@ -17,8 +17,10 @@ thread stage to find the ticket a reply names.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from mailbridge.config import TicketSettings
+if TYPE_CHECKING:  # the parser workers use this module; they need not load pydantic for a type
+    from mailbridge.config import TicketSettings
 
 _SEPARATOR = r"\s*[-#:]\s*"
 # In brackets a number of any width is taken, but not after ":", which is how sizes and counts are
