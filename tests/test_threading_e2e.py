@@ -67,12 +67,13 @@ def reply(
     in_reply_to: bool = True,
     references: bool = True,
     headers: str = "",
+    subject: str | None = None,
 ) -> bytes:
     ack = to.message
     lines = [
         f"From: Anna Nowak <{sender}>",
         f"To: {SUPPORT}",
-        f"Subject: {subject_prefix}{ack['Subject']}",
+        f"Subject: {subject if subject is not None else subject_prefix + str(ack['Subject'])}",
         f"Message-ID: {make_msgid(domain='klient.example')}",
     ]
     if in_reply_to:
@@ -112,6 +113,10 @@ async def opened_ticket(app: App, tmp_path: Path, sink: SmtpSink) -> Received:
         ("Thunderbird, Polish (Odp:)", {"subject_prefix": "Odp: "}),
         ("German Outlook (AW:, [EXTERNAL] tag)", {"subject_prefix": "[EXTERNAL] AW: "}),
         ("Exchange Online (rewritten IDs, subject only)", {"in_reply_to": False, "references": False}),
+        (
+            "a gateway that drops the brackets (subject only)",
+            {"in_reply_to": False, "references": False, "subject": "AW: MB-000001 Re: Drukarka nie drukuje"},
+        ),
     ],
 )
 async def test_a_customer_reply_lands_on_the_same_ticket(
@@ -152,7 +157,7 @@ async def test_sizes_and_counts_in_a_subject_are_not_ticket_references(
 async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own_message_id(
     app: App, tmp_path: Path, sink: SmtpSink
 ) -> None:
-    original = sample_mail("Faktura", sender=CUSTOMER)
+    original = sample_mail("Faktura", sender=CUSTOMER, body="Proszę o korektę faktury 12/2026.")
     await deliver(app, tmp_path, original)
     own_id = message_id_of(original)
     follow_up = (
@@ -160,8 +165,37 @@ async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own
         f"Message-ID: {make_msgid(domain='klient.example')}\r\n"
         f"In-Reply-To: <AM6PR0502MB1234.rewritten@eurprd05.prod.outlook.com>\r\n"
         f"References: {own_id} <AM6PR0502MB1234.rewritten@eurprd05.prod.outlook.com>\r\n\r\nW załączeniu NIP.\r\n"
+        "\r\n________________________________\r\nOd: Anna <anna.nowak@klient.example>\r\n"
+        "Wysłano: poniedziałek, 30 listopada 2026 10:00\r\nDo: support@helpdesk.example\r\nTemat: Faktura\r\n\r\n"
+        "Proszę o korektę faktury 12/2026.\r\n"
     ).encode()
     assert (await deliver(app, tmp_path, follow_up))["replies"] == 1
+    [ticket] = tickets(app)
+    _, second = articles(app, ticket.id)
+    assert second.new_text == "W załączeniu NIP."  # the quoted original is not new
+    assert "Proszę o korektę" in second.text
+
+
+async def test_a_client_that_drops_the_subject_reference_and_the_references_threads_by_the_quoted_footer(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    assert "Ticket [MB-000001]" in ack.message.get_body(("plain",)).get_content()  # the footer it quotes
+    bare: dict[str, Any] = {"in_reply_to": False, "references": False, "subject": "Re: Drukarka nie drukuje"}
+    summary = await deliver(app, tmp_path, reply(ack, "Nadal nie działa.", **bare))
+    assert summary["replies"] == 1 and summary["stored"] == 0
+    [ticket] = tickets(app)
+    _, second = articles(app, ticket.id)
+    assert second.new_text == "Nadal nie działa."
+    # The same quote from a stranger claims the ticket and is kept out of it.
+    attack = reply(ack, "Please send me the invoice.", sender=ATTACKER, **bare)
+    summary = await deliver(app, tmp_path, attack)
+    assert summary["replies"] == 0 and summary["stored"] == 1
+    victim, flagged = tickets(app)
+    assert len(articles(app, victim.id)) == 2, "nothing more on the victim's ticket"
+    assert flagged.linked_ticket_id == victim.id
+    assert "its quoted footer names MB-000001" in (flagged.triage_reason or "")
+    assert len(sink.received) == 1 and all(ATTACKER not in r.rcpt_tos for r in sink.received)
 
 
 async def test_a_reply_reopens_a_waiting_ticket_and_a_closed_one_within_the_window(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mailbridge.config import TicketSettings
+from mailbridge.ingest.parse import parse
 from mailbridge.threading.ticket_refs import TicketRefs
 
 DEFAULT = TicketRefs(TicketSettings())
@@ -112,3 +113,37 @@ def test_the_footer_rule_follows_the_configured_reference_format() -> None:
     bare = TicketRefs(TicketSettings(reference_format="{number}"))
     assert bare.in_footer("> Ticket MB-000042 · odpisz") == 42
     assert bare.in_footer("> 10MB-000042") is None
+
+
+def _mail(subject: str, body: str, headers: str = "") -> bytes:
+    return (
+        f"From: Anna <anna@klient.example>\r\nTo: support@helpdesk.example\r\nSubject: {subject}\r\n"
+        f"Message-ID: <x1@klient.example>\r\n{headers}\r\n{body}"
+    ).encode()
+
+
+QUOTED_FOOTER = (
+    "Nadal nie działa.\r\n\r\nOn Mon, Support wrote:\r\n> Dzień dobry\r\n> --\r\n> Ticket [MB-000001] · auto\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "is_reply"),
+    [
+        (_mail("Drukarka", "Dzień dobry,\r\n> cytat z gazety\r\n"), False),
+        (_mail("Plik ma 25 MB 2 razy za duży", "W załączeniu.\r\n> cytat\r\n"), False),
+        (_mail("Re: Drukarka", QUOTED_FOOTER), True),  # only the footer of ours in the quote
+        (_mail("AW: MB-000001 Drukarka", "Nowe.\r\n\r\nOn Mon, Support wrote:\r\n> stare\r\n"), True),
+        (_mail("Drukarka", "Nowe.\r\n\r\nOn Mon, Anna wrote:\r\n> stare\r\n", "In-Reply-To: <a@b>\r\n"), True),
+        (_mail("Drukarka", "Nowe.\r\n\r\nOn Mon, Anna wrote:\r\n> stare\r\n", "References: <x@rewritten>\r\n"), True),
+    ],
+)
+def test_the_parser_finds_the_new_text_of_every_mail_that_looks_like_a_reply(raw: bytes, is_reply: bool) -> None:
+    mail = parse(raw, DEFAULT)
+    assert (mail.new_text is not None) is is_reply
+    if is_reply:
+        assert mail.new_text is not None and ">" not in mail.new_text
+
+
+def test_without_the_ticket_rule_only_reply_headers_count() -> None:
+    assert parse(_mail("Re: Drukarka", QUOTED_FOOTER)).new_text is None
