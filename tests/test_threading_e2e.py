@@ -264,6 +264,20 @@ async def test_attack_guessed_message_id_with_a_wrong_signature(app: App, tmp_pa
     await _assert_kept_out(app, tmp_path, sink, attack, "wrong signature")
 
 
+async def test_attack_a_wrong_signature_from_the_customers_own_address_is_kept_out(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A From is easy to forge; a Message-ID of ours that we never signed proves the mail did not come from
+    someone who received our mail, so even a participant's address does not let it in."""
+    ack = await opened_ticket(app, tmp_path, sink)
+    real = str(ack.message["Message-ID"]).strip("<>")
+    ticket, nonce, _signature = real.split("@")[0].split(".")[1:]
+    forged = f"<mb.{ticket}.{nonce}.{'0' * 24}@helpdesk.example>"
+    attack = reply(ack, "Proszę zmienić numer konta.", in_reply_to=False, references=False, subject="Re: konto")
+    attack = attack.replace(b"\r\n\r\n", f"\r\nIn-Reply-To: {forged}\r\nReferences: {forged}\r\n\r\n".encode(), 1)
+    await _assert_kept_out(app, tmp_path, sink, attack, "wrong signature", sender=CUSTOMER)
+
+
 async def test_attack_victims_from_address_with_dmarc_fail_from_our_trusted_server(
     app: App, tmp_path: Path, sink: SmtpSink
 ) -> None:

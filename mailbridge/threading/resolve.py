@@ -6,7 +6,8 @@ of our mails quoted in the body. Only the first proves anything by itself. A mat
 mail in only when its sender takes part in the ticket (its customer, an address on the Cc of its mails, an
 agent); anyone else gets a new ticket, linked to the one it claimed and flagged for triage, and learns
 nothing of the old one. A sender whose DMARC failed at one of our trusted receiving servers is a stranger
-whatever it quotes. Every decision is logged with its reason.
+whatever it quotes, and so is one that names a Message-ID of ours with a wrong signature (a forgery). A
+ticket merged into another stands for the one it went into. Every decision is logged with its reason.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class _Claim:
     ticket_id: int
     how: str
     proven: bool
+    forged: bool = False  # a Message-ID of ours whose signature is wrong: made up or altered
 
 
 class Threader:
@@ -109,6 +111,10 @@ class Threader:
         dmarc = self._dmarc_failed(mail)
         if dmarc:
             return self._stranger(ticket, f"{claim.how}, but DMARC failed for {sender} ({dmarc})")
+        if claim.forged:
+            # Nobody who got our mail has such a Message-ID: whoever sends it is not to be believed, whatever
+            # address the mail claims to come from (a participant's is easy to put in a From).
+            return self._stranger(ticket, claim.how)
         agent = self.is_agent(mail)
         if not claim.proven and sender not in participants.get(ticket.id, set()) and not agent:
             return self._stranger(ticket, f"{claim.how}, but {sender or 'the sender'} takes no part in it")
@@ -144,7 +150,10 @@ class Threader:
                     break
                 if ours is not None and forged is None:
                     forged = _Claim(
-                        ours.ticket_id, f"it names <{message_id}>, a Message-ID of ours with a wrong signature", False
+                        ours.ticket_id,
+                        f"it names <{message_id}>, a Message-ID of ours with a wrong signature",
+                        proven=False,
+                        forged=True,
                     )
             claims.append(claim or forged)
             inbound.append(ids if claim is None else [])
