@@ -384,7 +384,8 @@ async def test_an_agents_reply_reaches_the_customer_and_the_customers_answer_com
 async def test_agent_commands_note_status_assign_priority(app: App, tmp_path: Path, sink: SmtpSink) -> None:
     customer_mail = sample_mail("Faktura", sender=CUSTOMER)
     await deliver(app, tmp_path, customer_mail)
-    await deliver(app, tmp_path, agent_mail(customer_mail, "#note\nKlient VIP, sprawdzić umowę."))
+    note = agent_mail(customer_mail, "#note\nKlient VIP, sprawdzić umowę.")
+    await deliver(app, tmp_path, note)
     assert len(sink.received) == 1, "a note is never sent"
     await deliver(
         app,
@@ -398,6 +399,28 @@ async def test_agent_commands_note_status_assign_priority(app: App, tmp_path: Pa
     relayed = sink.received[-1]
     text = relayed.message.get_body(("plain",)).get_content()
     assert "Proszę o NIP." in text and "#status" not in text and "#priority" not in text
+    assert message_id_of(customer_mail) in relayed.message["References"]
+    assert message_id_of(note) not in relayed.message["References"], "nothing of an internal note goes out"
+
+
+async def test_an_unknown_assignee_is_refused_and_explained_to_the_agent(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    customer_mail = sample_mail("Faktura", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    await deliver(app, tmp_path, agent_mail(customer_mail, "#assign agata\nSprawdzam."))  # by name
+    assert tickets(app)[0].owner == AGENT
+    before = len(sink.received)
+    await deliver(app, tmp_path, agent_mail(customer_mail, "#assign Agnieszka\nProszę o NIP."))
+    [ticket] = tickets(app)
+    assert ticket.owner == AGENT, "a name nobody has leaves the owner alone"
+    new = sink.received[before:]
+    explained = next(r for r in new if r.rcpt_tos == [AGENT])
+    text = explained.message.get_body(("plain",)).get_content()
+    assert "#assign agnieszka" in text and f"stays with {AGENT}" in text and "Agata <agent@helpdesk.example>" in text
+    assert str(explained.message["Subject"]).startswith("[MB-000001] ")
+    relayed = next(r for r in new if r.rcpt_tos == [CUSTOMER])  # the answer itself still goes out
+    assert "Proszę o NIP." in relayed.message.get_body(("plain",)).get_content()
 
 
 async def test_an_agent_mail_that_answers_no_ticket_is_kept_and_explained(
