@@ -128,14 +128,23 @@ class AgentDesk:
         # The parser only looks for quoted history in replies to our mails; an agent's is always needed.
         commands = read_commands(mail.new_text if mail.new_text is not None else new_text(mail.text))
         actor = agent.address.lower()
+        if commands.assign is not None:
+            owner = self._agent_by_name(commands.assign)
+            if owner is None:  # a typo must not take the ticket away from its owner
+                commands.problems.append(
+                    f"#assign {commands.assign}: no agent has that name or address, so the ticket stays with "
+                    f"{ticket.owner or 'nobody'}; the agents are "
+                    + ", ".join(f"{a.name} <{a.address}>" if a.name else a.address for a in self.agents.values())
+                )
+            else:
+                session.add(
+                    TicketEvent(ticket_id=ticket.id, at=now, actor=actor, kind="assign", old=ticket.owner, new=owner)
+                )
+                ticket.owner = owner
         for problem in commands.problems:
             log.warning("agent %s on %s: %s", actor, ticket.number, problem)
-        if commands.assign is not None:
-            owner = commands.assign if "@" in commands.assign else self._agent_by_name(commands.assign)
-            session.add(
-                TicketEvent(ticket_id=ticket.id, at=now, actor=actor, kind="assign", old=ticket.owner, new=owner)
-            )
-            ticket.owner = owner
+        if commands.problems:
+            self._explain(session, mailbox, ticket, mail, commands.problems, now)
         if commands.priority is not None:
             session.add(
                 TicketEvent(
@@ -201,6 +210,27 @@ class AgentDesk:
         enqueue(session, [outgoing], now, self.retry_for)
         return reason
 
+    def _explain(
+        self, session: Session, mailbox: str, ticket: Ticket, mail: ParsedMail, problems: list[str], now: datetime
+    ) -> None:
+        """Tell the agent which of their commands were not carried out, and why."""
+        box = self.boxes.get(ticket.mailbox) or self.boxes.get(mailbox)
+        if box is None or box.address is None or mail.sender is None:
+            return
+        context = self.writer.ticket_context(ticket, box, original={"subject": mail.subject}, problems=problems)
+        outgoing = self.writer.write(
+            Letter(
+                "agent_commands_refused",
+                box,
+                context,
+                to=[mail.sender],
+                ticket_id=ticket.id,
+                in_reply_to=mail.message_id,
+                references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
+            )
+        )
+        enqueue(session, [outgoing], now, self.retry_for)
+
     def _relay(
         self, session: Session, mailbox: str, ticket: Ticket, article: Article, agent: Agent, text: str, now: datetime
     ) -> None:
@@ -216,7 +246,12 @@ class AgentDesk:
         thread = list(
             session.scalars(
                 select(Article.message_id)
-                .where(Article.ticket_id == ticket.id, Article.message_id.is_not(None), Article.id != article.id)
+                .where(
+                    Article.ticket_id == ticket.id,
+                    Article.message_id.is_not(None),
+                    Article.id != article.id,
+                    Article.direction != Direction.NOTE,  # internal: not even their Message-IDs go out
+                )
                 .order_by(Article.id)
             )
         )
@@ -283,7 +318,10 @@ class AgentDesk:
         return to, cc
 
     def _agent_by_name(self, name: str) -> str | None:
+        """An agent's address from their address, name or the local part of their address."""
         wanted = name.lower().lstrip("@")
+        if "@" in wanted:
+            return wanted if wanted in self.agents else None
         for address, agent in self.agents.items():
             if agent.name.lower() == wanted or address.split("@")[0] == wanted:
                 return address

@@ -39,6 +39,7 @@ from mailbridge.routing import Router
 from mailbridge.sla.check import CheckReport, SlaCheck
 from mailbridge.sla.planner import SlaPlanner
 from mailbridge.threading.resolve import Threader
+from mailbridge.threading.ticket_refs import TicketRefs
 
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -92,6 +93,7 @@ class App:
             fsync=self.settings.storage.fsync,
             max_message_bytes=self.settings.parsing.max_message_bytes,
             routing=self.settings.routing,
+            ticket_refs=TicketRefs(self.settings.tickets),
         )
 
     @cached_property

@@ -298,11 +298,12 @@ def parse_command(
     config: ConfigOption = None,
 ) -> None:
     """Show what the parser makes of one mail (nothing is stored, no database is needed)."""
-    _settings(config)  # a bad config is still reported, as by every command
+    settings = _settings(config)  # a bad config is still reported, as by every command
     from mailbridge.ingest.parse import ParseError, parse
+    from mailbridge.threading.ticket_refs import TicketRefs
 
     try:
-        mail = parse(file.read_bytes())
+        mail = parse(file.read_bytes(), TicketRefs(settings.tickets))
     except ParseError as exc:
         typer.echo(f"error: {file}: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -454,7 +455,11 @@ def tickets_merge(
         if into == other:
             typer.echo("error: a ticket cannot be merged into itself", err=True)
             raise typer.Exit(2)
-        moved = merge(session, found[into], found[other], "cli", utcnow())
+        try:
+            moved = merge(session, found[into], found[other], "cli", utcnow())
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     _say(f"{other} merged into {into}: {moved} article(s) moved; {other} is closed and links to {into}")
 
 
@@ -624,10 +629,11 @@ def rules_explain(
 ) -> None:
     """Which routing rules match this mail, what they decide, and how sure the decision is."""
     from mailbridge.ingest.parse import ParseError, parse
+    from mailbridge.threading.ticket_refs import TicketRefs
 
     settings = _settings(config)
     try:
-        mail = parse(file.read_bytes())
+        mail = parse(file.read_bytes(), TicketRefs(settings.tickets))
     except (OSError, ParseError) as exc:
         typer.echo(f"error: {file}: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -664,9 +670,11 @@ def rules_test(
     from collections import Counter
 
     from mailbridge.ingest.parse import ParseError, parse
+    from mailbridge.threading.ticket_refs import TicketRefs
 
     settings = _settings(config)
     router = _router(settings)
+    ticket_refs = TicketRefs(settings.tickets)
     try:
         with expect.open(encoding="utf-8", newline="") as handle:
             rows = [r for r in csv.reader(handle) if r and not r[0].startswith("#")]
@@ -679,7 +687,7 @@ def rules_test(
     wrong: list[dict[str, str]] = []
     for name, expected, *_ in rows:
         try:
-            mail = parse((directory / name.strip()).read_bytes())
+            mail = parse((directory / name.strip()).read_bytes(), ticket_refs)
         except (OSError, ParseError) as exc:
             typer.echo(f"error: {directory / name}: {exc}", err=True)
             raise typer.Exit(2) from None

@@ -126,10 +126,13 @@ def _add_participants(
 
 
 def merge(session: Session, into: Ticket, source: Ticket, actor: str, now: datetime) -> int:
-    """Move `source`'s articles, participants and history onto `into`; `source` is closed and links to it.
-    Returns how many articles moved."""
+    """Move `source`'s articles, participants and history onto `into`; `source` is closed, links to it, and
+    from now on redirects the mail that names it there. Returns how many articles moved."""
     if into.id == source.id:
         raise ValueError("a ticket cannot be merged into itself")
+    if into.merged_into_id is not None:
+        # Merging into a merged ticket would hide the articles on a closed, empty ticket (and could loop).
+        raise ValueError(f"{into.number} was itself merged into another ticket: merge into that one")
     moved = len(session.scalars(select(Article.id).where(Article.ticket_id == source.id)).all())
     session.execute(update(Article).where(Article.ticket_id == source.id).values(ticket_id=into.id))
     session.execute(update(TicketEvent).where(TicketEvent.ticket_id == source.id).values(ticket_id=into.id))
@@ -142,6 +145,7 @@ def merge(session: Session, into: Ticket, source: Ticket, actor: str, now: datet
     session.add(TicketEvent(ticket_id=into.id, at=now, actor=actor, kind="merged", old=source.number, new=into.number))
     change_status(session, source, TicketStatus.CLOSED, actor, now)
     source.linked_ticket_id = into.id
+    source.merged_into_id = into.id  # mail that names the source from now on goes to `into`
     source.triage_reason = None
     session.add(TicketEvent(ticket_id=source.id, at=now, actor=actor, kind="merged_into", old=None, new=into.number))
     into.updated_at = now

@@ -138,6 +138,8 @@ class Ticket(Base):
     # The ticket a mail claimed to belong to, when it could not be let in (a stranger), or the closed
     # ticket a late reply continues.
     linked_ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
+    # Set by `tickets merge` on the ticket merged away: mail that names it goes to this one.
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
     # Set when a human must look: why (a stranger's follow-up, …). NULL: nothing to triage.
     triage_reason: Mapped[str | None] = mapped_column(Text)
     # The SLA (filled by the SLA planner from the ticket's history): the policy, the priority its targets

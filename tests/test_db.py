@@ -75,8 +75,8 @@ def test_a_write_that_read_first_waits_for_another_writer(tmp_path: Path) -> Non
     second.close()
 
 
-async def test_migration_0008_marks_the_replies_among_older_receipts(tmp_path: Path) -> None:
-    """Receipts from before 0008 had no `reply`: the upgrade tells them apart by their ticket's earlier articles."""
+async def test_migration_0009_marks_the_replies_among_older_receipts(tmp_path: Path) -> None:
+    """Receipts from before 0009 had no `reply`: the upgrade tells them apart by their ticket's earlier articles."""
     import email
 
     from alembic import command
@@ -98,10 +98,45 @@ async def test_migration_0008_marks_the_replies_among_older_receipts(tmp_path: P
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with app.db.engine.begin() as connection:
             cfg.attributes["connection"] = connection
-            command.downgrade(cfg, "0007")
+            command.downgrade(cfg, "0008")
         app.db.upgrade()
         with app.db.engine.connect() as connection:
             rows = connection.exec_driver_sql("select outcome, reply from receipts order by id").all()
         assert sorted(rows) == [("stored", False), ("stored", False), ("stored", True)]
     finally:
         app.close()
+
+
+def test_tickets_merged_before_0008_redirect_after_the_upgrade(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with db.engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "0007")
+        connection.execute(
+            text("INSERT INTO contacts (id, address, name, created_at) VALUES (1, 'a@x.example', '', 0)")
+        )
+        for ticket, number, linked in ((1, "MB-000001", None), (2, "MB-000002", 1), (3, "MB-000003", 1)):
+            connection.execute(
+                text(
+                    "INSERT INTO tickets (id, number, status, subject, customer_id, mailbox, created_at, updated_at,"
+                    " tags, linked_ticket_id) VALUES (:id, :number, 'closed', '', 1, 'm', 0, 0, '[]', :linked)"
+                ),
+                {"id": ticket, "number": number, "linked": linked},
+            )
+        # 2 was merged into 1; 3 is only linked to it (a stranger's flagged follow-up, say).
+        connection.execute(
+            text(
+                "INSERT INTO ticket_events (ticket_id, at, actor, kind, new)"
+                " VALUES (2, 0, 'cli', 'merged_into', 'MB-000001')"
+            )
+        )
+    db.upgrade()
+    with db.engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, merged_into_id FROM tickets ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [(1, None), (2, 1), (3, None)]
+    db.close()

@@ -41,6 +41,7 @@ def context(language: str) -> dict[str, object]:
         "agent": {"name": "Agata <admin>", "address": "agata@helpdesk.example"},
         "reply": "Proszę zrestartować drukarkę MB-000007.\nPozdrawiam <b>",
         "reference_example": "MB-000123",
+        "problems": ["#assign nobody <b>: no agent has that name or address"],
         "alert": {
             "target": "first_response",
             "target_label": "first response",

@@ -67,12 +67,13 @@ def reply(
     in_reply_to: bool = True,
     references: bool = True,
     headers: str = "",
+    subject: str | None = None,
 ) -> bytes:
     ack = to.message
     lines = [
         f"From: Anna Nowak <{sender}>",
         f"To: {SUPPORT}",
-        f"Subject: {subject_prefix}{ack['Subject']}",
+        f"Subject: {subject if subject is not None else subject_prefix + str(ack['Subject'])}",
         f"Message-ID: {make_msgid(domain='klient.example')}",
     ]
     if in_reply_to:
@@ -112,6 +113,10 @@ async def opened_ticket(app: App, tmp_path: Path, sink: SmtpSink) -> Received:
         ("Thunderbird, Polish (Odp:)", {"subject_prefix": "Odp: "}),
         ("German Outlook (AW:, [EXTERNAL] tag)", {"subject_prefix": "[EXTERNAL] AW: "}),
         ("Exchange Online (rewritten IDs, subject only)", {"in_reply_to": False, "references": False}),
+        (
+            "a gateway that drops the brackets (subject only)",
+            {"in_reply_to": False, "references": False, "subject": "AW: MB-000001 Re: Drukarka nie drukuje"},
+        ),
     ],
 )
 async def test_a_customer_reply_lands_on_the_same_ticket(
@@ -127,10 +132,32 @@ async def test_a_customer_reply_lands_on_the_same_ticket(
     assert len(sink.received) == 1, "a reply gets no second acknowledgement"
 
 
+async def test_sizes_and_counts_in_a_subject_are_not_ticket_references(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    """ "MB 2" in "Plik ma 25 MB 2 razy za duży" is a size, not ticket MB-000002: the new customer gets a
+    ticket of their own and its acknowledgement, and ticket 2's customer does not land on ticket 2."""
+    other = "jan.kowalski@firma.example"
+    await deliver(app, tmp_path, sample_mail("Drukarka", sender=CUSTOMER), sample_mail("Skaner", sender=other))
+    newcomer = "ewa@nowa.example"
+    summary = await deliver(
+        app,
+        tmp_path,
+        sample_mail("Plik ma 25 MB 2 razy za duży", sender=newcomer),
+        sample_mail("Plik ma 25 MB 2 razy za duży", sender=other),
+        sample_mail("mb-2 files missing, 10MB-3 too", sender=other),
+    )
+    assert summary["stored"] == 3 and summary["replies"] == 0
+    _first, second, *new = tickets(app)
+    assert len(articles(app, second.id)) == 1
+    assert [(t.linked_ticket_id, t.triage_reason) for t in new] == [(None, None)] * 3
+    assert any(newcomer in r.rcpt_tos for r in sink.received), "the new customer is acknowledged"
+
+
 async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own_message_id(
     app: App, tmp_path: Path, sink: SmtpSink
 ) -> None:
-    original = sample_mail("Faktura", sender=CUSTOMER)
+    original = sample_mail("Faktura", sender=CUSTOMER, body="Proszę o korektę faktury 12/2026.")
     await deliver(app, tmp_path, original)
     own_id = message_id_of(original)
     follow_up = (
@@ -138,8 +165,37 @@ async def test_exchange_rewritten_in_reply_to_still_threads_by_the_customers_own
         f"Message-ID: {make_msgid(domain='klient.example')}\r\n"
         f"In-Reply-To: <AM6PR0502MB1234.rewritten@eurprd05.prod.outlook.com>\r\n"
         f"References: {own_id} <AM6PR0502MB1234.rewritten@eurprd05.prod.outlook.com>\r\n\r\nW załączeniu NIP.\r\n"
+        "\r\n________________________________\r\nOd: Anna <anna.nowak@klient.example>\r\n"
+        "Wysłano: poniedziałek, 30 listopada 2026 10:00\r\nDo: support@helpdesk.example\r\nTemat: Faktura\r\n\r\n"
+        "Proszę o korektę faktury 12/2026.\r\n"
     ).encode()
     assert (await deliver(app, tmp_path, follow_up))["replies"] == 1
+    [ticket] = tickets(app)
+    _, second = articles(app, ticket.id)
+    assert second.new_text == "W załączeniu NIP."  # the quoted original is not new
+    assert "Proszę o korektę" in second.text
+
+
+async def test_a_client_that_drops_the_subject_reference_and_the_references_threads_by_the_quoted_footer(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    ack = await opened_ticket(app, tmp_path, sink)
+    assert "Ticket [MB-000001]" in ack.message.get_body(("plain",)).get_content()  # the footer it quotes
+    bare: dict[str, Any] = {"in_reply_to": False, "references": False, "subject": "Re: Drukarka nie drukuje"}
+    summary = await deliver(app, tmp_path, reply(ack, "Nadal nie działa.", **bare))
+    assert summary["replies"] == 1 and summary["stored"] == 0
+    [ticket] = tickets(app)
+    _, second = articles(app, ticket.id)
+    assert second.new_text == "Nadal nie działa."
+    # The same quote from a stranger claims the ticket and is kept out of it.
+    attack = reply(ack, "Please send me the invoice.", sender=ATTACKER, **bare)
+    summary = await deliver(app, tmp_path, attack)
+    assert summary["replies"] == 0 and summary["stored"] == 1
+    victim, flagged = tickets(app)
+    assert len(articles(app, victim.id)) == 2, "nothing more on the victim's ticket"
+    assert flagged.linked_ticket_id == victim.id
+    assert "its quoted footer names MB-000001" in (flagged.triage_reason or "")
+    assert len(sink.received) == 1 and all(ATTACKER not in r.rcpt_tos for r in sink.received)
 
 
 async def test_a_reply_reopens_a_waiting_ticket_and_a_closed_one_within_the_window(
@@ -206,6 +262,20 @@ async def test_attack_guessed_message_id_with_a_wrong_signature(app: App, tmp_pa
         f"In-Reply-To: {forged}\r\nReferences: {forged}\r\n\r\nSend me everything.\r\n"
     ).encode()
     await _assert_kept_out(app, tmp_path, sink, attack, "wrong signature")
+
+
+async def test_attack_a_wrong_signature_from_the_customers_own_address_is_kept_out(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    """A From is easy to forge; a Message-ID of ours that we never signed proves the mail did not come from
+    someone who received our mail, so even a participant's address does not let it in."""
+    ack = await opened_ticket(app, tmp_path, sink)
+    real = str(ack.message["Message-ID"]).strip("<>")
+    ticket, nonce, _signature = real.split("@")[0].split(".")[1:]
+    forged = f"<mb.{ticket}.{nonce}.{'0' * 24}@helpdesk.example>"
+    attack = reply(ack, "Proszę zmienić numer konta.", in_reply_to=False, references=False, subject="Re: konto")
+    attack = attack.replace(b"\r\n\r\n", f"\r\nIn-Reply-To: {forged}\r\nReferences: {forged}\r\n\r\n".encode(), 1)
+    await _assert_kept_out(app, tmp_path, sink, attack, "wrong signature", sender=CUSTOMER)
 
 
 async def test_attack_victims_from_address_with_dmarc_fail_from_our_trusted_server(
@@ -314,7 +384,8 @@ async def test_an_agents_reply_reaches_the_customer_and_the_customers_answer_com
 async def test_agent_commands_note_status_assign_priority(app: App, tmp_path: Path, sink: SmtpSink) -> None:
     customer_mail = sample_mail("Faktura", sender=CUSTOMER)
     await deliver(app, tmp_path, customer_mail)
-    await deliver(app, tmp_path, agent_mail(customer_mail, "#note\nKlient VIP, sprawdzić umowę."))
+    note = agent_mail(customer_mail, "#note\nKlient VIP, sprawdzić umowę.")
+    await deliver(app, tmp_path, note)
     assert len(sink.received) == 1, "a note is never sent"
     await deliver(
         app,
@@ -328,6 +399,28 @@ async def test_agent_commands_note_status_assign_priority(app: App, tmp_path: Pa
     relayed = sink.received[-1]
     text = relayed.message.get_body(("plain",)).get_content()
     assert "Proszę o NIP." in text and "#status" not in text and "#priority" not in text
+    assert message_id_of(customer_mail) in relayed.message["References"]
+    assert message_id_of(note) not in relayed.message["References"], "nothing of an internal note goes out"
+
+
+async def test_an_unknown_assignee_is_refused_and_explained_to_the_agent(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    customer_mail = sample_mail("Faktura", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    await deliver(app, tmp_path, agent_mail(customer_mail, "#assign agata\nSprawdzam."))  # by name
+    assert tickets(app)[0].owner == AGENT
+    before = len(sink.received)
+    await deliver(app, tmp_path, agent_mail(customer_mail, "#assign Agnieszka\nProszę o NIP."))
+    [ticket] = tickets(app)
+    assert ticket.owner == AGENT, "a name nobody has leaves the owner alone"
+    new = sink.received[before:]
+    explained = next(r for r in new if r.rcpt_tos == [AGENT])
+    text = explained.message.get_body(("plain",)).get_content()
+    assert "#assign agnieszka" in text and f"stays with {AGENT}" in text and "Agata <agent@helpdesk.example>" in text
+    assert str(explained.message["Subject"]).startswith("[MB-000001] ")
+    relayed = next(r for r in new if r.rcpt_tos == [CUSTOMER])  # the answer itself still goes out
+    assert "Proszę o NIP." in relayed.message.get_body(("plain",)).get_content()
 
 
 async def test_an_agent_mail_that_answers_no_ticket_is_kept_and_explained(
@@ -377,6 +470,50 @@ async def test_triage_merge_and_status_from_the_cli(app: App, tmp_path: Path, si
     assert again["replies"] == 1
     shown = runner.invoke(cli, ["tickets", "show", first.number or "", "--config", config])
     assert "merged" in shown.output and "waiting_customer -> open" in shown.output
+
+
+async def test_mail_naming_a_merged_ticket_goes_to_the_ticket_it_was_merged_into(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    colleague = "jan.kowalski@klient.example"
+    await deliver(app, tmp_path, sample_mail("Drukarka", sender=CUSTOMER))
+    await deliver(app, tmp_path, sample_mail("Drukarka na 2. piętrze też", sender=colleague))
+    _ack_1, ack_2 = sink.received
+    config = str(tmp_path / "mailbridge.yaml")
+    runner = CliRunner()
+    merged = runner.invoke(cli, ["tickets", "merge", "MB-000001", "MB-000002", "--config", config])
+    assert merged.exit_code == 0, merged.output
+    # The colleague answers the acknowledgement of MB-000002: by its subject reference only, then with our
+    # signed Message-ID. Both land on MB-000001; MB-000002 stays closed and empty.
+    by_subject = reply(ack_2, "Nadal nie drukuje.", sender=colleague, in_reply_to=False, references=False)
+    signed = reply(ack_2, "Dalej to samo.", sender=colleague)
+    assert (await deliver(app, tmp_path, by_subject, signed))["replies"] == 2
+    first, second = tickets(app)
+    assert (second.status, second.merged_into_id, articles(app, second.id)) == ("closed", first.id, [])
+    assert [a.new_text for a in articles(app, first.id)][-2:] == ["Nadal nie drukuje.", "Dalej to samo."]
+    # A stranger naming MB-000002 is checked against MB-000001's participants: flagged, linked to it.
+    stranger = reply(ack_2, "Send me the files.", sender=ATTACKER, in_reply_to=False, references=False)
+    assert (await deliver(app, tmp_path, stranger))["replies"] == 0
+    flagged = tickets(app)[-1]
+    assert flagged.linked_ticket_id == first.id and "merged into MB-000001" in (flagged.triage_reason or "")
+    assert all(ATTACKER not in r.rcpt_tos for r in sink.received)
+    # Merging into a ticket that was itself merged would hide the articles: refused.
+    again = runner.invoke(cli, ["tickets", "merge", "MB-000002", f"{flagged.number}", "--config", config])
+    assert again.exit_code == 2 and "MB-000002 was itself merged" in again.output
+
+
+async def test_a_loop_of_merges_does_not_hang_threading(app: App, tmp_path: Path, sink: SmtpSink) -> None:
+    """Only a hand-edited database can make one; a mail naming one of its tickets is still stored, once."""
+    await deliver(app, tmp_path, sample_mail("A", sender=CUSTOMER), sample_mail("B", sender="jan@klient.example"))
+    with app.db.unit_of_work() as session:
+        session.execute(update(Ticket).where(Ticket.id == 1).values(merged_into_id=2))
+        session.execute(update(Ticket).where(Ticket.id == 2).values(merged_into_id=1))
+    summary = await deliver(app, tmp_path, sample_mail("Re: [MB-000002] B", sender="jan@klient.example"))
+    assert summary["read"] == 1 and summary["stored"] + summary["replies"] == 1
 
 
 async def test_status_mails_where_the_mailbox_asks_for_them(tmp_path: Path, sink: SmtpSink) -> None:

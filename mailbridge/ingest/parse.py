@@ -29,6 +29,7 @@ from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.mail import Address, ParsedMail, Part
 from mailbridge.ingest.reports import read_report
 from mailbridge.threading.reply_text import new_text
+from mailbridge.threading.ticket_refs import TicketRefs
 
 # mail-parser logs a warning for every part type it does not know; we handle those parts ourselves.
 logging.getLogger("mailparser").setLevel(logging.CRITICAL)
@@ -45,8 +46,9 @@ class ParseError(Exception):
     """The bytes are not a mail we can read (not even its headers)."""
 
 
-def parse(raw: bytes) -> ParsedMail:
-    """Parse one mail. Raises ParseError only when nothing usable can be read."""
+def parse(raw: bytes, ticket_refs: TicketRefs | None = None) -> ParsedMail:
+    """Parse one mail. Raises ParseError only when nothing usable can be read. With `ticket_refs`, a mail
+    that names one of our tickets (subject, quoted footer) counts as a reply, as it does for threading."""
     if not raw.strip():
         raise ParseError("empty message: no headers, no body")
     defects: list[str] = []
@@ -78,8 +80,9 @@ def parse(raw: bytes) -> ParsedMail:
     headers = tuple((name.lower(), decode_header_value(value)) for name, value in message.items())
     message_id = _first_msgid(message.get("Message-ID"))
     sender = _first(view.addresses("from"))
+    subject = _one_line(decode_header_value(message.get("Subject", "")))
     return ParsedMail(
-        subject=_one_line(decode_header_value(message.get("Subject", ""))),
+        subject=subject,
         sender=sender,
         to=view.addresses("to"),
         cc=view.addresses("cc"),
@@ -98,7 +101,7 @@ def parse(raw: bytes) -> ParsedMail:
         raw_size=raw_size,
         dedup_key=dedup_key(message, message_id, text, html_source or None, walker.parts),
         report=read_report(message, sender.address if sender else None),
-        new_text=new_text(text) if _answers_us(message) else None,
+        new_text=new_text(text) if _looks_like_a_reply(message, subject, text, ticket_refs) else None,
     )
 
 
@@ -143,18 +146,17 @@ class _HeaderView:
         return _date(result.value)
 
 
-# A reply to one of our mails: it names a Message-ID of ours or carries a ticket reference in its subject.
-_OUR_MESSAGE_ID = re.compile(r"<mb\.\d+\.", re.IGNORECASE)
-_TICKET_REFERENCE = re.compile(r"[\[(]\s*[A-Za-z][A-Za-z0-9]{0,9}\s*-\s*\d+\s*[\])]")
-
-
-def _answers_us(message: email.message.Message) -> bool:
-    """Whether to look for the quoted history (~0.5 ms): only in replies to our mails, which are the ones
-    that land on a ticket; other mails keep their whole text."""
-    references = f"{message.get('In-Reply-To', '')} {message.get('References', '')}"
-    return bool(
-        _OUR_MESSAGE_ID.search(references) or _TICKET_REFERENCE.search(decode_header_value(message.get("Subject", "")))
-    )
+def _looks_like_a_reply(
+    message: email.message.Message, subject: str, text: str, ticket_refs: TicketRefs | None
+) -> bool:
+    """Whether to look for the quoted history (mail-parser-reply, ~0.3 ms): in every mail that answers
+    another one, by the same signs threading goes by (it names a mail, or one of our tickets in its subject
+    or in a quoted footer of ours); a new mail keeps its whole text, at the cost of two regex searches."""
+    if message.get("In-Reply-To") or message.get("References"):
+        return True
+    if ticket_refs is None:
+        return False
+    return ticket_refs.in_subject(subject) is not None or ticket_refs.in_footer(text) is not None
 
 
 def _read_headers(raw: bytes, defects: list[str]) -> _HeaderView | None:

@@ -17,22 +17,26 @@ import signal
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pebble import ProcessExpired, ProcessPool
 
 from mailbridge.ingest.mail import Parsed, ParseFailure, too_slow
+
+if TYPE_CHECKING:
+    from mailbridge.threading.ticket_refs import TicketRefs
 
 CHUNK = 25  # mails per task: amortises the task overhead and the syncfs; batches still spread over workers
 MAX_TASKS_PER_WORKER = 40
 WORKER_MODULE = "mailbridge.ingest.parse_worker"
 
 
-def _init_worker(routing: Any = None) -> None:
-    from mailbridge.ingest.parse_worker import ignore_stop_signals, set_up_routing
+def _init_worker(routing: Any = None, ticket_refs: TicketRefs | None = None) -> None:
+    from mailbridge.ingest.parse_worker import ignore_stop_signals, set_up_routing, set_up_ticket_refs
 
     ignore_stop_signals()
     set_up_routing(routing)
+    set_up_ticket_refs(ticket_refs)
 
 
 class ParserStopped(Exception):
@@ -58,6 +62,7 @@ class ParsePool:
         fsync: bool,
         max_message_bytes: int,
         routing: Any = None,  # RoutingSettings: the workers route what they parse
+        ticket_refs: TicketRefs | None = None,  # mail naming one of our tickets is a reply: its new text is found
     ) -> None:
         self.workers = workers
         self.timeout = timeout
@@ -75,7 +80,7 @@ class ParsePool:
             max_workers=workers,
             max_tasks=MAX_TASKS_PER_WORKER,
             initializer=_init_worker,
-            initargs=(routing,),
+            initargs=(routing, ticket_refs),
             context=context,
         )
 

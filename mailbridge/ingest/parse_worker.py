@@ -13,6 +13,7 @@ from typing import Any
 from mailbridge.blobstore import BlobStore
 from mailbridge.ingest.mail import Parsed, ParsedMail, ParseFailure, too_slow
 from mailbridge.ingest.parse import ParseError, parse
+from mailbridge.threading.ticket_refs import TicketRefs
 
 
 class StashError(Exception):
@@ -35,9 +36,17 @@ def _store(blob_root: str) -> BlobStore:
     return store
 
 
+_ticket_refs: TicketRefs | None = None  # how our tickets are named (set up by the pool's initializer)
+
+
+def set_up_ticket_refs(ticket_refs: TicketRefs | None) -> None:
+    global _ticket_refs
+    _ticket_refs = ticket_refs
+
+
 def parse_and_stash(raw: bytes, blob_root: str) -> ParsedMail:
     """Parse, write the raw mail and its attachments to the blob store, return the metadata."""
-    mail = parse(raw)
+    mail = parse(raw, _ticket_refs)
     store = _store(blob_root)
     try:
         store.put(raw, mail.raw_sha256)

@@ -42,6 +42,7 @@ TEMPLATES = (
     "closed",
     "agent_reply",
     "agent_unmatched",
+    "agent_commands_refused",
     "sla_reminder",
     "sla_escalation",
 )

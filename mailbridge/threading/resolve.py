@@ -6,7 +6,8 @@ of our mails quoted in the body. Only the first proves anything by itself. A mat
 mail in only when its sender takes part in the ticket (its customer, an address on the Cc of its mails, an
 agent); anyone else gets a new ticket, linked to the one it claimed and flagged for triage, and learns
 nothing of the old one. A sender whose DMARC failed at one of our trusted receiving servers is a stranger
-whatever it quotes. Every decision is logged with its reason.
+whatever it quotes, and so is one that names a Message-ID of ours with a wrong signature (a forgery). A
+ticket merged into another stands for the one it went into. Every decision is logged with its reason.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -25,6 +26,8 @@ from mailbridge.db import chunked
 from mailbridge.ingest.mail import ParsedMail
 from mailbridge.models import Article, Ticket, TicketParticipant, TicketStatus
 from mailbridge.threading.message_ids import read_message_id
+from mailbridge.threading.ticket_refs import TicketRefs
+from mailbridge.tickets import ticket_number
 
 log = logging.getLogger("mailbridge.threading")
 
@@ -52,6 +55,7 @@ class _Claim:
     ticket_id: int
     how: str
     proven: bool
+    forged: bool = False  # a Message-ID of ours whose signature is wrong: made up or altered
 
 
 class Threader:
@@ -64,22 +68,16 @@ class Threader:
         reopen_days: float,
     ) -> None:
         self.secret = secret
-        prefix = re.escape(tickets.number_prefix)
-        # Tolerant of what mail clients and gateways do to "[MB-000123]": "[ MB-000123 ]", "(MB 123)", "MB#123".
-        self._subject_ref = re.compile(
-            rf"(?<![A-Za-z0-9])[\[({{]?\s*{prefix}\s*[-#: ]?\s*(\d{{1,12}})\s*[\])}}]?(?![0-9])", re.IGNORECASE
-        )
-        self._footer_ref = re.compile(rf"\[{prefix}-(\d{{1,12}})\]", re.IGNORECASE)
-        self.number_prefix = tickets.number_prefix
+        self.refs = TicketRefs(tickets)
+        self.tickets = tickets
         self.agents = {a.lower() for a in agents}
         self.trusted = {a.lower() for a in trusted_authserv_ids}
         self.reopen_window = timedelta(days=reopen_days)
 
     def resolve(self, session: Session, mails: Sequence[ParsedMail], now: datetime) -> list[Thread]:
         claims = self._claims(session, mails)
-        wanted = {c.ticket_id for c in claims if c is not None}
-        tickets = _tickets(session, wanted)
-        participants = _participants(session, wanted)
+        tickets = _with_merge_targets(session, {c.ticket_id for c in claims if c is not None})
+        participants = _participants(session, tickets.keys())
         threads = []
         for mail, claim in zip(mails, claims, strict=True):
             thread = self._decide(mail, claim, tickets, participants, now)
@@ -102,13 +100,21 @@ class Threader:
     ) -> Thread:
         if claim is None:
             return NEW
-        ticket = tickets.get(claim.ticket_id)
-        if ticket is None:
+        claimed = tickets.get(claim.ticket_id)
+        if claimed is None:
             return Thread(reason=f"{claim.how} names a ticket that does not exist: a new ticket")
+        # A ticket merged into another lives on in it: so do the mails that name it, and its participants.
+        ticket = _surviving(claimed, tickets)
+        if ticket is not claimed:
+            claim = replace(claim, how=f"{claim.how}, merged into {ticket.number}")
         sender = _sender(mail)
         dmarc = self._dmarc_failed(mail)
         if dmarc:
             return self._stranger(ticket, f"{claim.how}, but DMARC failed for {sender} ({dmarc})")
+        if claim.forged:
+            # Nobody who got our mail has such a Message-ID: whoever sends it is not to be believed, whatever
+            # address the mail claims to come from (a participant's is easy to put in a From).
+            return self._stranger(ticket, claim.how)
         agent = self.is_agent(mail)
         if not claim.proven and sender not in participants.get(ticket.id, set()) and not agent:
             return self._stranger(ticket, f"{claim.how}, but {sender or 'the sender'} takes no part in it")
@@ -144,7 +150,10 @@ class Threader:
                     break
                 if ours is not None and forged is None:
                     forged = _Claim(
-                        ours.ticket_id, f"it names <{message_id}>, a Message-ID of ours with a wrong signature", False
+                        ours.ticket_id,
+                        f"it names <{message_id}>, a Message-ID of ours with a wrong signature",
+                        proven=False,
+                        forged=True,
                     )
             claims.append(claim or forged)
             inbound.append(ids if claim is None else [])
@@ -160,15 +169,14 @@ class Threader:
                 continue
             if claims[index] is not None:
                 continue
-            match = self._subject_ref.search(mail.subject)
-            where = "subject"
-            if match is None and "[" in mail.text:
-                match, where = self._footer_ref.search(mail.text), "quoted footer"
-            if match is not None:
-                numbers[index] = (int(match.group(1)), where)
+            number, where = self.refs.in_subject(mail.subject), "subject"
+            if number is None:
+                number, where = self.refs.in_footer(mail.text), "quoted footer"
+            if number is not None:
+                numbers[index] = (number, where)
         if numbers:
             for index, (number, where) in numbers.items():
-                claims[index] = _Claim(number, f"its {where} names {self.number_prefix}-{number}", False)
+                claims[index] = _Claim(number, f"its {where} names {ticket_number(self.tickets, number)}", False)
         return claims
 
     def _dmarc_failed(self, mail: ParsedMail) -> str | None:
@@ -214,6 +222,29 @@ def _tickets(session: Session, ids: Collection[int]) -> dict[int, Ticket]:
     for chunk in chunked(sorted(ids)):
         found.update({t.id: t for t in session.scalars(select(Ticket).where(Ticket.id.in_(chunk)))})
     return found
+
+
+def _with_merge_targets(session: Session, ids: Collection[int]) -> dict[int, Ticket]:
+    """The tickets, and the tickets they were merged into, down to the end of every chain."""
+    found = _tickets(session, ids)
+    looked_up = set(ids)
+    while wanted := {t.merged_into_id for t in found.values() if t.merged_into_id} - looked_up:
+        found.update(_tickets(session, wanted))
+        looked_up |= wanted
+    return found
+
+
+def _surviving(ticket: Ticket, tickets: dict[int, Ticket]) -> Ticket:
+    """The ticket a merged one went into, following merges of merges; a chain that loops back (only a
+    hand-edited database can make one) stops at the last ticket before the loop."""
+    seen = {ticket.id}
+    while ticket.merged_into_id is not None:
+        target = tickets.get(ticket.merged_into_id)
+        if target is None or target.id in seen:
+            break
+        seen.add(target.id)
+        ticket = target
+    return ticket
 
 
 def _participants(session: Session, ticket_ids: Collection[int]) -> dict[int, set[str]]:
