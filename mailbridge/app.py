@@ -115,7 +115,7 @@ class App:
         settings = self.settings.routing.customers.crm
         if settings is None:
             return None
-        from mailbridge.crm import Crm  # httpx is imported only when a CRM is configured
+        from mailbridge.crm import Crm  # aiohttp is imported only when a CRM is configured
 
         return Crm(settings)
 

@@ -13,6 +13,7 @@ One warning is logged per outage, and the CRM is then left alone for `pause_afte
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import ssl
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-import httpx
+import aiohttp
 from cachetools import TLRUCache
 
 from mailbridge.customers import CrmAnswer, Organisation
@@ -50,7 +51,7 @@ class Crm:
         self.settings = settings
         self.host = urlsplit(settings.url.format(address="a", domain="d")).netloc
         self._cache: TLRUCache[str, CrmAnswer] = TLRUCache(maxsize=settings.cache_entries, ttu=self._expires)
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._outage: _Outage | None = None
         self._paused_until = 0.0  # event-loop time
@@ -94,31 +95,31 @@ class Crm:
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None and self._client_loop is asyncio.get_running_loop():
-            await client.aclose()
+            await client.close()
 
     async def _ask(self, url: str, deadline: float) -> tuple[CrmAnswer, bool]:
         """The answer for one URL, and whether it shows the CRM failing."""
         try:
-            async with asyncio.timeout_at(deadline):
-                response = await self._http().get(url)
-            return CrmAnswer(self._read(response)), False
-        except (TimeoutError, httpx.TimeoutException):
+            async with asyncio.timeout_at(deadline), self._http().get(url, allow_redirects=False) as response:
+                body = await response.read()
+            return CrmAnswer(self._read(response.status, response.reason, body)), False
+        except TimeoutError:
             problem = f"the CRM gave no answer within {self.settings.timeout_seconds:g}s"
             return CrmAnswer(None, problem), True
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             return CrmAnswer(None, f"the CRM cannot be reached ({type(exc).__name__}: {exc})"), True
         except _CrmFailing as exc:
             return CrmAnswer(None, str(exc)), True
         except _UnusableAnswer as exc:
             return CrmAnswer(None, str(exc)), False
 
-    def _read(self, response: httpx.Response) -> Organisation | None:
-        if response.status_code == 404:
+    def _read(self, status: int, reason: str | None, body: bytes) -> Organisation | None:
+        if status == 404:
             return None
-        if not response.is_success:
-            raise _CrmFailing(f"the CRM answered HTTP {response.status_code} {response.reason_phrase}".rstrip())
+        if not 200 <= status < 300:
+            raise _CrmFailing(f"the CRM answered HTTP {status} {reason or ''}".rstrip())
         try:
-            data = response.json()
+            data = json.loads(body)
         except ValueError:
             raise _CrmFailing("the CRM's answer is not JSON") from None
         fields = self.settings.fields
@@ -132,8 +133,8 @@ class Crm:
         manager = _text(record, fields.account_manager) if fields.account_manager else None
         return Organisation(name, tier.lower() if tier else None, manager.lower() if manager else None)
 
-    def _http(self) -> httpx.AsyncClient:
-        # A client (and its pooled connections) belongs to one event loop; the CLI and the tests run several.
+    def _http(self) -> aiohttp.ClientSession:
+        # A session (and its pooled connections) belongs to one event loop; the CLI and the tests run several.
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
             settings = self.settings
@@ -142,16 +143,13 @@ class Crm:
                 secret = settings.token.get_secret_value()
                 scheme = settings.token_scheme
                 headers[settings.token_header] = f"{scheme} {secret}" if scheme else secret
-            verify: ssl.SSLContext | bool = (
-                ssl.create_default_context(cafile=str(settings.ca_file)) if settings.ca_file else True
-            )
-            self._client = httpx.AsyncClient(
+            tls = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+            self._client = aiohttp.ClientSession(
                 headers=headers,
-                timeout=httpx.Timeout(settings.timeout_seconds),
-                limits=httpx.Limits(
-                    max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections
-                ),
-                verify=verify,
+                # The deadline of the whole batch (asyncio.timeout_at) is what counts; this is a backstop.
+                timeout=aiohttp.ClientTimeout(total=settings.timeout_seconds),
+                connector=aiohttp.TCPConnector(limit=settings.max_connections, ssl=tls),
+                trust_env=True,  # HTTPS_PROXY / NO_PROXY, as curl would
             )
             self._client_loop = loop
         return self._client

@@ -45,6 +45,3 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # APScheduler logs each run of the SLA check; the check logs what it did itself.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # httpx logs each CRM request at INFO, the customer's address in the URL; the CRM's outages are logged by us.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -87,8 +87,23 @@ class Pipeline:
             self.parser.parse_many([raw.data for raw in batch], [raw.mailbox for raw in batch])
         )
 
-    async def record(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
-        crm = await self.ask_crm(parsed)  # before the transaction: no network wait while the database is held
+    def prepare(self, batch: Sequence[RawMail]) -> asyncio.Future[tuple[list[ParsedMail | ParseFailure], CrmAnswers]]:
+        """Parse, then ask the CRM about the senders, while the previous batch is being recorded."""
+
+        async def prepared() -> tuple[list[ParsedMail | ParseFailure], CrmAnswers]:
+            parsed = await self.parse(batch)
+            return parsed, await self.ask_crm(parsed)
+
+        return asyncio.ensure_future(prepared())
+
+    async def record(
+        self,
+        batch: Sequence[RawMail],
+        parsed: Sequence[ParsedMail | ParseFailure],
+        crm: CrmAnswers | None = None,
+    ) -> list[Result]:
+        if crm is None:  # before the transaction: no network wait while the database is held
+            crm = await self.ask_crm(parsed)
         try:
             results = await self.db.run(self._record_batch, batch, parsed, crm)
         except Exception:
@@ -135,25 +150,28 @@ class Pipeline:
         depth: int = 3,
     ) -> None:
         """Keep every resource busy during a backlog: batch k is recorded (database thread) while batch
-        k+1 is parsed (worker processes) and the source fetches batch k+2. Batches are committed in order,
+        k+1 is parsed (worker processes; then its senders are looked up in the CRM) and the source fetches
+        batch k+2. Batches are committed in order,
         and `committed` (the server-side move) runs after each commit. When `batches` ends early (stop
         requested), what is already being parsed is still recorded: the mail in hand is finished."""
-        in_flight: deque[tuple[list[RawMail], asyncio.Future[list[ParsedMail | ParseFailure]]]] = deque()
+        in_flight: deque[tuple[list[RawMail], asyncio.Future[tuple[list[ParsedMail | ParseFailure], CrmAnswers]]]] = (
+            deque()
+        )
         try:
             async with contextlib.aclosing(batches):
                 async for batch in batches:
                     if not batch:
                         continue
-                    in_flight.append((batch, self.parse(batch)))
+                    in_flight.append((batch, self.prepare(batch)))
                     if len(in_flight) >= depth:
-                        raws, parsing = in_flight.popleft()
-                        await committed(await self.record(raws, await parsing))
+                        raws, preparing = in_flight.popleft()
+                        await committed(await self.record(raws, *await preparing))
             while in_flight:
-                raws, parsing = in_flight.popleft()
-                await committed(await self.record(raws, await parsing))
+                raws, preparing = in_flight.popleft()
+                await committed(await self.record(raws, *await preparing))
         finally:
-            for _, parsing in in_flight:
-                parsing.cancel()
+            for _, preparing in in_flight:
+                preparing.cancel()
 
     async def mark_server_done(self, source_keys: Sequence[str]) -> None:
         if source_keys:

@@ -67,8 +67,9 @@ async def test_an_enterprise_customer_from_the_crm_gets_p1_and_its_account_manag
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TEST_CRM_TOKEN", TOKEN)
-    caplog.set_level(logging.DEBUG)  # httpx and httpcore included: the token must not be in any log line
-    with crm_server(customers={"cfo@northwind.example": NORTHWIND}) as server:
+    caplog.set_level(logging.DEBUG)  # every logger: the token must not be in any log line
+    customers = {"cfo@northwind.example": NORTHWIND, "jan+faktury@fabrikam.example": {"name": "Fabrikam"}}
+    with crm_server(customers=customers) as server:
         app = crm_app(tmp_path, {"url": server.url(), "token_env": "TEST_CRM_TOKEN"})
         try:
             await ingest(
@@ -76,6 +77,7 @@ async def test_an_enterprise_customer_from_the_crm_gets_p1_and_its_account_manag
                 tmp_path / "in",
                 ("Invoice 7/2026", "CFO@Northwind.example"),
                 ("Invoice 8/2026", "someone@elsewhere.example"),
+                ("Invoice 9/2026", "jan+faktury@fabrikam.example"),  # "+" reaches the CRM as a "+"
             )
             found = tickets(app)
         finally:
@@ -93,8 +95,13 @@ async def test_an_enterprise_customer_from_the_crm_gets_p1_and_its_account_manag
         None,
         None,
     )
-    assert paths == ["/customers?email=cfo@northwind.example", "/customers?email=someone@elsewhere.example"]
-    assert headers == [f"Bearer {TOKEN}", f"Bearer {TOKEN}"]
+    assert found["Invoice 9/2026"].organisation == "Fabrikam"
+    assert paths == [
+        "/customers?email=cfo@northwind.example",
+        "/customers?email=jan%2Bfaktury@fabrikam.example",
+        "/customers?email=someone@elsewhere.example",
+    ]
+    assert headers == [f"Bearer {TOKEN}"] * 3
     assert caplog.records and all(TOKEN not in r.getMessage() for r in caplog.records)
     assert TOKEN not in caplog.text and TOKEN not in "".join(capfd.readouterr())
 
@@ -152,7 +159,9 @@ async def test_a_crm_that_is_down_routes_by_the_rules_alone_flags_and_warns_once
     assert (first.queue, first.priority, first.owner, first.organisation) == ("accounting", "P3", None, None)
     assert (hello.queue, hello.priority) == ("general", None)
     for ticket in (first, hello):
-        assert (ticket.triage_reason or "").startswith("customer unknown: the CRM cannot be reached (ConnectError")
+        assert (ticket.triage_reason or "").startswith(
+            "customer unknown: the CRM cannot be reached (ClientConnectorError: Cannot connect to host 127.0.0.1"
+        )
         assert (ticket.triage_reason or "").endswith("; routed by the rules alone")
     assert second.queue == "accounting"
     assert "customer unknown: the CRM was not asked: failing since" in (second.triage_reason or "")

@@ -25,6 +25,7 @@ class Request:
 @dataclass
 class CrmServer:
     customers: dict[str, Any] = field(default_factory=dict)  # by address or domain (lower-case)
+    everyone: Callable[[str], Any] | None = None  # the answer for a key not in `customers` (default: 404)
     delay_seconds: float = 0.0
     status: int = 200  # anything else: every request fails with it
     body: bytes | None = None  # answer these bytes instead of the customer's JSON
@@ -45,6 +46,8 @@ class CrmServer:
         crm = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real CRM behind a proxy would
+
             def do_GET(self) -> None:
                 crm.requests.append(Request(self.path, {k.lower(): v for k, v in self.headers.items()}))
                 if crm.during_request is not None:
@@ -60,6 +63,8 @@ class CrmServer:
                 parts = urlsplit(self.path)
                 key = parse_qs(parts.query).get("email", [""])[0] or unquote(parts.path.rpartition("/")[2])
                 customer = crm.customers.get(key.lower())
+                if customer is None and crm.everyone is not None:
+                    customer = crm.everyone(key.lower())
                 if customer is None:
                     self._send(404, b'{"error": "not found"}')
                 else:
