@@ -151,9 +151,9 @@ class Pipeline:
     ) -> None:
         """Keep every resource busy during a backlog: batch k is recorded (database thread) while batch
         k+1 is parsed (worker processes; then its senders are looked up in the CRM) and the source fetches
-        batch k+2. Batches are committed in order,
-        and `committed` (the server-side move) runs after each commit. When `batches` ends early (stop
-        requested), what is already being parsed is still recorded: the mail in hand is finished."""
+        batch k+2. Batches are committed in order, and `committed` (the server-side move) runs after each
+        commit. When `batches` ends early (stop requested), what is already being parsed is still
+        recorded: the mail in hand is finished."""
         in_flight: deque[tuple[list[RawMail], asyncio.Future[tuple[list[ParsedMail | ParseFailure], CrmAnswers]]]] = (
             deque()
         )
