@@ -87,7 +87,7 @@ class Crm:
             if failing:
                 failures.append(answer.problem or "")
             elif answer.problem is None:
-                self._cache[url] = CrmAnswer(answer.organisation, cached=True)
+                self._cache[url] = answer
             answers.update((address, answer) for address in group)
         self._note_health(loop.time(), failures, len(asked) - len(failures))
         return answers

@@ -35,7 +35,6 @@ class CrmAnswer:
 
     organisation: Organisation | None  # None: the CRM does not know the sender, or could not say
     problem: str | None = None  # why the CRM could not say (timeout, refused, HTTP 503, not JSON …)
-    cached: bool = False
 
 
 class CustomerDirectory:
