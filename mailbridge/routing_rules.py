@@ -165,7 +165,14 @@ class CrmSettings(_Strict):
         from mailbridge.config import _is_loopback, _read_secret
 
         token = _read_secret(self.token, self.token_env, self.token_file, "token")
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("the token is empty")
+        if token is not None and any(c in token.get_secret_value() for c in "\r\n\0"):
+            raise ValueError("the token has a line break in it")
         object.__setattr__(self, "token", token)
+        for name, value in (*self.headers.items(), (self.token_header, self.token_scheme)):
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} is not a valid HTTP header name and value")
         host = urlsplit(self.url.format(address="a", domain="d")).hostname or ""
         if token is not None and self.url.startswith("http://") and not _is_loopback(host):
             raise ValueError("a token is only sent over https:// (or plain http to 127.0.0.1 / localhost)")

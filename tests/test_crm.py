@@ -384,6 +384,16 @@ def test_the_token_is_checked_and_sent_only_over_https(tmp_path: Path, monkeypat
     assert "token_env names the environment variable NOT_SET_ANYWHERE" in error(
         {"url": "https://crm.example/c?email={address}", "token_env": "NOT_SET_ANYWHERE"}
     )
+    (tmp_path / "empty.token").write_text("\n")
+    assert "routing.customers.crm: the token is empty" in error(
+        {"url": "https://crm.example/{domain}", "token_file": "empty.token"}
+    )
+    assert "routing.customers.crm: header 'X Api' is not a valid HTTP header" in error(
+        {"url": "https://crm.example/{domain}", "headers": {"X Api": "1"}}
+    )
+    assert "header 'Accept' is not a valid HTTP header" in error(
+        {"url": "https://crm.example/{domain}", "headers": {"Accept": "a\r\nX-Injected: 1"}}
+    )
     (tmp_path / "crm.token").write_text(TOKEN + "\n")
     settings = load_settings(
         write_config(tmp_path, [], routing=routing({"url": "https://crm.example/{domain}", "token_file": "crm.token"}))
