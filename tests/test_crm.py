@@ -23,9 +23,9 @@ from mailbridge.cli import app as cli
 from mailbridge.config import ConfigError, load_settings
 from mailbridge.models import Ticket
 from mailbridge.routing_rules import CrmSettings
-from tests.imap_env import make_app, sample_mail, write_config
+from tests.imap_env import count, imap_box, make_app, new_user, sample_mail, wait_until, write_config
 from tests.support.crm_server import crm_server
-from tests.support.dovecot import free_port
+from tests.support.dovecot import Dovecot, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -428,3 +428,37 @@ def test_addresses_are_url_encoded() -> None:
         == "https://crm.example/c?email=jan%2Bfaktury@firma.example&d=firma.example"
     )
     assert crm.url_for("a&b=c@x.example").startswith("https://crm.example/c?email=a%26b%3Dc@x.example&")
+
+
+@pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
+async def test_the_daemon_goes_on_through_a_slow_crm_and_uses_it_again_when_it_is_back(tmp_path: Path) -> None:
+    """IMAP IDLE through Dovecot: a slow CRM costs one timeout, the mail is stored and moved, the next mail
+    (noticed by IDLE) finds the CRM answering again."""
+    server = Dovecot.start(tmp_path / "dovecot")
+    try:
+        user = new_user(server)
+        with crm_server(customers={"cfo@northwind.example": NORTHWIND}, delay_seconds=20) as crm:
+            crm_settings = {"url": crm.url(), "timeout_seconds": 1, "pause_after_failure_seconds": 0.5}
+            app = make_app(tmp_path / "app", [imap_box(server, user)], routing=routing(crm_settings))
+            stop = asyncio.Event()
+            running = asyncio.create_task(app.run(stop))
+            try:
+                server.append(sample_mail("Invoice 1", sender="cfo@northwind.example"), user=user.name)
+                await wait_until(lambda: count(app, "select count(*) from tickets") == 1, 60)
+                crm.delay_seconds = 0
+                await asyncio.sleep(0.6)  # past the pause after the failure
+                server.append(sample_mail("Invoice 2", sender="cfo@northwind.example"), user=user.name)
+                await wait_until(lambda: count(app, "select count(*) from tickets") == 2, 60)
+                found = tickets(app)
+            finally:
+                stop.set()
+                await asyncio.wait_for(running, 30)
+                app.close()
+        moved = len(server.uids("Processed", user=user.name))
+    finally:
+        server.stop()
+    slow, back = found["Invoice 1"], found["Invoice 2"]
+    assert (slow.queue, slow.priority, slow.owner) == ("accounting", "P3", None)
+    assert slow.triage_reason == "customer unknown: the CRM gave no answer within 1s; routed by the rules alone"
+    assert (back.priority, back.owner, back.triage_reason) == ("P1", "ola@helpdesk.example", None)
+    assert moved == 2
