@@ -127,7 +127,7 @@ class CrmSettings(_Strict):
     # one timeout per pause, not one per batch.
     pause_after_failure_seconds: float = Field(default=30.0, ge=0)
     max_connections: int = Field(default=10, ge=1, le=100)
-    headers: dict[str, str] = Field(default_factory=dict)  # sent with every request (not secret: they are logged)
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every request; secrets go in token*
     token: SecretStr | None = None
     token_env: str | None = None
     token_file: Path | None = None
