@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +62,7 @@ for _path in (str(ROOT), str(BENCH_DIR)):
 
 from generate_mails import generate  # noqa: E402
 
+from tests.support.crm_server import CrmServer  # noqa: E402
 from tests.support.dovecot import Dovecot  # noqa: E402
 from tests.support.smtp_sink import SmtpSink  # noqa: E402
 
@@ -78,6 +80,9 @@ REPLIES_KEY = "replies"
 # The variant key `routing=true`: 200 keyword rules and a 50,000-organisation customer directory.
 ROUTING_KEY = "routing"
 ROUTING_RULES, DIRECTORY_SIZE = 200, 50_000
+# The variant key `crm=MS`: every sender is looked up in a local CRM (tests/support/crm_server.py) that takes
+# MS milliseconds per answer; a third of the domains are enterprise customers.
+CRM_KEY = "crm"
 MAILBOX_NAME = "support"
 PASSWORD = "bench-secret"
 SAMPLE_INTERVAL = 0.05
@@ -463,6 +468,10 @@ def write_config(
             if value:
                 config["routing"] = routing_config(path.parent)
             continue
+        if key == CRM_KEY:
+            customers = config.setdefault("routing", {}).setdefault("customers", {})
+            customers["crm"] = {"url": crm_server(float(value)).url(), "timeout_seconds": 5}
+            continue
         if key == ACKS_KEY:
             if value and mailbox is not None:
                 if sink is None:
@@ -472,6 +481,24 @@ def write_config(
         _set_dotted(config, key, value)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+_CRM_SERVERS: dict[float, CrmServer] = {}
+
+
+def crm_server(latency_ms: float) -> CrmServer:
+    """One local CRM per latency, for the whole benchmark run (stopped by Bench.close)."""
+    if latency_ms not in _CRM_SERVERS:
+
+        def customer(address: str) -> dict[str, Any]:
+            domain = address.rpartition("@")[2]
+            tier = "enterprise" if zlib.crc32(domain.encode()) % 3 == 0 else "standard"
+            return {"name": f"Customer {domain}", "tier": tier, "account_manager": "am@helpdesk.example"}
+
+        server = CrmServer(everyone=customer, delay_seconds=latency_ms / 1000).start()
+        log(f"CRM (http.server) on 127.0.0.1:{server.port}, {latency_ms:g} ms per answer")
+        _CRM_SERVERS[latency_ms] = server
+    return _CRM_SERVERS[latency_ms]
 
 
 def answering(sink: SmtpSink, config: dict[str, Any]) -> dict[str, Any]:
@@ -630,6 +657,10 @@ class Bench:
         if self._sink is not None:
             self._sink.stop()
             self._sink = None
+        for latency, crm in list(_CRM_SERVERS.items()):
+            log(f"CRM ({latency:g} ms) answered {len(crm.requests)} lookups")
+            crm.stop()
+            del _CRM_SERVERS[latency]
 
     def fresh_user(self, files: Sequence[Path]) -> str:
         """A new IMAP user whose INBOX holds ``files``, put into Maildir/new before the first login."""
@@ -808,6 +839,8 @@ class Bench:
             intake = corpus.count / max(0.001, _last_ticket_epoch(run_dir / "data" / "mailbridge.db") - m.started_epoch)
             if replies:
                 _check_threaded(run_dir / "data" / "mailbridge.db", corpus.count)
+            if CRM_KEY in variant.overrides:
+                _check_crm(run_dir / "data" / "mailbridge.db")
             failed = False
         finally:
             self._cleanup(run_dir, failed=failed)
@@ -849,6 +882,8 @@ class Bench:
             row = self._row(self._status(config, run_dir), "import")
             if row["stored"] != corpus.count:
                 raise BenchError(f"status after ingest shows stored={row['stored']}, expected {corpus.count}")
+            if CRM_KEY in variant.overrides:
+                _check_crm(run_dir / "data" / "mailbridge.db")
             failed = False
         finally:
             self._cleanup(run_dir, failed=failed)
@@ -1080,6 +1115,16 @@ def _check_threaded(db: Path, count: int) -> None:
         articles = conn.execute("select count(*) from articles").fetchone()[0]
     if tickets != (count + 1) // 2 or articles != count:
         raise BenchError(f"threading went wrong: {tickets} tickets and {articles} articles for {count} mails")
+
+
+def _check_crm(db: Path) -> None:
+    """Every new ticket got its customer from the CRM, none was flagged for an unanswered lookup."""
+    with sqlite3.connect(db) as conn:
+        tickets, known, flagged = conn.execute(
+            "select count(*), count(organisation), sum(triage_reason like '%customer unknown%') from tickets"
+        ).fetchone()
+    if known != tickets or flagged:
+        raise BenchError(f"CRM lookups went wrong: {known} of {tickets} tickets have a customer, {flagged} flagged")
 
 
 def _last_ticket_epoch(db: Path) -> float:

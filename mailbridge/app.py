@@ -44,6 +44,8 @@ from mailbridge.threading.ticket_refs import TicketRefs
 if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+    from mailbridge.crm import Crm
+
 log = logging.getLogger("mailbridge")
 
 Watcher = ImapWatcher | MaildirWatcher
@@ -107,7 +109,22 @@ class App:
             self.desk,
             self.router,
             Assigner(self.settings.routing.assignment, self.settings.agents),
+            self.crm,
         )
+
+    @cached_property
+    def crm(self) -> Crm | None:
+        settings = self.settings.routing.customers.crm
+        if settings is None:
+            return None
+        from mailbridge.crm import Crm  # aiohttp is imported only when a CRM is configured
+
+        return Crm(settings)
+
+    async def _close_crm(self) -> None:
+        crm: Crm | None = self.__dict__.get("crm")  # only if it was built
+        if crm is not None:
+            await crm.aclose()
 
     @cached_property
     def router(self) -> Router:
@@ -272,12 +289,16 @@ class App:
                 scheduler.shutdown(wait=False)
             if sender is not None:
                 await sender.stop(self.settings.shutdown_grace_seconds)
+            await self._close_crm()
 
     async def run_once(self) -> None:
         """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`)."""
         sender = self._start_sender_process()
         if sender is None:
-            await asyncio.gather(*(w.run_once() for w in self.watchers))
+            try:
+                await asyncio.gather(*(w.run_once() for w in self.watchers))
+            finally:
+                await self._close_crm()
             if self.settings.sla.enabled:
                 await self.check_sla()
             return
@@ -289,6 +310,7 @@ class App:
             if self.settings.sla.enabled:
                 await self.check_sla()
         finally:
+            await self._close_crm()
             drained.set()
             await waking
             await sender.finish()
@@ -335,8 +357,17 @@ class App:
         async def committed(results: list[Result]) -> None:
             summary.add(results)
 
-        await self.pipeline.process_stream(batches(), committed)
+        try:
+            await self.pipeline.process_stream(batches(), committed)
+        finally:
+            await self._close_crm()
         return summary
+
+    async def retry_quarantined(self, quarantine_id: int) -> Result:
+        try:
+            return await self.pipeline.retry_quarantined(quarantine_id)
+        finally:
+            await self._close_crm()
 
     def close(self) -> None:
         if "parser" in self.__dict__:

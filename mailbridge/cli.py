@@ -516,7 +516,7 @@ def quarantine_retry(
         still = 0
         for item_id in ids:
             try:
-                result = asyncio.run(application.pipeline.retry_quarantined(item_id))
+                result = asyncio.run(application.retry_quarantined(item_id))
             except KeyError as exc:
                 typer.echo(f"error: {exc.args[0]}", err=True)
                 still += 1
@@ -637,7 +637,10 @@ def rules_explain(
     except (OSError, ParseError) as exc:
         typer.echo(f"error: {file}: {exc}", err=True)
         raise typer.Exit(2) from None
-    decision = _router(settings).route(mail, mailbox)
+    router = _router(settings)
+    sender = mail.sender.address if mail.sender else None
+    crm_answer = _ask_crm(settings, sender) if sender and not router.knows(sender) else None
+    decision = router.route(mail, mailbox, crm_answer)
     if json_out:
         _print_json(_decision_json(decision))
         return
@@ -645,7 +648,12 @@ def rules_explain(
     _say(f"confidence {decision.confidence:.2f} (threshold {settings.routing.triage_threshold})")
     if decision.organisation:
         org = decision.organisation
-        _say(f"customer: {org.name} (tier {org.tier or '-'}, account manager {org.account_manager or '-'})")
+        _say(
+            f"customer: {org.name} (tier {org.tier or '-'}, account manager {org.account_manager or '-'}; "
+            f"from the {decision.customer_source})"
+        )
+    elif crm_answer is not None and crm_answer.problem is None:
+        _say("customer: not known to the CRM")
     if decision.tags:
         _say("tags: " + ", ".join(decision.tags))
     if decision.triage_reason:
@@ -735,6 +743,23 @@ def _router(settings: Settings) -> Any:
         raise typer.Exit(2) from None
 
 
+def _ask_crm(settings: Settings, address: str) -> Any:
+    """The CRM's answer for one sender (None without a CRM in the configuration)."""
+    crm_settings = settings.routing.customers.crm
+    if crm_settings is None:
+        return None
+    from mailbridge.crm import Crm
+
+    async def ask() -> Any:
+        crm = Crm(crm_settings)
+        try:
+            return (await crm.look_up([address]))[address.lower()]
+        finally:
+            await crm.aclose()
+
+    return asyncio.run(ask())
+
+
 def _decision_json(decision: Any) -> dict[str, Any]:
     return {
         "queue": decision.queue,
@@ -746,6 +771,9 @@ def _decision_json(decision: Any) -> dict[str, Any]:
         "candidates": list(decision.candidates),
         "organisation": decision.organisation.name if decision.organisation else None,
         "tier": decision.organisation.tier if decision.organisation else None,
+        "account_manager": decision.organisation.account_manager if decision.organisation else None,
+        "customer_source": decision.customer_source,
+        "customer_problem": decision.customer_problem,
         "matched": [{"rule": m.rule.name, "why": m.why, "confidence": m.rule.confidence} for m in decision.matched],
     }
 

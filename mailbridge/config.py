@@ -469,6 +469,9 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
     customers = (data.get("routing") or {}).get("customers") if isinstance(data.get("routing"), dict) else None
     if isinstance(customers, dict):
         fix(customers, "directory")
+        if isinstance(customers.get("crm"), dict):
+            fix(customers["crm"], "token_file")
+            fix(customers["crm"], "ca_file")
     for section, key in sections:
         if isinstance(data.get(section), dict):
             fix(data[section], key)

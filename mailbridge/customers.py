@@ -29,6 +29,14 @@ class Organisation:
     account_manager: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class CrmAnswer:
+    """What the CRM said about one sender (mailbridge/crm.py asks; the router uses the answer)."""
+
+    organisation: Organisation | None  # None: the CRM does not know the sender, or could not say
+    problem: str | None = None  # why the CRM could not say (timeout, refused, HTTP 503, not JSON …)
+
+
 class CustomerDirectory:
     def __init__(self, organisations: list[tuple[Organisation, list[str], list[str]]]) -> None:
         self.by_address: dict[str, Organisation] = {}

@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -21,6 +22,7 @@ from mailbridge import lifecycle, receipts, tickets
 from mailbridge.agents import AgentDesk
 from mailbridge.assignment import Assigner
 from mailbridge.config import TicketSettings
+from mailbridge.customers import CrmAnswer
 from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
 from mailbridge.ingest.parse_pool import ParsePool
@@ -32,7 +34,13 @@ from mailbridge.routing import Decision, Router
 from mailbridge.threading.our_mail import find_our_mails
 from mailbridge.threading.resolve import Threader
 
+if TYPE_CHECKING:
+    from mailbridge.crm import Crm
+
 log = logging.getLogger("mailbridge.pipeline")
+
+# What the CRM said about the senders of a batch, by address (lower-case).
+CrmAnswers = Mapping[str, CrmAnswer]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,7 @@ class Pipeline:
         desk: AgentDesk,
         router: Router,
         assigner: Assigner,
+        crm: Crm | None = None,
     ) -> None:
         self.db = db
         self.parser = parser
@@ -69,6 +78,7 @@ class Pipeline:
         self.desk = desk
         self.router = router
         self.assigner = assigner
+        self.crm = crm
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
@@ -77,22 +87,61 @@ class Pipeline:
             self.parser.parse_many([raw.data for raw in batch], [raw.mailbox for raw in batch])
         )
 
-    async def record(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
+    def prepare(self, batch: Sequence[RawMail]) -> asyncio.Future[tuple[list[ParsedMail | ParseFailure], CrmAnswers]]:
+        """Parse, then ask the CRM about the senders, while the previous batch is being recorded."""
+
+        async def prepared() -> tuple[list[ParsedMail | ParseFailure], CrmAnswers]:
+            parsed = await self.parse(batch)
+            return parsed, await self.ask_crm(parsed)
+
+        return asyncio.ensure_future(prepared())
+
+    async def record(
+        self,
+        batch: Sequence[RawMail],
+        parsed: Sequence[ParsedMail | ParseFailure],
+        crm: CrmAnswers | None = None,
+    ) -> list[Result]:
+        if crm is None:  # before the transaction: no network wait while the database is held
+            crm = await self.ask_crm(parsed)
         try:
-            results = await self.db.run(self._record_batch, batch, parsed)
+            results = await self.db.run(self._record_batch, batch, parsed, crm)
         except Exception:
             if len(batch) == 1:
-                results = await self.db.run(self._record_alone, batch[0], parsed[0])
+                results = await self.db.run(self._record_alone, batch[0], parsed[0], crm)
             else:
                 log.exception("recording a batch of %d failed; recording its mails one at a time", len(batch))
                 results = []
                 for raw, mail in zip(batch, parsed, strict=True):
-                    results += await self.db.run(self._record_alone, raw, mail)
+                    results += await self.db.run(self._record_alone, raw, mail, crm)
         for result in results:
             _log_result(result)
         if any(result.acknowledged for result in results):
             self.outbox_ready.set()
         return results
+
+    async def ask_crm(self, parsed: Sequence[ParsedMail | ParseFailure]) -> CrmAnswers:
+        """Who the senders the directory does not know are, from the CRM (at most its timeout)."""
+        if self.crm is None:
+            return {}
+        addresses = {address for mail in parsed if isinstance(mail, ParsedMail) and (address := self._crm_asks(mail))}
+        if not addresses:
+            return {}
+        try:
+            return await self.crm.look_up(addresses)
+        except Exception as exc:  # our bug: the mail is still routed (by the rules alone) and stored
+            log.exception("asking the CRM failed; routing %d sender(s) by the rules alone", len(addresses))
+            failed = CrmAnswer(None, f"the CRM lookup failed ({type(exc).__name__}: {exc})")
+            return dict.fromkeys(addresses, failed)
+
+    def _crm_asks(self, mail: ParsedMail) -> str | None:
+        """The sender's address if the CRM should be asked about it: not ours, not an agent, not in the directory."""
+        if mail.sender is None:
+            return None
+        address = mail.sender.address.lower()
+        if address in self.answers.own_addresses or self.desk.is_agent(mail) or self.router.knows(address):
+            return None
+        return address
 
     async def process_stream(
         self,
@@ -101,25 +150,28 @@ class Pipeline:
         depth: int = 3,
     ) -> None:
         """Keep every resource busy during a backlog: batch k is recorded (database thread) while batch
-        k+1 is parsed (worker processes) and the source fetches batch k+2. Batches are committed in order,
-        and `committed` (the server-side move) runs after each commit. When `batches` ends early (stop
-        requested), what is already being parsed is still recorded: the mail in hand is finished."""
-        in_flight: deque[tuple[list[RawMail], asyncio.Future[list[ParsedMail | ParseFailure]]]] = deque()
+        k+1 is parsed (worker processes; then its senders are looked up in the CRM) and the source fetches
+        batch k+2. Batches are committed in order, and `committed` (the server-side move) runs after each
+        commit. When `batches` ends early (stop requested), what is already being parsed is still
+        recorded: the mail in hand is finished."""
+        in_flight: deque[tuple[list[RawMail], asyncio.Future[tuple[list[ParsedMail | ParseFailure], CrmAnswers]]]] = (
+            deque()
+        )
         try:
             async with contextlib.aclosing(batches):
                 async for batch in batches:
                     if not batch:
                         continue
-                    in_flight.append((batch, self.parse(batch)))
+                    in_flight.append((batch, self.prepare(batch)))
                     if len(in_flight) >= depth:
-                        raws, parsing = in_flight.popleft()
-                        await committed(await self.record(raws, await parsing))
+                        raws, preparing = in_flight.popleft()
+                        await committed(await self.record(raws, *await preparing))
             while in_flight:
-                raws, parsing = in_flight.popleft()
-                await committed(await self.record(raws, await parsing))
+                raws, preparing = in_flight.popleft()
+                await committed(await self.record(raws, *await preparing))
         finally:
-            for _, parsing in in_flight:
-                parsing.cancel()
+            for _, preparing in in_flight:
+                preparing.cancel()
 
     async def mark_server_done(self, source_keys: Sequence[str]) -> None:
         if source_keys:
@@ -130,13 +182,16 @@ class Pipeline:
         item = await self.db.run(self._load_quarantined, quarantine_id)
         raw = RawMail(mailbox=item.mailbox, source=item.source, data=item.raw)
         parsed = await self.parser.parse(raw.data, raw.mailbox)
-        result = await self.db.run(self._record_retry, item.id, raw, parsed)
+        crm = await self.ask_crm([parsed])
+        result = await self.db.run(self._record_retry, item.id, raw, parsed, crm)
         _log_result(result)
         return result
 
     # --- inside the database thread -------------------------------------------------------------
 
-    def _record_batch(self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure]) -> list[Result]:
+    def _record_batch(
+        self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure], crm: CrmAnswers
+    ) -> list[Result]:
         with self.db.unit_of_work() as session:
             seen = receipts.known(session, [raw.source_key for raw in batch if raw.source_key])
             stored = tickets.find_articles(session, [p.dedup_key for p in parsed if isinstance(p, ParsedMail)])
@@ -152,7 +207,7 @@ class Pipeline:
                     results[index] = _duplicate(raw, mail, stored[mail.dedup_key], new)
                 elif mail.dedup_key not in fresh:
                     fresh[mail.dedup_key] = index
-            for index, outcome in self._store_fresh(session, batch, parsed, list(fresh.values())).items():
+            for index, outcome in self._store_fresh(session, batch, parsed, list(fresh.values()), crm).items():
                 mail = parsed[index]
                 assert isinstance(mail, ParsedMail)
                 if isinstance(outcome, StoredNew):
@@ -193,11 +248,11 @@ class Pipeline:
             assert all(r is not None for r in results)
             return [r for r in results if r is not None]
 
-    def _record_alone(self, raw: RawMail, parsed: ParsedMail | ParseFailure) -> list[Result]:
+    def _record_alone(self, raw: RawMail, parsed: ParsedMail | ParseFailure, crm: CrmAnswers) -> list[Result]:
         """Last resort for a batch that cannot be committed: this mail on its own, and if even that fails,
         a bare quarantine row (raw bytes, hash, a short reason) so the mailbox is not blocked by it."""
         try:
-            return self._record_batch([raw], [parsed])
+            return self._record_batch([raw], [parsed], crm)
         except Exception as exc:
             log.exception("recording %s failed; keeping it in quarantine as it is", raw.source)
             with self.db.unit_of_work() as session:
@@ -212,6 +267,7 @@ class Pipeline:
         batch: Sequence[RawMail],
         parsed: Sequence[ParsedMail | ParseFailure],
         indices: list[int],
+        crm: CrmAnswers,
     ) -> dict[int, StoredNew | Refused | str]:
         """Store the new mails in one go; if that fails, one by one, so one bad mail cannot sink the rest."""
         mails = {i: (batch[i], mail) for i in indices if isinstance(mail := parsed[i], ParsedMail)}
@@ -220,7 +276,7 @@ class Pipeline:
                 outcomes: dict[int, StoredNew | Refused | str] = {}
                 # A reply to a mail of the same batch must find that mail's ticket: store in waves.
                 for wave in reply_waves([(i, mail) for i, (_, mail) in mails.items()]):
-                    stored = self._store_and_answer(session, [mails[i] for i in wave])
+                    stored = self._store_and_answer(session, [mails[i] for i in wave], crm)
                     outcomes.update(zip(wave, stored, strict=True))
                 return outcomes
         except Exception:
@@ -230,14 +286,14 @@ class Pipeline:
         outcomes = {}
         for index in indices:
             try:
-                outcomes[index] = self._store_fresh(session, batch, parsed, [index])[index]
+                outcomes[index] = self._store_fresh(session, batch, parsed, [index], crm)[index]
             except Exception as exc:  # our bug or a constraint we did not foresee: keep the mail, retry later
                 log.exception("storing %s failed; quarantining it", batch[index].source)
                 outcomes[index] = f"{type(exc).__name__}: {exc}"
         return outcomes
 
     def _store_and_answer(
-        self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail]]
+        self, session: Session, mails: Sequence[tuple[RawMail, ParsedMail]], crm: CrmAnswers
     ) -> list[StoredNew | Refused]:
         """classify -> thread -> store -> lifecycle -> notify, for mails we have not stored before."""
         now = utcnow()
@@ -267,7 +323,7 @@ class Pipeline:
         kept = [i for i in range(len(mails)) if i not in refused]
         routed = self.assigner.assign(
             session,
-            [None if threads[i].is_reply else self._route(*mails[i]) for i in kept],
+            [None if threads[i].is_reply else self._route(*mails[i], crm) for i in kept],
         )
         routing = dict(zip(kept, routed, strict=True))
         for index in kept:
@@ -317,10 +373,12 @@ class Pipeline:
             for i in range(len(mails))
         ]
 
-    def _route(self, raw: RawMail, mail: ParsedMail) -> Decision:
-        # The parser workers have usually applied the rules already; the customer directory is looked up here.
+    def _route(self, raw: RawMail, mail: ParsedMail, crm: CrmAnswers) -> Decision:
+        # The parser workers have usually applied the rules already; the customer directory is looked up here,
+        # and the CRM's answer (asked before the transaction) used.
         by_rules = mail.routing if isinstance(mail.routing, Decision) else self.router.by_rules(mail, raw.mailbox)
-        return self.router.with_customer(by_rules, mail)
+        sender = mail.sender.address.lower() if mail.sender else ""
+        return self.router.with_customer(by_rules, mail, crm.get(sender))
 
     @staticmethod
     def _quarantine(
@@ -342,7 +400,9 @@ class Pipeline:
                 raise KeyError(f"no quarantined mail with id {quarantine_id}")
             return item
 
-    def _record_retry(self, quarantine_id: int, raw: RawMail, parsed: ParsedMail | ParseFailure) -> Result:
+    def _record_retry(
+        self, quarantine_id: int, raw: RawMail, parsed: ParsedMail | ParseFailure, crm: CrmAnswers
+    ) -> Result:
         with self.db.unit_of_work() as session:
             item = session.get(QuarantinedMail, quarantine_id)
             assert item is not None
@@ -352,7 +412,7 @@ class Pipeline:
             existing = tickets.find_articles(session, [parsed.dedup_key]).get(parsed.dedup_key)
             outcome = Outcome.DUPLICATE if existing else Outcome.STORED
             if existing is None:
-                [outcome_of_retry] = self._store_and_answer(session, [(raw, parsed)])
+                [outcome_of_retry] = self._store_and_answer(session, [(raw, parsed)], crm)
                 if isinstance(outcome_of_retry, Refused):
                     item.reason = outcome_of_retry.reason
                     return Result(raw, Outcome.QUARANTINED, quarantine_id=item.id, reason=item.reason)

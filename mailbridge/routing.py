@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mailbridge.customers import CustomerDirectory, Organisation
+from mailbridge.customers import CrmAnswer, CustomerDirectory, Organisation
 from mailbridge.ingest.mail import ParsedMail
 from mailbridge.routing_rules import Keywords, RoutingSettings, Rule
 
@@ -97,6 +97,8 @@ class Decision:
     matched: tuple[RuleMatch, ...] = field(default=(), repr=False)  # for explaining; not sent between processes
     organisation: Organisation | None = None
     rule_names: tuple[str, ...] = ()
+    customer_source: str | None = None  # where the organisation comes from: directory or CRM
+    customer_problem: str | None = None  # why the CRM could not say who the customer is
 
     def portable(self) -> Decision:
         """Without the rule objects (cheap to send from a parser worker)."""
@@ -105,7 +107,12 @@ class Decision:
     @property
     def summary(self) -> str:
         rules = ", ".join(self.rule_names) or "none"
-        return f"queue {self.queue} (confidence {self.confidence:.2f}; rules: {rules})"
+        summary = f"queue {self.queue} (confidence {self.confidence:.2f}; rules: {rules})"
+        if self.organisation is not None:
+            summary += f"; customer {self.organisation.name} from the {self.customer_source}"
+        elif self.customer_problem is not None:
+            summary += f"; customer unknown: {self.customer_problem}"
+        return summary
 
 
 class Router:
@@ -126,8 +133,8 @@ class Router:
             self._keywords[index] = compiled
         self._gates = _Gates(settings.rules, self._keywords)
 
-    def route(self, mail: ParsedMail, mailbox: str) -> Decision:
-        return self.with_customer(self.by_rules(mail, mailbox), mail)
+    def route(self, mail: ParsedMail, mailbox: str, crm: CrmAnswer | None = None) -> Decision:
+        return self.with_customer(self.by_rules(mail, mailbox), mail, crm)
 
     def by_rules(self, mail: ParsedMail, mailbox: str) -> Decision:
         """The rules' decision (CPU work: the parser workers do it, beside parsing)."""
@@ -140,11 +147,25 @@ class Router:
         ]
         return replace(self._decide(matches), rule_names=tuple(m.rule.name for m in matches))
 
-    def with_customer(self, decision: Decision, mail: ParsedMail) -> Decision:
-        """The customer's organisation: its tier sets at least its priority, its account manager the owner."""
-        if self.directory is None or mail.sender is None:
+    def knows(self, address: str) -> bool:
+        """The directory knows this sender (then the CRM is not asked)."""
+        return self.directory is not None and self.directory.find(address) is not None
+
+    def with_customer(self, decision: Decision, mail: ParsedMail, crm: CrmAnswer | None = None) -> Decision:
+        """The customer's organisation: its tier sets at least its priority, its account manager the owner.
+        The directory is asked first (what the admins wrote down on purpose wins), then the CRM's answer
+        `crm`, looked up beforehand. When the CRM could not say, the rules alone decide and the ticket is
+        flagged: a human checks who the customer is."""
+        if mail.sender is None:
             return decision
-        organisation = self.directory.find(mail.sender.address)
+        organisation = self.directory.find(mail.sender.address) if self.directory is not None else None
+        source = "directory"
+        if organisation is None and crm is not None:
+            if crm.problem is not None:
+                flag = f"customer unknown: {crm.problem}; routed by the rules alone"
+                triage = f"{decision.triage_reason}; {flag}" if decision.triage_reason else flag
+                return replace(decision, triage_reason=triage, customer_problem=crm.problem)
+            organisation, source = crm.organisation, "CRM"
         if organisation is None:
             return decision
         customers = self.settings.customers
@@ -153,7 +174,7 @@ class Router:
         if tier_priority is not None and (priority is None or tier_priority < priority):
             priority = tier_priority  # "P1" < "P2": the more urgent one
         owner = decision.owner or (organisation.account_manager if customers.account_manager_owns else None)
-        return replace(decision, priority=priority, owner=owner, organisation=organisation)
+        return replace(decision, priority=priority, owner=owner, organisation=organisation, customer_source=source)
 
     def _decide(self, matches: list[RuleMatch]) -> Decision:
         settings = self.settings

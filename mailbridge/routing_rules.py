@@ -18,10 +18,12 @@ a keyword ending in "*" matches any ending; a keyword of several words matches t
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -98,8 +100,93 @@ def _enterprise_first() -> dict[str, Priority]:
     return {"enterprise": "P1"}
 
 
+CRM_PLACEHOLDERS = ("address", "domain")
+
+
+class CrmFields(_Strict):
+    """Where the CRM's JSON keeps each fact: a dotted path (owner.email, properties.tier; a number picks a
+    list item: contacts.0.email)."""
+
+    # The customer inside the answer (e.g. results); default: the answer itself. A list: its first item.
+    record: str | None = None
+    name: str = Field(default="name", min_length=1)
+    tier: str | None = "tier"
+    account_manager: str | None = "account_manager"
+
+
+class CrmSettings(_Strict):
+    """An HTTP lookup of who the customer is (see mailbridge/crm.py), for senders the directory does not know."""
+
+    # {address} (the sender's address) and {domain} (its domain) are filled in, URL-encoded.
+    url: str
+    timeout_seconds: float = Field(default=2.0, gt=0, le=60)  # for all the lookups of a batch together
+    cache_seconds: float = Field(default=3600.0, ge=0)  # how long an answer is believed
+    negative_cache_seconds: float = Field(default=300.0, ge=0)  # ... and a "not known" (404, empty answer)
+    cache_entries: int = Field(default=10_000, ge=1)
+    # After a failure (timeout, refused, 5xx …) the CRM is left alone this long: a CRM that is down costs
+    # one timeout per pause, not one per batch.
+    pause_after_failure_seconds: float = Field(default=30.0, ge=0)
+    max_connections: int = Field(default=10, ge=1, le=100)
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every request; secrets go in token*
+    token: SecretStr | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+    token_header: str = Field(default="Authorization", min_length=1)
+    token_scheme: str = "Bearer"  # the header is "Bearer <token>"; "" sends the token alone (X-Api-Key style)
+    ca_file: Path | None = None  # trust this CA bundle instead of the system's (an internal CA)
+    fields: CrmFields = CrmFields()
+
+    @field_validator("url")
+    @classmethod
+    def _url_template(cls, url: str) -> str:
+        names = []
+        try:
+            parsed = list(string.Formatter().parse(url))
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc}); use {{address}} or {{domain}}") from None
+        for _, name, spec, conversion in parsed:
+            if name is None:
+                continue
+            if name not in CRM_PLACEHOLDERS or spec or conversion:
+                shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+                raise ValueError(f"unknown placeholder {shown}; use {{address}} or {{domain}}")
+            names.append(name)
+        if not names:
+            raise ValueError("the URL names no customer: put {address} or {domain} in it")
+        parts = urlsplit(url.format(address="a", domain="d"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return url
+
+    @model_validator(mode="after")
+    def _resolve(self) -> CrmSettings:
+        # config.py is the one reader of the environment and of secret files; imported here, at validation
+        # time, because config.py imports this module.
+        from mailbridge.config import _is_loopback, _read_secret
+
+        token = _read_secret(self.token, self.token_env, self.token_file, "token")
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError("the token is empty")
+        if token is not None and any(c in token.get_secret_value() for c in "\r\n\0"):
+            raise ValueError("the token has a line break in it")
+        object.__setattr__(self, "token", token)
+        for name, value in (*self.headers.items(), (self.token_header, self.token_scheme)):
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name!r} is not a valid HTTP header name and value")
+        host = urlsplit(self.url.format(address="a", domain="d")).hostname or ""
+        if token is not None and self.url.startswith("http://") and not _is_loopback(host):
+            raise ValueError("a token is only sent over https:// (or plain http to 127.0.0.1 / localhost)")
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist")
+        if token is not None and self.token_header.lower() in {h.lower() for h in self.headers}:
+            raise ValueError(f"headers has {self.token_header}, which the token fills: give one or the other")
+        return self
+
+
 class CustomerSettings(_Strict):
     directory: Path | None = None  # YAML or CSV of organisations (see mailbridge/customers.py)
+    # Asked for senders the directory does not know; on failure the ticket is routed by the rules alone and flagged.
+    crm: CrmSettings | None = None
     # A customer's tier sets at least this priority (a rule may ask for more urgency, never less).
     tier_priority: dict[str, Priority] = Field(default_factory=lambda: _enterprise_first())
     account_manager_owns: bool = True  # the organisation's account manager owns its tickets (unless a rule says)

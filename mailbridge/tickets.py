@@ -162,7 +162,7 @@ def _routing_columns(decision: Decision | None) -> dict[str, Any]:
         "tags": list(decision.tags),
         "routing_confidence": decision.confidence,
         "organisation": db_text_or_none(decision.organisation.name if decision.organisation else None, 200),
-        "tier": decision.organisation.tier if decision.organisation else None,
+        "tier": db_text_or_none(decision.organisation.tier if decision.organisation else None, 32),
         "routing_reason": db_text(decision.summary),
     }
 
