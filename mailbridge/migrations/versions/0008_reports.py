@@ -1,0 +1,40 @@
+"""reports: indexes for the help-desk reports
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-01 10:10:00
+
+* tickets(created_at), tickets(closed_at): the tickets opened / closed in a period are a range of an
+  index, not a scan of every ticket ever (a month out of years of history);
+* tickets(status, created_at): the backlog (every ticket not closed, by status and age) is read from the
+  index alone;
+* ticket_events(kind, new, old, ticket_id): the status changes back to open (reopens) are a range of
+  the index, not a scan of the whole history.
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("tickets", schema=None) as batch_op:
+        batch_op.create_index("ix_tickets_created_at", ["created_at"], unique=False)
+        batch_op.create_index("ix_tickets_closed_at", ["closed_at"], unique=False)
+        batch_op.create_index("ix_tickets_status_created_at", ["status", "created_at"], unique=False)
+    with op.batch_alter_table("ticket_events", schema=None) as batch_op:
+        batch_op.create_index("ix_ticket_events_kind_new_old", ["kind", "new", "old", "ticket_id"], unique=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("ticket_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_ticket_events_kind_new_old")
+    with op.batch_alter_table("tickets", schema=None) as batch_op:
+        batch_op.drop_index("ix_tickets_status_created_at")
+        batch_op.drop_index("ix_tickets_closed_at")
+        batch_op.drop_index("ix_tickets_created_at")
