@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
@@ -24,6 +25,7 @@ from mailbridge.reporting.model import Bin, Compliance, Count, Day, Flow, Stats
 from mailbridge.sla.calendar import BusinessCalendar
 from mailbridge.sla.settings import CalendarSettings, SlaSettings
 from tests.report_history import NOW, SINCE, SLA, UNTIL, write_history
+from tests.support.chromium import Chromium, find_chromium
 
 HOUR = 3600.0
 
@@ -218,3 +220,57 @@ def test_cli_html_is_one_file_that_fetches_nothing(config_with_history: Path, tm
 def test_cli_bad_input_is_named(config_with_history: Path, args: list[str], message: str) -> None:
     result = runner.invoke(app, ["report", *args, "--config", str(config_with_history)])
     assert result.exit_code == 2 and message in result.output
+
+
+# --- the HTML report in a browser -----------------------------------------------------------------
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHARTS = """JSON.stringify([...document.querySelectorAll('svg.chart')].map(svg => {
+    const box = svg.getBoundingClientRect();
+    const bars = [...svg.querySelectorAll('rect.bar')].filter(b => b.getBoundingClientRect().height > 0);
+    return {width: box.width, height: box.height, bars: bars.length};
+}))"""
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Chromium]:
+    binary = find_chromium()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (scripts/install-test-deps.sh installs it)")
+        pytest.skip("chromium is not installed (scripts/install-test-deps.sh installs it)")
+    browser = Chromium(binary, tmp_path / "chromium-profile")
+    yield browser
+    browser.close()
+
+
+def test_html_report_renders_its_charts_in_chromium(
+    config_with_history: Path, tmp_path: Path, chromium: Chromium
+) -> None:
+    page = tmp_path / "report.html"
+    report_cli(config_with_history, "--format", "csv", "--html", str(page))
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "report.png"
+    visit = chromium.visit(page.as_uri(), CHARTS, screenshot)
+    assert visit.errors == []
+    charts = json.loads(visit.value)
+    assert len(charts) == 3
+    assert all(c["width"] > 300 and c["height"] > 100 for c in charts)
+    # Bars taller than nothing: per day 5 days with tickets opened + 4 with tickets closed; the histogram
+    # 5 wall-clock + 4 business-hours bins with answers; SLA: billing 2, general 1 (0 % resolution),
+    # triage 1 (no first-response target decided).
+    assert [c["bars"] for c in charts] == [9, 9, 4]
+    assert screenshot.stat().st_size > 10_000
+
+
+def test_the_browser_check_sees_errors_and_fetches(tmp_path: Path, chromium: Chromium) -> None:
+    """The check above would notice a script error and a resource from the network."""
+    page = tmp_path / "broken.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="default-src \'none\'">'
+        '</head><body><img src="https://cdn.invalid/chart.png"><p>x</p></body></html>',
+        encoding="utf-8",
+    )
+    visit = chromium.visit(page.as_uri(), "document.querySelectorAll('p').length", tmp_path / "broken.png")
+    assert visit.value == 1
+    assert any("cdn.invalid" in error or "Content Security Policy" in error for error in visit.errors), visit.errors

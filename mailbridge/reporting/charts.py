@@ -22,12 +22,13 @@ class Series:
 
 
 def _ticks(top: float) -> list[float]:
-    """Round values from 0 to at least `top`: 0, 2, 4 … or 0, 50, 100 …, five or so of them."""
+    """Round values from 0 to at least `top`: 0, 2, 4 … or 0, 50, 100 …, five or so of them; whole
+    numbers, since the charts count tickets or percent."""
     if top <= 0:
         return [0.0, 1.0]
-    raw = top / 5
+    raw = max(top / 5, 1.0)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
 
 
