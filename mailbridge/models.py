@@ -156,7 +156,7 @@ class Ticket(Base):
     # The reports (mailbridge/reporting): tickets opened / closed in a period, the backlog by status.
     __table_args__ = (
         Index("ix_tickets_created_at", "created_at"),
-        Index("ix_tickets_closed_at", "closed_at"),
+        Index("ix_tickets_closed_at", "closed_at", "queue", "mailbox", "owner"),
         Index("ix_tickets_status_created_at", "status", "created_at"),
     )
 

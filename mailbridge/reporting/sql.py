@@ -102,6 +102,19 @@ def _in(column: Any, start: datetime, end: datetime, queue: str | None) -> list[
     return [*where, Ticket.queue == queue] if queue is not None else where
 
 
+def _opened_in(session: Session, start: datetime, end: datetime, queue: str | None) -> list[ColumnElement[bool]]:
+    """Tickets opened in the period, as a range of ids as well. Tickets are numbered in the order they
+    are stored, so the period's tickets are one stretch of the table: read in id order, they cost a
+    sequential read, where going through the created_at index costs a lookup per ticket (twice as much
+    for a year). The ids' range comes from that index alone."""
+    first, last = session.execute(
+        select(func.min(Ticket.id), func.max(Ticket.id)).where(*_in(Ticket.created_at, start, end, None))
+    ).one()
+    if first is None:
+        return [Ticket.id.is_(None)]
+    return [Ticket.id.between(first, last), *_in(Ticket.created_at, start, end, queue)]
+
+
 def _raw(session: Session, statement: Any) -> Any:
     """The DBAPI cursor of a Core statement. Building a SQLAlchemy Row costs more than reading it
     (6 s instead of 2 for a million); the columns read this way are text, numbers and epochs, which
@@ -125,7 +138,7 @@ def opened_groups(
                 case((t.sla_policy.is_not(None), t.sla_priority)),
                 t.tier,
                 _flags(now, triage_queue),
-            ).where(*_in(t.created_at, start, end, queue)),
+            ).where(*_opened_in(session, start, end, queue)),
         )
     )
 
@@ -134,7 +147,7 @@ def opened_instants(session: Session, start: datetime, end: datetime, queue: str
     """(created, first response, closed) of each ticket opened in the period, as UNIX seconds (NaN: not yet)."""
     t = Ticket
     statement = select(epoch_seconds(t.created_at), epoch_seconds(t.first_response_at), epoch_seconds(t.closed_at))
-    rows = _raw(session, statement.where(*_in(t.created_at, start, end, queue))).fetchall()
+    rows = _raw(session, statement.where(*_opened_in(session, start, end, queue))).fetchall()
     return np.array(rows, dtype=float).reshape(-1, 3)
 
 
