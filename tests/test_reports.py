@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from mailbridge.cli import app
 from mailbridge.db import Database
+from mailbridge.models import Ticket
 from mailbridge.reporting import Report, build_report
 from mailbridge.reporting.business import BusinessTimeline
+from mailbridge.reporting.html import as_html
 from mailbridge.reporting.model import Bin, Compliance, Count, Day, Flow, Stats
 from mailbridge.sla.calendar import BusinessCalendar
 from mailbridge.sla.settings import CalendarSettings, SlaSettings
@@ -274,3 +276,15 @@ def test_the_browser_check_sees_errors_and_fetches(tmp_path: Path, chromium: Chr
     visit = chromium.visit(page.as_uri(), "document.querySelectorAll('p').length", tmp_path / "broken.png")
     assert visit.value == 1
     assert any("cdn.invalid" in error or "Content Security Policy" in error for error in visit.errors), visit.errors
+
+
+def test_names_from_mail_are_escaped_in_the_html(database: Database) -> None:
+    """An agent's #assign or a rule can put any text in an owner or a queue."""
+    hostile = '<img src=x onerror="alert(1)">'
+    with database.unit_of_work() as session:
+        ticket = session.get(Ticket, 1)
+        assert ticket is not None
+        ticket.owner, ticket.queue = f"{hostile}@x", hostile
+    html = as_html(report_of(database))
+    assert "<img" not in html and 'onerror="alert' not in html
+    assert html.count("&lt;img src=x onerror=") >= 3  # the owner's and the queue's rows, the SLA chart's label
