@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shutil
@@ -148,6 +149,7 @@ def main() -> None:
     scratch = options.reuse or Path(tempfile.mkdtemp(prefix="mailbridge-report-bench-"))
     try:
         config = scratch / "mailbridge.yaml" if options.reuse else prepare(scratch, options.count)
+        load_before = os.getloadavg()
         results = {"with indexes": run_cases(config, options.repeat, "with indexes")}
         check(results["with indexes"], options.count)
         if options.compare_indexes:
@@ -157,7 +159,14 @@ def main() -> None:
             "tickets": options.count,
             "repeat": options.repeat,
             "target_s": TARGET_SECONDS,
-            "host": {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "cpus": _cpus()},
+            "host": {
+                "python": platform.python_version(),
+                "sqlite": sqlite3.sqlite_version,
+                "cpus": os.cpu_count(),
+                # The machine is shared: its load average (1, 5, 15 min) says how much of it the runs had.
+                "load_before": [round(x, 1) for x in load_before],
+                "load_after": [round(x, 1) for x in os.getloadavg()],
+            },
             "results": {
                 label: {name: {k: v for k, v in r.items() if k != "output"} for name, r in cases.items()}
                 for label, cases in results.items()
@@ -173,12 +182,6 @@ def main() -> None:
             log(f"kept {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
 
 
 if __name__ == "__main__":
