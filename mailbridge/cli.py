@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -776,6 +777,53 @@ def _decision_json(decision: Any) -> dict[str, Any]:
         "customer_problem": decision.customer_problem,
         "matched": [{"rule": m.rule.name, "why": m.why, "confidence": m.rule.confidence} for m in decision.matched],
     }
+
+
+def _day(value: str, option: str) -> date:
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        typer.echo(f"error: {option} {value!r}: write a date as YYYY-MM-DD", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def report(
+    since: Annotated[str, typer.Option("--since", help="First day, YYYY-MM-DD (the SLA calendar's time zone).")],
+    until: Annotated[str, typer.Option("--until", help="Last day included, YYYY-MM-DD.")],
+    config: ConfigOption = None,
+    queue: Annotated[str | None, typer.Option("--queue", help="Only this queue.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv (on standard output).")] = "table",
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also write a self-contained HTML report with charts here.")
+    ] = None,
+) -> None:
+    """Help-desk report: response and resolution times, SLA compliance, throughput, backlog, reopens."""
+    from mailbridge.reporting import build_report
+    from mailbridge.reporting.render import as_csv, as_json_data, as_table
+
+    if output_format not in ("table", "json", "csv"):
+        typer.echo(f"error: --format {output_format!r}: use table, json or csv", err=True)
+        raise typer.Exit(2)
+    first, last = _day(since, "--since"), _day(until, "--until")
+    if last < first:
+        typer.echo(f"error: --until {last} is before --since {first}", err=True)
+        raise typer.Exit(2)
+    with _app(config) as application, application.db.reader() as session:
+        settings = application.settings
+        result = build_report(session, settings.sla, settings.routing.triage_queue, first, last, queue)
+    if html is not None:
+        from mailbridge.reporting.html import as_html
+
+        try:
+            html.write_text(as_html(result), encoding="utf-8")
+        except OSError as exc:
+            typer.echo(f"error: {html}: {exc.strerror}", err=True)
+            raise typer.Exit(1) from None
+    if output_format == "json":
+        _print_json(as_json_data(result))
+    else:
+        _say((as_csv if output_format == "csv" else as_table)(result).rstrip("\n"))
 
 
 @db_app.command("upgrade")

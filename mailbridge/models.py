@@ -156,6 +156,13 @@ class Ticket(Base):
         back_populates="ticket", order_by="Article.id", cascade="all, delete-orphan"
     )
 
+    # The reports (mailbridge/reporting): tickets opened / closed in a period, the backlog by status.
+    __table_args__ = (
+        Index("ix_tickets_created_at", "created_at"),
+        Index("ix_tickets_closed_at", "closed_at", "queue", "mailbox", "owner"),
+        Index("ix_tickets_status_created_at", "status", "created_at"),
+    )
+
 
 class Article(Base):
     __tablename__ = "articles"
@@ -344,6 +351,9 @@ class TicketEvent(Base):
     old: Mapped[str | None] = mapped_column(Text)
     new: Mapped[str | None] = mapped_column(Text)
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+
+    # The reports' reopen count: status changes back to open, without reading the rest of the history.
+    __table_args__ = (Index("ix_ticket_events_kind_new_old", "kind", "new", "old", "ticket_id"),)
 
 
 class SlaTimer(Base):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the system packages the test-suite needs: the Dovecot IMAP server (dovecot-imapd, 2.3 on
-# Debian 12), which tests/support/dovecot.py starts privately per test.
+# Debian 12), which tests/support/dovecot.py starts privately per test, and Chromium, in which
+# tests/test_reports.py opens the HTML report (headless, over the DevTools protocol).
 #
-# Idempotent: does nothing when Dovecot with IMAP support is already installed.
+# Idempotent: installs only what is missing.
 #
 # If the package starts a system-wide Dovecot (systemd, /etc/dovecot, /run/dovecot, ports 143/993),
 # that is harmless: the test instances use their own config, base_dir and a free port on 127.0.0.1
@@ -32,27 +33,42 @@ as_root() {
     elif command -v sudo >/dev/null 2>&1; then
         sudo "$@"
     else
-        echo "error: need root (or sudo) to install dovecot-imapd" >&2
+        echo "error: need root (or sudo) to install the test packages" >&2
         exit 1
     fi
 }
 
-if have_dovecot_imap; then
+have_chromium() {
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
+}
+
+missing=()
+have_dovecot_imap || missing+=(dovecot-imapd)
+if have_chromium; then
+    echo "chromium is already installed ($(command -v chromium || command -v chromium-browser))"
+else
+    missing+=(chromium)
+fi
+if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
 
 if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: apt-get not found; install Dovecot 2.3 with IMAP support (dovecot-imapd) manually" >&2
+    echo "error: apt-get not found; install ${missing[*]} manually (Dovecot 2.3 with IMAP support, Chromium)" >&2
     exit 1
 fi
 
-echo "installing dovecot-imapd ..."
+echo "installing ${missing[*]} ..."
 as_root apt-get update
 # env(1) so that DEBIAN_FRONTEND survives sudo's environment reset.
-as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y dovecot-imapd
+as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 
 if ! have_dovecot_imap; then
     echo "error: dovecot-imapd was installed but dovecot/imap was not found" >&2
+    exit 1
+fi
+if ! have_chromium; then
+    echo "error: chromium was installed but is not on PATH" >&2
     exit 1
 fi
 

@@ -211,7 +211,8 @@ async def test_a_reply_reopens_a_waiting_ticket_and_a_closed_one_within_the_wind
     assert tickets(app)[0].status == "open"
     with app.db.reader() as session:
         changes = [
-            (e.old, e.new, e.actor) for e in session.scalars(select(TicketEvent).where(TicketEvent.kind == "status"))
+            (e.old, e.new, e.actor)
+            for e in session.scalars(select(TicketEvent).where(TicketEvent.kind == "status").order_by(TicketEvent.id))
         ]
     assert changes[-1] == ("closed", "open", CUSTOMER) and ("waiting_customer", "open", CUSTOMER) in changes
 

@@ -70,6 +70,10 @@ class BusinessCalendar:
             spans.append((begin.timestamp(), finish.timestamp()))
         return tuple(spans)
 
+    def working_spans(self, day: date) -> tuple[tuple[float, float], ...]:
+        """The working spans of a local day as UTC epoch seconds: what `between` and `add` sum up."""
+        return self._day(day)
+
     def _local_date(self, instant: float) -> date:
         return datetime.fromtimestamp(instant, self.zone).date()
 
