@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+from email.header import decode_header, make_header
 from email.message import EmailMessage
 
 import pytest
@@ -14,6 +15,7 @@ from mailbridge.notify.render import (
     TEMPLATES,
     Envelope,
     Renderer,
+    _encoded,
     compose,
     header_safe,
     sendable,
@@ -107,3 +109,23 @@ def test_header_values_are_one_line() -> None:
 )
 def test_sendable_addresses(address: str, ok: bool) -> None:
     assert sendable(Address("", address)) is ok
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        "[MB-000123] SLA reminder: first response due 2026-11-17 12:00 (Europe/Warsaw) – Nie działa logowanie do"
+        " systemu faktur od rana, prosimy o pilną pomoc",
+        "Zażółć gęślą jaźń",
+        "Проблема с доступом к почтовому серверу уже третий день подряд, помогите пожалуйста",
+        "😀" * 60,
+        "a–b",
+        "x" * 200 + "ł",
+    ],
+)
+def test_a_non_ascii_subject_is_folded_into_encoded_words_that_decode_back(subject: str) -> None:
+    encoded = _encoded("Subject", subject)
+    lines = encoded.split("\r\n")
+    assert encoded.isascii() and len("Subject: " + lines[0]) <= 78 and all(len(line) <= 78 for line in lines)
+    assert all(line.startswith(" =?utf-8?") for line in lines[1:])
+    assert str(make_header(decode_header(encoded))) == subject

@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from email import base64mime, quoprimime
 from email.header import Header
 from email.utils import format_datetime, formataddr
 from pathlib import Path
@@ -195,8 +196,43 @@ def _addresses(addresses: Sequence[Address]) -> str:
 
 
 def _encoded(name: str, value: str) -> str:
-    charset = "us-ascii" if value.isascii() else "utf-8"
-    return Header(header_safe(value), charset, maxlinelen=78, header_name=name).encode(linesep="\r\n")
+    value = header_safe(value)
+    if value.isascii():
+        return Header(value, "us-ascii", maxlinelen=78, header_name=name).encode(linesep="\r\n")
+    return "\r\n ".join(_encoded_words(value, first_line=78 - len(name) - 2))
+
+
+# RFC 2047 chrome around the encoded text: "=?utf-8?q?" and "?=".
+_WORD_CHROME = 12
+_Q_LENGTH = [quoprimime.header_length(bytes([octet])) for octet in range(256)]
+
+
+def _encoded_words(value: str, first_line: int) -> list[str]:
+    """UTF-8 encoded words of at most 75 characters, the first fitting beside the header's name, never
+    splitting a character: Q (readable) or B, whichever is shorter, as `email.header` chooses. Written
+    out because `email.header` measures each line again after every character (quadratic), which made
+    it a quarter of the cost of an SLA reminder with a long subject."""
+    data = value.encode("utf-8")
+    b_encoded = 4 * -(-len(data) // 3) < sum(_Q_LENGTH[octet] for octet in data)
+    budget = min(75, first_line) - _WORD_CHROME
+    words: list[str] = []
+    chunk = bytearray()
+    size = 0
+    for character in value:
+        octets = character.encode("utf-8")
+        grown = 4 * -(-(len(chunk) + len(octets)) // 3) if b_encoded else size + sum(_Q_LENGTH[o] for o in octets)
+        if chunk and grown > budget:
+            words.append(_word(bytes(chunk), b_encoded))
+            chunk, budget = bytearray(), 75 - _WORD_CHROME
+            grown = 4 * -(-len(octets) // 3) if b_encoded else sum(_Q_LENGTH[o] for o in octets)
+        chunk += octets
+        size = grown
+    words.append(_word(bytes(chunk), b_encoded))
+    return words
+
+
+def _word(data: bytes, b_encoded: bool) -> str:
+    return base64mime.header_encode(data, "utf-8") if b_encoded else quoprimime.header_encode(data, "utf-8")
 
 
 def _msgid(value: str) -> str:

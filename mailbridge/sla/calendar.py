@@ -53,7 +53,7 @@ class BusinessCalendar:
     @classmethod
     def always(cls) -> BusinessCalendar:
         """Wall-clock time: every hour of every day counts."""
-        return cls("UTC", range(7), ((time(0), None),))
+        return _WALL_CLOCK
 
     def is_holiday(self, day: date) -> bool:
         return day in self.extra_holidays or (self._public is not None and day in self._public)
@@ -80,7 +80,7 @@ class BusinessCalendar:
     def between(self, start: datetime, end: datetime) -> float:
         """Working seconds in [start, end); negative when end is before start."""
         a, b = start.timestamp(), end.timestamp()
-        index = self._index_for(a, b)
+        index = self._index_for(min(a, b), max(a, b))
         return index.elapsed(b) - index.elapsed(a)
 
     def add(self, start: datetime, seconds: float) -> datetime:
@@ -89,7 +89,7 @@ class BusinessCalendar:
         if seconds <= 0:
             return start
         a = start.timestamp()
-        index = self._index_for(a)
+        index = self._index_for(a, a)
         while not index.through or index.through[-1] < index.elapsed(a) + seconds:
             if (index.last - self._local_date(a)).days >= _MAX_DAYS:
                 raise CalendarError(
@@ -102,12 +102,11 @@ class BusinessCalendar:
         span = bisect.bisect_left(index.through, target)
         return datetime.fromtimestamp(index.starts[span] + (target - index.before[span]), UTC)
 
-    def _index_for(self, *instants: float) -> _SpanIndex:
+    def _index_for(self, earliest: float, latest: float) -> _SpanIndex:
         index = self._index
-        if index is not None and all(index.low <= t < index.high for t in instants):
+        if index is not None and index.low <= earliest and latest < index.high:
             return index
-        days = [self._local_date(t) for t in instants]
-        return self._cover(min(days), max(days))
+        return self._cover(self._local_date(earliest), self._local_date(latest))
 
     def _cover(self, first: date, last: date) -> _SpanIndex:
         """Index the working spans of every local day from `first` to `last` at least, widening what is
@@ -168,3 +167,19 @@ class _SpanIndex:
         if span < 0:
             return 0.0
         return self.before[span] + min(instant, self.ends[span]) - self.starts[span]
+
+
+class _WallClock(BusinessCalendar):
+    """Every second counts: plain arithmetic, no spans to index."""
+
+    def __init__(self) -> None:
+        super().__init__("UTC", range(7), ((time(0), None),))
+
+    def between(self, start: datetime, end: datetime) -> float:
+        return (end - start).total_seconds()
+
+    def add(self, start: datetime, seconds: float) -> datetime:
+        return start if seconds <= 0 else (start + timedelta(seconds=seconds)).astimezone(UTC)
+
+
+_WALL_CLOCK = _WallClock()

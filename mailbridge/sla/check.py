@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from mailbridge.db import Database
 from mailbridge.models import SlaTimer, Ticket, TicketEvent
 from mailbridge.notify.sla_alerts import Alert, SlaAlerts
-from mailbridge.sla.plan import BREACH, FIRST_RESPONSE, policy_for
+from mailbridge.sla.plan import BREACH, FIRST_RESPONSE
 from mailbridge.sla.planner import SLA_ACTOR, SlaPlanner
 from mailbridge.sla.settings import PRIORITIES, SlaSettings
 
@@ -52,12 +52,14 @@ class SlaCheck:
     def run(self, db: Database, now: datetime) -> CheckReport:
         """One complete check, in transactions of bounded size (the intake's commits interleave)."""
         report = CheckReport()
+        planned_tickets: set[int] = set()
         while True:
             with db.unit_of_work() as session:
                 planned = self.planner.catch_up(session, now, limit=_PLAN_BATCH)
-            report.planned_tickets += planned.tickets
+            planned_tickets |= planned.tickets
             if planned.events < _PLAN_BATCH:
                 break
+        report.planned_tickets = len(planned_tickets)
         while True:
             with db.unit_of_work() as session:
                 fired = self.fire_due(session, now, limit=_FIRE_BATCH)
@@ -117,6 +119,7 @@ class SlaCheck:
                 report.reminders += 1
                 events.append(_event(alert.ticket.id, now, "sla_reminder", None, alert.target))
         timers = SlaTimer.__table__
+        assert isinstance(timers, Table)
         session.execute(
             update(timers)
             .where(timers.c.id == bindparam("timer_id"))
@@ -124,9 +127,12 @@ class SlaCheck:
             done,
         )
         if events:
-            session.execute(insert(TicketEvent.__table__), events)
+            events_table = TicketEvent.__table__
+            assert isinstance(events_table, Table)
+            session.execute(insert(events_table), events)
         if raised:
             tickets = Ticket.__table__
+            assert isinstance(tickets, Table)
             session.execute(
                 update(tickets).where(tickets.c.id == bindparam("ticket_id")).values(priority=bindparam("raised")),
                 [{"ticket_id": ticket_id, "raised": priority} for ticket_id, priority in raised.items()],
@@ -138,7 +144,7 @@ class SlaCheck:
         the priorities raised in this batch, as a ticket may breach both targets at once)."""
         events = [_event(ticket.id, now, "sla_breach", None, target)]
         priority = ticket.sla_priority or ticket.priority or self.settings.default_priority
-        policy = policy_for(self.settings, priority, ticket.queue, ticket.tier)
+        policy = self.planner.policy(priority, ticket.queue, ticket.tier)
         current = raised.get(ticket.id) or ticket.priority or priority
         if policy is None or not policy.raise_priority or current == PRIORITIES[0]:
             return events
