@@ -90,17 +90,23 @@ class BusinessCalendar:
             return start
         a = start.timestamp()
         index = self._index_for(a, a)
-        while not index.through or index.through[-1] < index.elapsed(a) + seconds:
-            if (index.last - self._local_date(a)).days >= _MAX_DAYS:
-                raise CalendarError(
-                    f"no {seconds / 3600:.1f} working hours within {_MAX_DAYS} days of {start:%Y-%m-%d}"
-                )
-            index = self._cover(
-                index.first, index.last + timedelta(days=max(_PAD_DAYS, (index.last - index.first).days))
-            )
         target = index.elapsed(a) + seconds
+        while not index.through or index.through[-1] < target:
+            horizon = self._local_date(a) + timedelta(days=_MAX_DAYS)
+            if index.last >= horizon:
+                raise self._too_far(start, seconds)
+            index = self._cover(index.first, min(horizon, index.last + timedelta(days=_PAD_DAYS)))
+            target = index.elapsed(a) + seconds
         span = bisect.bisect_left(index.through, target)
-        return datetime.fromtimestamp(index.starts[span] + (target - index.before[span]), UTC)
+        end = index.starts[span] + (target - index.before[span])
+        # The index may reach further than asked (it widens generously): the limit still holds.
+        if end - a > (_MAX_DAYS - 2) * 86400 and (self._local_date(end) - self._local_date(a)).days >= _MAX_DAYS:
+            raise self._too_far(start, seconds)
+        return datetime.fromtimestamp(end, UTC)
+
+    @staticmethod
+    def _too_far(start: datetime, seconds: float) -> CalendarError:
+        return CalendarError(f"no {seconds / 3600:.1f} working hours within {_MAX_DAYS} days of {start:%Y-%m-%d}")
 
     def _index_for(self, earliest: float, latest: float) -> _SpanIndex:
         index = self._index
