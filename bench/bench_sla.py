@@ -70,48 +70,12 @@ PRIORITY_WEIGHTS = (5, 20, 60, 15)
 AGENTS = 40
 SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # how SQLAlchemy stores a DateTime in SQLite
 
-WORDS = [
-    "faktura",
-    "drukarka",
-    "logowanie",
-    "hasło",
-    "konto",
-    "zamówienie",
-    "dostawa",
-    "reklamacja",
-    "umowa",
-    "serwer",
-    "poczta",
-    "invoice",
-    "printer",
-    "login",
-    "password",
-    "account",
-    "order",
-    "delivery",
-    "complaint",
-    "contract",
-    "server",
-    "mail",
-    "error",
-    "nie",
-    "działa",
-    "od",
-    "rana",
-    "prosimy",
-    "o",
-    "pilną",
-    "pomoc",
-    "the",
-    "system",
-    "does",
-    "not",
-    "respond",
-    "since",
-    "this",
-    "morning",
-    "please",
-]
+_SENTENCE = (
+    "faktura drukarka logowanie hasło konto zamówienie dostawa reklamacja umowa serwer poczta invoice printer "
+    "login password account order delivery complaint contract server mail error nie działa od rana prosimy o "
+    "pilną pomoc the system does not respond since this morning please"
+)
+WORDS = _SENTENCE.split()
 
 
 def sqlite_time(moment: datetime) -> str:
@@ -450,7 +414,8 @@ def build_scenarios(
         filled = time.perf_counter()
         planned = plan_all(config, at)
         print(
-            f"history filled in {filled - started:.1f} s, {planned} tickets planned in {time.perf_counter() - filled:.1f} s",
+            f"history filled in {filled - started:.1f} s, "
+            f"{planned} tickets planned in {time.perf_counter() - filled:.1f} s",
             flush=True,
         )
         due = tickets_with_due_timers(db, at)
@@ -474,7 +439,8 @@ def build_scenarios(
             shutil.copy(db, work / "replan.db")
             scenarios["replan"] = Scenario("replan", work / "replan.db", count, 0)
         print(
-            f"built the planned cases in {time.perf_counter() - started:.1f} s ({len(due)} tickets had timers due, {len(chosen)} left due)",
+            f"built the planned cases in {time.perf_counter() - started:.1f} s "
+            f"({len(due)} tickets had timers due, {len(chosen)} left due)",
             flush=True,
         )
     shutil.rmtree(build, ignore_errors=True)
@@ -706,7 +672,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dumps({"args": _build_key(args), "scenarios": [asdict(s) for s in built.values()]}, default=str)
         )
         return 0
-    at = datetime.fromisoformat(args.at)
     cases = [c for c in args.cases.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
     if args.profile:
@@ -748,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = measure(scenario, mode, work / "run", args.at)
             summaries[(scenario.name, mode)].runs.append(run)
             print(
-                f"  {scenario.name:7} {mode:5} {run.seconds:6.2f} s  CPU {run.cpu_seconds:6.2f} s  {run.maxrss_mib:5.0f} MiB  {run.report}",
+                f"  {scenario.name:7} {mode:5} {run.seconds:6.2f} s  CPU {run.cpu_seconds:6.2f} s"
+                f"  {run.maxrss_mib:5.0f} MiB  {run.report}",
                 flush=True,
             )
         print()
