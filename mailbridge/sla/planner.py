@@ -38,6 +38,9 @@ class PlannerReport:
 
 
 class SlaPlanner:
+    """Reads and writes with Core statements on the session's connection: plain rows, without the ORM's
+    bookkeeping, which cost more than the planning itself when a big import is planned."""
+
     def __init__(self, settings: SlaSettings) -> None:
         self.settings = settings
         self.calendar: BusinessCalendar = settings.calendar.build()
@@ -47,12 +50,16 @@ class SlaPlanner:
         """Plan from the events recorded since the last call, at most `limit` of them (call again while
         it returns `limit`)."""
         cursor = self.start(session, now)
-        rows = session.execute(
-            select(TicketEvent.id, TicketEvent.ticket_id, TicketEvent.kind, TicketEvent.actor, TicketEvent.new)
-            .where(TicketEvent.id > cursor.last_event_id)
-            .order_by(TicketEvent.id)
-            .limit(limit)
-        ).all()
+        rows = (
+            session.connection()
+            .execute(
+                select(TicketEvent.id, TicketEvent.ticket_id, TicketEvent.kind, TicketEvent.actor, TicketEvent.new)
+                .where(TicketEvent.id > cursor.last_event_id)
+                .order_by(TicketEvent.id)
+                .limit(limit)
+            )
+            .all()
+        )
         if not rows:
             return PlannerReport()
         touched: set[int] = set()
@@ -76,7 +83,9 @@ class SlaPlanner:
 
     def start(self, session: Session, now: datetime) -> SlaCursor:
         """SLAs apply from the first start with policies on (idempotent)."""
-        cursor = session.get(SlaCursor, _CURSOR)
+        # Locked (PostgreSQL): a second instance plans after this one commits, from the moved cursor, instead
+        # of planning the same events at once and failing on the unique timer key. SQLite: BEGIN IMMEDIATE.
+        cursor = session.get(SlaCursor, _CURSOR, with_for_update=True)
         if cursor is None:
             # The first start with SLA policies: what happened before is not planned.
             newest = session.scalar(select(func.max(TicketEvent.id))) or 0
@@ -92,21 +101,25 @@ class SlaPlanner:
         tickets_table = Ticket.__table__
         assert isinstance(tickets_table, Table)
         for chunk in chunked(sorted(touched)):
-            tickets = session.execute(
-                select(
-                    Ticket.id,
-                    Ticket.created_at,
-                    Ticket.priority,
-                    Ticket.sla_priority,
-                    Ticket.queue,
-                    Ticket.tier,
-                    Ticket.first_response_at,
-                    Ticket.sla_policy,
-                    Ticket.first_response_due_at,
-                    Ticket.resolution_due_at,
-                    Ticket.sla_paused_at,
-                ).where(Ticket.id.in_(chunk), Ticket.created_at >= since)
-            ).all()
+            tickets = (
+                session.connection()
+                .execute(
+                    select(
+                        Ticket.id,
+                        Ticket.created_at,
+                        Ticket.priority,
+                        Ticket.sla_priority,
+                        Ticket.queue,
+                        Ticket.tier,
+                        Ticket.first_response_at,
+                        Ticket.sla_policy,
+                        Ticket.first_response_due_at,
+                        Ticket.resolution_due_at,
+                        Ticket.sla_paused_at,
+                    ).where(Ticket.id.in_(chunk), Ticket.created_at >= since)
+                )
+                .all()
+            )
             changes = self._status_changes(session, [t.id for t in tickets])
             updates: list[dict[str, Any]] = []
             plans: dict[int, Plan] = {}
@@ -142,7 +155,7 @@ class SlaPlanner:
                 if current != tuple(row[f"new_{c}"] for c in _PLANNED_COLUMNS):
                     updates.append(row)
             if updates:
-                session.execute(
+                session.connection().execute(
                     update(tickets_table)
                     .where(tickets_table.c.id == bindparam("ticket_id"))
                     .values({c: bindparam(f"new_{c}") for c in _PLANNED_COLUMNS}),
@@ -156,7 +169,7 @@ class SlaPlanner:
         found: dict[int, list[tuple[datetime, str]]] = defaultdict(list)
         if not ticket_ids:
             return found
-        rows = session.execute(
+        rows = session.connection().execute(
             select(TicketEvent.ticket_id, TicketEvent.at, TicketEvent.new)
             .where(TicketEvent.ticket_id.in_(ticket_ids), TicketEvent.kind == "status")
             .order_by(TicketEvent.id)
@@ -169,7 +182,7 @@ class SlaPlanner:
         """Timers not yet done follow the plan; done ones stay done (each fires once)."""
         existing: dict[tuple[int, str, float], tuple[int, bool, datetime | None]] = {}
         if ticket_ids:
-            for timer_id, ticket_id, target, share, fire_at, done_at in session.execute(
+            for timer_id, ticket_id, target, share, fire_at, done_at in session.connection().execute(
                 select(
                     SlaTimer.id, SlaTimer.ticket_id, SlaTimer.target, SlaTimer.share, SlaTimer.fire_at, SlaTimer.done_at
                 ).where(SlaTimer.ticket_id.in_(ticket_ids))
@@ -198,9 +211,9 @@ class SlaPlanner:
         timers = SlaTimer.__table__
         assert isinstance(timers, Table)
         if new:
-            session.execute(insert(timers), new)
+            session.connection().execute(insert(timers), new)
         if moved:
-            session.execute(
+            session.connection().execute(
                 update(timers).where(timers.c.id == bindparam("timer_id")).values(fire_at=bindparam("new_fire_at")),
                 moved,
             )
