@@ -468,3 +468,31 @@ def test_the_cli_runs_one_check(tmp_path: Path) -> None:
     plain.close()
     refused = CliRunner().invoke(cli, ["sla", "check", "--config", str(tmp_path / "plain" / "mailbridge.yaml")])
     assert refused.exit_code == 2 and "no SLA policies configured" in refused.output
+
+
+def test_the_daemons_check_lets_the_intake_take_turns(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailbridge.sla.check
+
+    with time_machine.travel(T0, tick=False):
+        for n in range(3):
+            _ingest(app, tmp_path, f"m{n}")
+    monkeypatch.setattr(mailbridge.sla.check, "_PLAN_BATCH", 1)  # a planning of several transactions
+
+    def intake_job() -> tuple[int, int]:
+        """Stands for an intake batch: where was the SLA planner when it got the database thread?"""
+        with app.db.reader() as session:
+            cursor = session.scalars(select(SlaCursor.last_event_id)).one()
+            return cursor, session.scalars(select(func.max(TicketEvent.id))).one()
+
+    async def check_beside_the_intake() -> tuple[tuple[int, int], int]:
+        check = asyncio.create_task(app.check_sla())
+        await asyncio.sleep(0)  # the check has handed its first transaction to the database thread
+        seen = await app.db.run(intake_job)
+        return seen, (await check).planned_tickets
+
+    with time_machine.travel(T0 + timedelta(minutes=5), tick=False):
+        (cursor, newest), planned = asyncio.run(check_beside_the_intake())
+    assert 0 < cursor < newest  # it ran between two of the check's transactions
+    assert planned == 3

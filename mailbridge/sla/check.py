@@ -10,6 +10,7 @@ restart neither forgets nor repeats one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -52,20 +53,30 @@ class SlaCheck:
     def run(self, db: Database, now: datetime) -> CheckReport:
         """One complete check, in transactions of bounded size (the intake's commits interleave)."""
         report = CheckReport()
+        for _ in self.steps(db, now, report):
+            pass
+        return report
+
+    def steps(self, db: Database, now: datetime, report: CheckReport) -> Iterator[bool]:
+        """The check, one transaction per step (`report` is filled in as they go). The daemon runs each
+        step as its own job on the database thread, so that the intake's batches take turns with a long
+        check -- the planning after a big import -- instead of waiting for all of it."""
         planned_tickets: set[int] = set()
         while True:
             with db.unit_of_work() as session:
                 planned = self.planner.catch_up(session, now, limit=_PLAN_BATCH)
             planned_tickets |= planned.tickets
+            report.planned_tickets = len(planned_tickets)
+            yield True
             if planned.events < _PLAN_BATCH:
                 break
-        report.planned_tickets = len(planned_tickets)
         while True:
             with db.unit_of_work() as session:
                 fired = self.fire_due(session, now, limit=_FIRE_BATCH)
             report.reminders += fired.reminders
             report.escalations += fired.escalations
             report.skipped += fired.skipped
+            yield True
             if fired.reminders + fired.escalations + fired.skipped < _FIRE_BATCH:
                 break
         if report.mails or report.skipped:
@@ -75,7 +86,6 @@ class SlaCheck:
                 report.escalations,
                 report.skipped,
             )
-        return report
 
     def fire_due(self, session: Session, now: datetime, limit: int = _FIRE_BATCH) -> CheckReport:
         """Fire up to `limit` due timers: their mails, history and priority changes, and their done marks,
