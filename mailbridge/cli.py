@@ -39,6 +39,8 @@ app.add_typer(rules_app, name="rules")
 outbox_app = typer.Typer(help="Outgoing mail: acknowledgements and notifications.", no_args_is_help=True)
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(db_app, name="db")
+sla_app = typer.Typer(help="Service levels: deadlines, reminders and escalations.", no_args_is_help=True)
+app.add_typer(sla_app, name="sla")
 
 ConfigOption = Annotated[
     Path | None,
@@ -824,6 +826,31 @@ def report(
         _print_json(as_json_data(result))
     else:
         _say((as_csv if output_format == "csv" else as_table)(result).rstrip("\n"))
+
+
+@sla_app.command("check")
+def sla_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Run one SLA check now, as the daemon does every check_interval_seconds: plan the deadlines of
+    tickets whose history moved on, queue the reminders and escalations that are due (the daemon sends
+    them). Safe beside a running daemon: each reminder and escalation is queued once."""
+    with _app(config) as application:
+        if not application.settings.sla.enabled:
+            typer.echo("error: no SLA policies configured (sla.policies)", err=True)
+            raise typer.Exit(2)
+        report = asyncio.run(application.check_sla())
+    row = {
+        "planned_tickets": report.planned_tickets,
+        "reminders": report.reminders,
+        "escalations": report.escalations,
+        "skipped": report.skipped,
+    }
+    if json_out:
+        _print_json(row)
+    else:
+        _say(
+            f"planned {report.planned_tickets} ticket(s); queued {report.reminders} reminder(s) and "
+            f"{report.escalations} escalation(s); {report.skipped} reminder(s) skipped (deadline already passed)"
+        )
 
 
 @db_app.command("upgrade")

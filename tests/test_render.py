@@ -120,6 +120,12 @@ def test_sendable_addresses(address: str, ok: bool) -> None:
         "[MB-000124] Re: Счёт-фактура № 17 — не пришла оплата по договору поставки оборудования 😀" * 2,
         "ż",
         "a" * 44 + "ę" * 3,  # a two-byte character where a word fills up
+        "[MB-000123] SLA reminder: first response due 2026-11-17 12:00 (Europe/Warsaw) – Nie działa logowanie do"
+        " systemu faktur od rana, prosimy o pilną pomoc",
+        "Zażółć gęślą jaźń",
+        "😀" * 60,
+        "a–b",
+        "x" * 200 + "ł",
     ],
 )
 def test_a_non_ascii_subject_is_encoded_in_short_lines_of_whole_characters(subject: str) -> None:

@@ -4,6 +4,9 @@ escalations exactly once, with a controllable clock (time-machine)."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta
@@ -13,11 +16,11 @@ from zoneinfo import ZoneInfo
 import pytest
 import time_machine
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from mailbridge.app import App
 from mailbridge.config import Settings
-from mailbridge.models import OutboxMail, SlaTimer, Ticket, TicketEvent, TicketStatus
+from mailbridge.models import OutboxMail, SlaCursor, SlaTimer, Ticket, TicketEvent, TicketStatus
 from mailbridge.queries import ticket_detail
 from mailbridge.sla.calendar import BusinessCalendar
 from mailbridge.sla.plan import FIRST_RESPONSE, RESOLUTION, Policy, plan, policy_for
@@ -342,3 +345,154 @@ def test_tickets_from_before_the_sla_was_configured_get_none(tmp_path: Path) -> 
         assert [t for t, _ in _sla_mails(application)] == ["sla_escalation"]
     finally:
         application.close()
+
+
+# --- the calendar's index agrees with walking the days ------------------------------------------------
+
+
+def _walk_between(calendar: BusinessCalendar, start: datetime, end: datetime) -> float:
+    """The definition, day by day: the working spans of each local day between the two instants."""
+    total = 0.0
+    day = start.astimezone(calendar.zone).date() - timedelta(days=1)
+    while day <= end.astimezone(calendar.zone).date():
+        if day.weekday() in calendar.working_days and not calendar.is_holiday(day):
+            for begin, finish in calendar.working_hours:
+                lo = datetime.combine(day, begin, calendar.zone)
+                hi = datetime.combine(
+                    day + timedelta(days=1) if finish is None else day, finish or time(0), calendar.zone
+                )
+                total += max(0.0, (min(hi, end) - max(lo, start)).total_seconds())
+        day += timedelta(days=1)
+    return total
+
+
+def test_the_indexed_calendar_agrees_with_walking_the_days(office: BusinessCalendar) -> None:
+    import random
+
+    rng = random.Random(7)
+    split = BusinessCalendar("Europe/Warsaw", range(6), ((time(7, 30), time(12)), (time(12, 45), time(18))), "PL")
+    for calendar in (office, split):
+        for _ in range(300):
+            # A year and a half around today, DST changes and Polish holidays included.
+            start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.uniform(0, 540 * 86400))
+            seconds = rng.choice((0.5, 900.0, 2 * HOUR, 7.5 * HOUR, 40 * HOUR, 400 * HOUR)) * rng.uniform(0.5, 1.5)
+            end = calendar.add(start, seconds)
+            assert end >= start
+            assert _walk_between(calendar, start, end) == pytest.approx(seconds, abs=1e-3)
+            later = start + timedelta(seconds=rng.uniform(0, 30 * 86400))
+            assert calendar.between(start, later) == pytest.approx(_walk_between(calendar, start, later), abs=1e-3)
+            assert calendar.between(later, start) == pytest.approx(-calendar.between(start, later), abs=1e-6)
+
+
+def test_a_calendar_without_working_time_ahead_says_so() -> None:
+    start = date(2026, 11, 16)
+    closed = BusinessCalendar(
+        "UTC", range(5), ((time(9), time(17)),), None, None, (start + timedelta(days=n) for n in range(1200))
+    )
+    with pytest.raises(ValueError, match=r"no 1\.0 working hours within"):
+        closed.add(datetime(2026, 11, 16, 10, tzinfo=UTC), HOUR)
+
+
+# --- planning again, and batches ---------------------------------------------------------------------
+
+
+def test_reading_the_history_again_changes_nothing_and_sends_nothing_again(app: App, tmp_path: Path) -> None:
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+        _ingest(app, tmp_path, "b")
+    _check_at(app, T0 + timedelta(hours=3))
+
+    def timers() -> list[tuple[int, str, float, datetime | None, datetime | None]]:
+        with app.db.reader() as session:
+            rows = session.execute(
+                select(
+                    SlaTimer.ticket_id, SlaTimer.target, SlaTimer.share, SlaTimer.fire_at, SlaTimer.done_at
+                ).order_by(SlaTimer.id)
+            )
+            return [tuple(row) for row in rows]  # type: ignore[misc]
+
+    before = timers()
+    assert sum(1 for *_, done in before if done is not None) == 2  # the two reminders
+    with app.db.unit_of_work() as session:
+        session.execute(update(SlaCursor).values(last_event_id=0))  # as if the history were new
+    with time_machine.travel(T0 + timedelta(hours=3, minutes=1), tick=False):
+        report = app.sla.run(app.db, datetime.now(UTC))
+    assert report.planned_tickets == 2 and report.mails == 0
+    assert timers() == before
+    assert [t for t, _ in _sla_mails(app)] == ["sla_reminder", "sla_reminder"]
+
+
+def test_each_mail_of_a_batch_quotes_its_own_ticket(app: App, tmp_path: Path) -> None:
+    with time_machine.travel(T0, tick=False):
+        for n, words in enumerate(("drukarka nie drukuje", "faktura się nie zgadza", "hasło wygasło")):
+            folder = tmp_path / f"m{n}"
+            folder.mkdir()
+            (folder / "1.eml").write_bytes(sample_mail(f"Sprawa {n}", sender=f"klient{n}@firma.example", body=words))
+            asyncio.run(app.ingest([folder], mailbox="support"))
+    _check_at(app, T0 + timedelta(hours=3))
+    with app.db.reader() as session:
+        rows = session.execute(
+            select(Ticket.subject, OutboxMail.raw)
+            .join(Ticket, Ticket.id == OutboxMail.ticket_id)
+            .where(OutboxMail.template == "sla_reminder")
+        ).all()
+    assert len(rows) == 3
+    for subject, raw in rows:
+        n = int(subject.split()[-1])
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        body = message.get_body(("plain",))
+        assert body is not None
+        text = body.get_content()  # type: ignore[attr-defined]
+        assert f"klient{n}@firma.example" in text
+        assert ("drukarka nie drukuje", "faktura się nie zgadza", "hasło wygasło")[n] in text
+        assert str(message["Subject"]).endswith(f"Sprawa {n}")
+
+
+def test_the_cli_runs_one_check(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    application = _sla_app(tmp_path)
+    with time_machine.travel(T0, tick=False):
+        _ingest(application, tmp_path, "a")
+    application.close()
+    config = str(tmp_path / "mailbridge.yaml")
+    with time_machine.travel(T0 + timedelta(hours=3), tick=False):
+        result = CliRunner().invoke(cli, ["sla", "check", "--config", config, "--json"])
+        again = CliRunner().invoke(cli, ["sla", "check", "--config", config])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"planned_tickets": 1, "reminders": 1, "escalations": 0, "skipped": 0}
+    assert again.exit_code == 0 and "queued 0 reminder(s) and 0 escalation(s)" in again.stdout
+    plain = make_app(tmp_path / "plain", [])
+    plain.close()
+    refused = CliRunner().invoke(cli, ["sla", "check", "--config", str(tmp_path / "plain" / "mailbridge.yaml")])
+    assert refused.exit_code == 2 and "no SLA policies configured" in refused.output
+
+
+def test_the_daemons_check_lets_the_intake_take_turns(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mailbridge.sla.check
+
+    with time_machine.travel(T0, tick=False):
+        for n in range(3):
+            _ingest(app, tmp_path, f"m{n}")
+    monkeypatch.setattr(mailbridge.sla.check, "_PLAN_BATCH", 1)  # a planning of several transactions
+
+    def intake_job() -> tuple[int, int]:
+        """Stands for an intake batch: where was the SLA planner when it got the database thread?"""
+        with app.db.reader() as session:
+            cursor = session.scalars(select(SlaCursor.last_event_id)).one()
+            return cursor, session.scalars(select(func.max(TicketEvent.id))).one()
+
+    async def check_beside_the_intake() -> tuple[tuple[int, int], int]:
+        check = asyncio.create_task(app.check_sla())
+        await asyncio.sleep(0)  # the check has handed its first transaction to the database thread
+        seen = await app.db.run(intake_job)
+        return seen, (await check).planned_tickets
+
+    with time_machine.travel(T0 + timedelta(minutes=5), tick=False):
+        (cursor, newest), planned = asyncio.run(check_beside_the_intake())
+    assert 0 < cursor < newest  # it ran between two of the check's transactions
+    assert planned == 3

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,12 @@ def _outbox_sent(db: Path, template: str) -> bool:
     return rows == [("sent",)]
 
 
+def _ticket_created(db: Path) -> float:
+    with sqlite3.connect(db) as connection:
+        (created,) = connection.execute("select created_at from tickets").fetchone()
+    return datetime.fromisoformat(created).replace(tzinfo=UTC).timestamp()
+
+
 @pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
 async def test_one_reminder_and_one_escalation_across_a_killed_daemon(
     tmp_path: Path, sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory
@@ -69,9 +76,11 @@ async def test_one_reminder_and_one_escalation_across_a_killed_daemon(
         daemon = start_daemon(config, log)
         server.append(sample_mail(subject="Awaria drukarki", sender=CUSTOMER), user=user.name)
         await wait_until(lambda: bool(_by_subject(sink, "Re: Awaria drukarki")), timeout=30)
-        created = time.monotonic()
+        # Timed from the ticket's creation, not from the acknowledgement: on a busy machine the sender
+        # process may take seconds to start, and the acknowledgement with it.
+        created = _ticket_created(db)
         await wait_until(lambda: bool(_by_subject(sink, "SLA reminder")), timeout=FIRST_RESPONSE_SECONDS + 20)
-        reminded_after = time.monotonic() - created
+        reminded_after = time.time() - created
         # Killed once the reminder is recorded as sent: anything it did not finish, a restart must.
         await wait_until(lambda: _outbox_sent(db, "sla_reminder"), timeout=10)
         daemon.send_signal(signal.SIGKILL)
@@ -79,7 +88,7 @@ async def test_one_reminder_and_one_escalation_across_a_killed_daemon(
         assert not _by_subject(sink, "SLA breached")
         daemon = start_daemon(config, log)
         await wait_until(lambda: bool(_by_subject(sink, "SLA breached")), timeout=FIRST_RESPONSE_SECONDS + 20)
-        escalated_after = time.monotonic() - created
+        escalated_after = time.time() - created
         await asyncio.sleep(2)  # more checks: nothing more may come
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=20) == 0
@@ -104,6 +113,6 @@ async def test_one_reminder_and_one_escalation_across_a_killed_daemon(
     assert "[MB-000001]" in str(reminder.message["Subject"]) and reminder.message["Auto-Submitted"] == "auto-generated"
     body = reminder.message.get_body(("plain",))
     assert body is not None and "Awaria drukarki" in body.get_content() and "75 %" in body.get_content()
-    # 75 % of 8 s is 6 s (the acknowledgement is a moment after the ticket, the check runs every 0.25 s).
+    # 75 % of 8 s is 6 s after the ticket was created (the check runs every 0.25 s; then the sender's SMTP).
     assert 0.75 * FIRST_RESPONSE_SECONDS - 1.5 <= reminded_after <= 0.75 * FIRST_RESPONSE_SECONDS + 3
     assert FIRST_RESPONSE_SECONDS - 1.5 <= escalated_after <= FIRST_RESPONSE_SECONDS + 8

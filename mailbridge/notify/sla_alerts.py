@@ -6,16 +6,19 @@ answers one answers the customer, as with any ticket mail."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailbridge.config import MailboxConfig, Settings
+from mailbridge.db import chunked
 from mailbridge.ingest.mail import Address
-from mailbridge.models import Article, Contact, Direction, Ticket
-from mailbridge.notify.outbox import enqueue
+from mailbridge.models import Article, Direction, Ticket
+from mailbridge.notify.outbox import Outgoing, enqueue
 from mailbridge.notify.render import sendable
 from mailbridge.notify.writer import Letter, MailWriter
 from mailbridge.sla.plan import BREACH, FIRST_RESPONSE
@@ -29,6 +32,16 @@ TARGET_LABELS = {
 _EXCERPT = 1500
 
 
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """A reminder (share < 1) or the escalation (share 1) of one target of a ticket."""
+
+    ticket: Ticket
+    target: str
+    share: float
+    due: datetime
+
+
 class SlaAlerts:
     def __init__(self, settings: Settings, writer: MailWriter) -> None:
         self.settings = settings
@@ -36,28 +49,42 @@ class SlaAlerts:
         self.zone = ZoneInfo(settings.sla.calendar.timezone)
         self.boxes = {b.name: b for b in settings.mailboxes if settings.can_send(b) and b.address}
         self.retry_for = timedelta(hours=settings.outbox.retry_for_hours)
+        self.names = {a.address.lower(): a.name for a in settings.agents}
 
-    def send(self, session: Session, ticket: Ticket, target: str, share: float, due: datetime, now: datetime) -> str:
-        """Queue the reminder (share < 1) or escalation (share 1) for a ticket's target; returns what was
-        done, in words, for the timer's record."""
+    def send(self, session: Session, alerts: Sequence[Alert], now: datetime) -> list[str]:
+        """Queue the reminders and escalations (in one insert, in the caller's transaction); returns what
+        was done for each, in words, for its timer's record."""
+        excerpts = self._last_messages(session, sorted({a.ticket.id for a in alerts}))
+        outcomes: list[str] = []
+        mails: list[Outgoing] = []
+        for alert in alerts:
+            outcome, mail = self._write(alert, excerpts.get(alert.ticket.id, ""), now)
+            outcomes.append(outcome)
+            if mail is not None:
+                mails.append(mail)
+        enqueue(session, mails, now, self.retry_for)
+        return outcomes
+
+    def _write(self, alert: Alert, last_message: str, now: datetime) -> tuple[str, Outgoing | None]:
+        ticket, target, share = alert.ticket, alert.target, alert.share
         to, cc = self._recipients(ticket, escalation=share >= BREACH)
         if not to:
             what = "escalation" if share >= BREACH else "reminder"
             log.warning(
                 "SLA %s for %s (%s): nobody to send it to (no owner, agents or contacts)", what, ticket.number, target
             )
-            return "no recipient configured"
+            return "no recipient configured", None
         box = self.boxes.get(ticket.mailbox) or next(iter(self.boxes.values()), None)
         if box is None:
             log.error("SLA mail for %s not sent: no mailbox has smtp and an address to send from", ticket.number)
-            return "no mailbox sends mail"
+            return "no mailbox sends mail", None
         template = "sla_escalation" if share >= BREACH else "sla_reminder"
         context = self.writer.ticket_context(
             ticket,
             box,
-            alert=self._alert(ticket, target, share, due, now, box),
-            customer=self._customer(session, ticket),
-            last_message=self._last_message(session, ticket),
+            alert=self._alert(ticket, target, share, alert.due, now, box),
+            customer=self._customer(ticket),
+            last_message=last_message,
         )
         mail = self.writer.write(
             Letter(
@@ -71,11 +98,10 @@ class SlaAlerts:
                 auto_submitted="auto-generated",
             )
         )
-        enqueue(session, [mail], now, self.retry_for)
-        return f"{template} to {', '.join(a.address for a in (*to, *cc))}"
+        return f"{template} to {', '.join(a.address for a in (*to, *cc))}", mail
 
     def _recipients(self, ticket: Ticket, *, escalation: bool) -> tuple[list[Address], list[Address]]:
-        names = {a.address.lower(): a.name for a in self.settings.agents}
+        names = self.names
         owner = [ticket.owner.lower()] if ticket.owner else []
         queue_agents = [a.address.lower() for a in self.settings.agents if ticket.queue in a.queues]
         contacts = self.settings.sla.escalation_contacts
@@ -110,22 +136,27 @@ class SlaAlerts:
         }
 
     @staticmethod
-    def _customer(session: Session, ticket: Ticket) -> dict[str, str]:
-        customer = session.get(Contact, ticket.customer_id)
+    def _customer(ticket: Ticket) -> dict[str, str]:
+        customer = ticket.customer  # loaded with the ticket
         return {"name": customer.name if customer else "", "address": customer.address if customer else ""}
 
     @staticmethod
-    def _last_message(session: Session, ticket: Ticket) -> str:
-        row = session.execute(
-            select(Article.new_text, Article.text)
-            .where(Article.ticket_id == ticket.id, Article.direction == Direction.INBOUND)
-            .order_by(Article.id.desc())
-            .limit(1)
-        ).first()
-        if row is None:
-            return ""
-        text = (row.new_text if row.new_text is not None else row.text) or ""
-        return text[:_EXCERPT] + ("…" if len(text) > _EXCERPT else "")
+    def _last_messages(session: Session, ticket_ids: Sequence[int]) -> dict[int, str]:
+        """The customer's last message on each ticket (its new text), shortened: one query per 500."""
+        found: dict[int, str] = {}
+        for chunk in chunked(ticket_ids):
+            last = (
+                select(func.max(Article.id))
+                .where(Article.ticket_id.in_(chunk), Article.direction == Direction.INBOUND)
+                .group_by(Article.ticket_id)
+            )
+            rows = session.execute(
+                select(Article.ticket_id, Article.new_text, Article.text).where(Article.id.in_(last))
+            )
+            for ticket_id, new_text, text in rows:
+                excerpt = (new_text if new_text is not None else text) or ""
+                found[ticket_id] = excerpt[:_EXCERPT] + ("…" if len(excerpt) > _EXCERPT else "")
+        return found
 
 
 def _span(delta: timedelta) -> str:

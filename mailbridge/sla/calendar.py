@@ -8,8 +8,10 @@ local days (a country's public holidays from the `holidays` package, plus the ad
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -18,6 +20,7 @@ import holidays as public_holidays
 # Far enough for any real target (a year of an eight-hour week is ~400 h); a calendar with no working
 # time at all would otherwise walk forever.
 _MAX_DAYS = 3 * 366
+_PAD_DAYS = 64  # indexed beyond the days asked for: deadlines lie days or weeks after their start
 
 
 class CalendarError(ValueError):
@@ -45,11 +48,12 @@ class BusinessCalendar:
         )
         if not self.working_days or not self.working_hours:
             raise CalendarError("a business calendar needs at least one working day and one span of hours")
+        self._index: _SpanIndex | None = None
 
     @classmethod
     def always(cls) -> BusinessCalendar:
         """Wall-clock time: every hour of every day counts."""
-        return cls("UTC", range(7), ((time(0), None),))
+        return _WALL_CLOCK
 
     def is_holiday(self, day: date) -> bool:
         return day in self.extra_holidays or (self._public is not None and day in self._public)
@@ -79,33 +83,113 @@ class BusinessCalendar:
 
     def between(self, start: datetime, end: datetime) -> float:
         """Working seconds in [start, end); negative when end is before start."""
-        if end < start:
-            return -self.between(end, start)
         a, b = start.timestamp(), end.timestamp()
-        total = 0.0
-        day = self._local_date(a)
-        last = self._local_date(b)
-        while day <= last:
-            for lo, hi in self._day(day):
-                total += max(0.0, min(hi, b) - max(lo, a))
-            day += timedelta(days=1)
-        return total
+        index = self._index_for(min(a, b), max(a, b))
+        return index.elapsed(b) - index.elapsed(a)
 
     def add(self, start: datetime, seconds: float) -> datetime:
         """The instant at which `seconds` of working time have passed since `start` (start itself when
         seconds <= 0)."""
         if seconds <= 0:
             return start
-        remaining = seconds
         a = start.timestamp()
-        day = self._local_date(a)
-        for _ in range(_MAX_DAYS):
+        index = self._index_for(a, a)
+        target = index.elapsed(a) + seconds
+        while not index.through or index.through[-1] < target:
+            horizon = self._local_date(a) + timedelta(days=_MAX_DAYS)
+            if index.last >= horizon:
+                raise self._too_far(start, seconds)
+            index = self._cover(index.first, min(horizon, index.last + timedelta(days=_PAD_DAYS)))
+            target = index.elapsed(a) + seconds
+        span = bisect.bisect_left(index.through, target)
+        end = index.starts[span] + (target - index.before[span])
+        # The index may reach further than asked (it widens generously): the limit still holds.
+        if end - a > (_MAX_DAYS - 2) * 86400 and (self._local_date(end) - self._local_date(a)).days >= _MAX_DAYS:
+            raise self._too_far(start, seconds)
+        return datetime.fromtimestamp(end, UTC)
+
+    @staticmethod
+    def _too_far(start: datetime, seconds: float) -> CalendarError:
+        return CalendarError(f"no {seconds / 3600:.1f} working hours within {_MAX_DAYS} days of {start:%Y-%m-%d}")
+
+    def _index_for(self, earliest: float, latest: float) -> _SpanIndex:
+        index = self._index
+        if index is not None and index.low <= earliest and latest < index.high:
+            return index
+        return self._cover(self._local_date(earliest), self._local_date(latest))
+
+    def _cover(self, first: date, last: date) -> _SpanIndex:
+        """Index the working spans of every local day from `first` to `last` at least, widening what is
+        indexed already (by half again, so a run over many tickets rebuilds it a few times at most)."""
+        old = self._index
+        if old is not None:
+            size = timedelta(days=max(_PAD_DAYS, (old.last - old.first).days // 2))
+            first = min(first, old.first - size if first < old.first else old.first)
+            last = max(last, old.last + size if last > old.last else old.last)
+        else:
+            first, last = first - timedelta(days=_PAD_DAYS), last + timedelta(days=_PAD_DAYS)
+        starts: list[float] = []
+        ends: list[float] = []
+        before: list[float] = []
+        through: list[float] = []
+        total = 0.0
+        day = first
+        while day <= last:
             for lo, hi in self._day(day):
-                lo = max(lo, a)
-                if hi <= lo:
-                    continue
-                if hi - lo >= remaining:
-                    return datetime.fromtimestamp(lo + remaining, UTC)
-                remaining -= hi - lo
+                starts.append(lo)
+                ends.append(hi)
+                before.append(total)
+                total += hi - lo
+                through.append(total)
             day += timedelta(days=1)
-        raise CalendarError(f"no {seconds / 3600:.1f} working hours within {_MAX_DAYS} days of {start:%Y-%m-%d}")
+        index = _SpanIndex(
+            first,
+            last,
+            datetime.combine(first, time(0), self.zone).timestamp(),
+            datetime.combine(last + timedelta(days=1), time(0), self.zone).timestamp(),
+            starts,
+            ends,
+            before,
+            through,
+        )
+        self._index = index  # replaced whole: a reader on another thread sees the old or the new one
+        return index
+
+
+@dataclass(frozen=True, slots=True)
+class _SpanIndex:
+    """The working spans of the local days first..last in time order, with the working seconds before
+    and through each, so that "how much working time by t" and its inverse are binary searches instead
+    of walks day by day (a check plans thousands of tickets, each a handful of deadlines)."""
+
+    first: date
+    last: date
+    low: float  # first's local midnight, as a UTC timestamp
+    high: float  # the local midnight after last
+    starts: list[float]
+    ends: list[float]
+    before: list[float]  # working seconds in the index before span i
+    through: list[float]  # ... before its end
+
+    def elapsed(self, instant: float) -> float:
+        """Working seconds from the start of the index to `instant` (which lies within the index)."""
+        span = bisect.bisect_right(self.starts, instant) - 1
+        if span < 0:
+            return 0.0
+        return self.before[span] + min(instant, self.ends[span]) - self.starts[span]
+
+
+class _WallClock(BusinessCalendar):
+    """Every second counts: plain arithmetic, no spans to index."""
+
+    def __init__(self) -> None:
+        super().__init__("UTC", range(7), ((time(0), None),))
+
+    def between(self, start: datetime, end: datetime) -> float:
+        return (end - start).total_seconds()
+
+    def add(self, start: datetime, seconds: float) -> datetime:
+        return start if seconds <= 0 else (start + timedelta(seconds=seconds)).astimezone(UTC)
+
+
+_WALL_CLOCK = _WallClock()

@@ -10,16 +10,19 @@ restart neither forgets nor repeats one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mailbridge.db import Database
 from mailbridge.models import SlaTimer, Ticket, TicketEvent
-from mailbridge.notify.sla_alerts import SlaAlerts
-from mailbridge.sla.plan import BREACH, policy_for
+from mailbridge.notify.sla_alerts import Alert, SlaAlerts
+from mailbridge.sla.plan import BREACH, FIRST_RESPONSE
 from mailbridge.sla.planner import SLA_ACTOR, SlaPlanner
 from mailbridge.sla.settings import PRIORITIES, SlaSettings
 
@@ -50,10 +53,21 @@ class SlaCheck:
     def run(self, db: Database, now: datetime) -> CheckReport:
         """One complete check, in transactions of bounded size (the intake's commits interleave)."""
         report = CheckReport()
+        for _ in self.steps(db, now, report):
+            pass
+        return report
+
+    def steps(self, db: Database, now: datetime, report: CheckReport) -> Iterator[bool]:
+        """The check, one transaction per step (`report` is filled in as they go). The daemon runs each
+        step as its own job on the database thread, so that the intake's batches take turns with a long
+        check -- the planning after a big import -- instead of waiting for all of it."""
+        planned_tickets: set[int] = set()
         while True:
             with db.unit_of_work() as session:
                 planned = self.planner.catch_up(session, now, limit=_PLAN_BATCH)
-            report.planned_tickets += planned.tickets
+            planned_tickets |= planned.tickets
+            report.planned_tickets = len(planned_tickets)
+            yield True
             if planned.events < _PLAN_BATCH:
                 break
         while True:
@@ -62,6 +76,7 @@ class SlaCheck:
             report.reminders += fired.reminders
             report.escalations += fired.escalations
             report.skipped += fired.skipped
+            yield True
             if fired.reminders + fired.escalations + fired.skipped < _FIRE_BATCH:
                 break
         if report.mails or report.skipped:
@@ -71,46 +86,94 @@ class SlaCheck:
                 report.escalations,
                 report.skipped,
             )
-        return report
 
     def fire_due(self, session: Session, now: datetime, limit: int = _FIRE_BATCH) -> CheckReport:
+        """Fire up to `limit` due timers: their mails, history and priority changes, and their done marks,
+        each written with one statement for the whole batch."""
         report = CheckReport()
         due = session.execute(
-            select(SlaTimer, Ticket)
+            select(SlaTimer.id, SlaTimer.target, SlaTimer.share, Ticket)
             .join(Ticket, Ticket.id == SlaTimer.ticket_id)
             .where(SlaTimer.done_at.is_(None), SlaTimer.fire_at <= now)
             .order_by(SlaTimer.fire_at, SlaTimer.id)
             .limit(limit)
             .with_for_update(of=SlaTimer, skip_locked=True)
         ).all()
-        breached = {(t.ticket_id, t.target) for t, _ in due if t.share >= BREACH}
-        for timer, ticket in due:
-            timer.done_at = now
-            if timer.share < BREACH and (ticket.id, timer.target) in breached:
+        if not due:
+            return report
+        breached = {(ticket.id, target) for _, target, share, ticket in due if share >= BREACH}
+        done: list[dict[str, Any]] = []
+        alerts: list[tuple[int, Alert]] = []
+        for timer_id, target, share, ticket in due:
+            if share < BREACH and (ticket.id, target) in breached:
                 # The daemon was down past the deadline: the escalation says it all.
-                timer.outcome = "skipped: the deadline passed before the reminder was due to be sent"
+                done.append(
+                    {
+                        "timer_id": timer_id,
+                        "outcome": "skipped: the deadline passed before the reminder was due to be sent",
+                    }
+                )
                 report.skipped += 1
                 continue
-            due_at = ticket.first_response_due_at if timer.target == "first_response" else ticket.resolution_due_at
-            timer.outcome = self.alerts.send(session, ticket, timer.target, timer.share, due_at or now, now)
-            if timer.share >= BREACH:
+            due_at = ticket.first_response_due_at if target == FIRST_RESPONSE else ticket.resolution_due_at
+            alerts.append((timer_id, Alert(ticket, target, share, due_at or now)))
+        outcomes = self.alerts.send(session, [alert for _, alert in alerts], now)
+        events: list[dict[str, Any]] = []
+        raised: dict[int, str] = {}
+        for (timer_id, alert), outcome in zip(alerts, outcomes, strict=True):
+            done.append({"timer_id": timer_id, "outcome": outcome})
+            if alert.share >= BREACH:
                 report.escalations += 1
-                self._breached(session, ticket, timer.target, now)
+                events += self._breached(alert.ticket, alert.target, now, raised)
             else:
                 report.reminders += 1
-                session.add(
-                    TicketEvent(ticket_id=ticket.id, at=now, actor=SLA_ACTOR, kind="sla_reminder", new=timer.target)
-                )
+                events.append(_event(alert.ticket.id, now, "sla_reminder", None, alert.target))
+        timers = SlaTimer.__table__
+        assert isinstance(timers, Table)
+        session.execute(
+            update(timers)
+            .where(timers.c.id == bindparam("timer_id"))
+            .values(done_at=now, outcome=bindparam("outcome")),
+            done,
+        )
+        if events:
+            events_table = TicketEvent.__table__
+            assert isinstance(events_table, Table)
+            session.execute(insert(events_table), events)
+        if raised:
+            tickets = Ticket.__table__
+            assert isinstance(tickets, Table)
+            session.execute(
+                update(tickets).where(tickets.c.id == bindparam("ticket_id")).values(priority=bindparam("raised")),
+                [{"ticket_id": ticket_id, "raised": priority} for ticket_id, priority in raised.items()],
+            )
         return report
 
-    def _breached(self, session: Session, ticket: Ticket, target: str, now: datetime) -> None:
-        session.add(TicketEvent(ticket_id=ticket.id, at=now, actor=SLA_ACTOR, kind="sla_breach", new=target))
+    def _breached(self, ticket: Ticket, target: str, now: datetime, raised: dict[int, str]) -> list[dict[str, Any]]:
+        """The breach in the history, and the priority raised one step if the policy says so (`raised`:
+        the priorities raised in this batch, as a ticket may breach both targets at once)."""
+        events = [_event(ticket.id, now, "sla_breach", None, target)]
         priority = ticket.sla_priority or ticket.priority or self.settings.default_priority
-        policy = policy_for(self.settings, priority, ticket.queue, ticket.tier)
-        current = ticket.priority or priority
+        policy = self.planner.policy(priority, ticket.queue, ticket.tier)
+        current = raised.get(ticket.id) or ticket.priority or priority
         if policy is None or not policy.raise_priority or current == PRIORITIES[0]:
-            return
-        raised = PRIORITIES[max(0, PRIORITIES.index(current) - 1)] if current in PRIORITIES else current
-        session.add(TicketEvent(ticket_id=ticket.id, at=now, actor=SLA_ACTOR, kind="priority", old=current, new=raised))
-        ticket.priority = raised
-        log.info("%s breached its %s target: priority raised %s -> %s", ticket.number, target, current, raised)
+            return events
+        new = PRIORITIES[max(0, PRIORITIES.index(current) - 1)] if current in PRIORITIES else current
+        events.append(_event(ticket.id, now, "priority", current, new))
+        raised[ticket.id] = new
+        # The ticket as loaded is kept in step (it is not flushed: the update above writes it).
+        set_committed_value(ticket, "priority", new)
+        log.info("%s breached its %s target: priority raised %s -> %s", ticket.number, target, current, new)
+        return events
+
+
+def _event(ticket_id: int, at: datetime, kind: str, old: str | None, new: str | None) -> dict[str, Any]:
+    return {
+        "ticket_id": ticket_id,
+        "at": at,
+        "actor": SLA_ACTOR,
+        "kind": kind,
+        "old": old,
+        "new": new,
+        "article_id": None,
+    }

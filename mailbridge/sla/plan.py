@@ -137,7 +137,7 @@ def plan(
             continue
         dues[which] = moment(clock, spans, target)
         for share in (*reminders, BREACH):
-            fire_at = None if met[which] else moment(clock, spans, target * share)
+            fire_at = None if met[which] else dues[which] if share == BREACH else moment(clock, spans, target * share)
             timers.append(Timer(which, share, fire_at))
     open_span = spans[-1][1] is None if spans else False
     paused_since = None if open_span else (spans[-1][1] if spans else created_at)
