@@ -12,19 +12,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 from sqlalchemy.engine import make_url
 
-from mailbridge.app import App, build_app, install_signal_handlers
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailbridge.customers import DirectoryError
-from mailbridge.ingest.maildir import ensure_maildir
+from mailbridge.db import Database
 from mailbridge.logs import setup_logging
-from mailbridge.notify.render import TemplateProblem
 from mailbridge.quarantine import list_quarantined
+
+if TYPE_CHECKING:
+    from mailbridge.app import App
 
 app = typer.Typer(help="mailbridge: e-mail to tickets, nothing lost, nothing twice.", no_args_is_help=True)
 tickets_app = typer.Typer(help="Look at tickets.", no_args_is_help=True)
@@ -63,6 +64,11 @@ def _settings(config: Path | None) -> Settings:
 
 @contextmanager
 def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
+    # Imported here: the App brings in the whole pipeline (a second of start-up on a busy machine), which
+    # commands that only read the database (`report`) do without.
+    from mailbridge.app import build_app
+    from mailbridge.notify.render import TemplateProblem
+
     settings = _settings(config)
     setup_logging(settings.logging.level)
     application = build_app(settings)
@@ -76,6 +82,21 @@ def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
         yield application
     finally:
         application.close()
+
+
+@contextmanager
+def _database(config: Path | None) -> Iterator[tuple[Settings, Database]]:
+    """The settings and the database, brought up to date, without the rest of the App: for commands that
+    only read."""
+    settings = _settings(config)
+    setup_logging(settings.logging.level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    try:
+        db.upgrade()
+        yield settings, db
+    finally:
+        db.close()
 
 
 # Mail is written by strangers: escape sequences in a subject must not drive the admin's terminal.
@@ -137,6 +158,8 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 async def _run_daemon(application: App) -> None:
+    from mailbridge.app import install_signal_handlers
+
     stop = asyncio.Event()
     install_signal_handlers(stop)
     await application.run(stop)
@@ -154,6 +177,8 @@ def demo(
     inbox = data_dir / "demo-inbox"
     config_path = data_dir / "mailbridge.yaml"
     first_run = not inbox.exists()
+    from mailbridge.ingest.maildir import ensure_maildir
+
     ensure_maildir(inbox)
     if not config_path.exists():
         config_path.write_text(
@@ -811,8 +836,7 @@ def report(
     if last < first:
         typer.echo(f"error: --until {last} is before --since {first}", err=True)
         raise typer.Exit(2)
-    with _app(config) as application, application.db.reader() as session:
-        settings = application.settings
+    with _database(config) as (settings, db), db.reader() as session:
         result = build_report(session, settings.sla, settings.routing.triage_queue, first, last, queue)
     if html is not None:
         from mailbridge.reporting.html import as_html
