@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from mailbridge.cli import app as cli
 from mailbridge.config import ConfigError, load_settings
 from mailbridge.ingest.parse import parse
-from mailbridge.routing import Router, words
+from mailbridge.routing import Router, fold, words
 from mailbridge.routing_rules import RoutingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,17 @@ def router(*rules: dict[str, Any], **options: Any) -> Router:
 
 def test_words_are_lower_case_without_diacritics() -> None:
     assert words("Fakturę, ŁÓDŹ i Gdańsk-Oliwa!") == ["fakture", "lodz", "i", "gdansk", "oliwa"]
+
+
+def test_words_fold_character_by_character_as_the_whole_text_would() -> None:
+    # words() folds each character on its own (a cached table); fold() normalises the whole text at once.
+    # Every character of the planes that have decompositions, side by side and between combining marks:
+    every = [chr(c) for c in (*range(0x20000), *range(0x2F800, 0x2FA20)) if not 0xD800 <= c < 0xE000]
+    for start in range(0, len(every), 4096):
+        chunk = every[start : start + 4096]
+        for text in ("".join(chunk), "\u0301".join(chunk)):
+            assert words(text) == re.findall(r"\w+", fold(text))
+    assert words("ﬁle ½ Ǆ İstanbul СЧЁТ") == re.findall(r"\w+", fold("ﬁle ½ Ǆ İstanbul СЧЁТ"))
 
 
 @pytest.mark.parametrize(
