@@ -316,8 +316,9 @@ class Pipeline:
 
     def _route(self, raw: RawMail, mail: ParsedMail) -> Decision:
         # The parser workers have usually applied the rules already; the customer directory is looked up here.
-        by_rules = mail.routing if isinstance(mail.routing, Decision) else self.router.by_rules(mail, raw.mailbox)
-        return self.router.with_customer(by_rules, mail)
+        if isinstance(mail.routing, Decision):
+            return self.router.with_customer(mail.routing, mail)
+        return self.router.with_customer(self.router.by_rules(mail, raw.mailbox, explain=False), mail)
 
     @staticmethod
     def _quarantine(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,41 @@ def test_all_regex_header_sender_domain_mailbox_recipient_attachments() -> None:
     )
     assert (routed.queue, routed.priority, routed.confidence) == ("ops", "P1", 1.0)
     assert router(rule).route(mail("Awaria serwera", "Dotyczy SRV-123."), "other").queue == "triage"
+
+
+def test_the_workers_decision_without_explanations_is_the_explained_one() -> None:
+    # The parser workers skip the reasons (`explain=False`) and, for a rule that asks for nothing but one of
+    # some words, trust the word index; every kind of condition must decide the same either way.
+    rules = [
+        {"name": "words", "when": {"text": {"any": ["faktur*", "invoice", "vpn"]}}, "then": {"queue": "a"}},
+        {"name": "phrase", "when": {"body": {"any": ["umowa ramowa", "rachunek*"]}}, "then": {"queue": "b"}},
+        {"name": "both", "when": {"subject": {"any": ["awari*"], "all": ["serwer*"]}}, "then": {"priority": "P1"}},
+        {"name": "pattern", "when": {"text": {"any": ["srv"], "regex": r"\bSRV-\d{3}\b"}}, "then": {"tags": ["s"]}},
+        {"name": "header", "when": {"header": {"name": "X-Priority", "any": ["1"]}}, "then": {"priority": "P2"}},
+        {"name": "vip", "when": {"text": {"any": ["pilne"]}, "sender_domain": ["vip.example"]}, "then": {"owner": "o"}},
+        {"name": "sender", "when": {"sender": ["Jan@Klient.example"]}, "then": {"tags": ["jan"]}},
+        {
+            "name": "channel",
+            "when": {"mailbox": ["sales"], "recipient": ["SALES@helpdesk.example"]},
+            "then": {"queue": "c"},
+        },
+        {"name": "files", "when": {"text": {"any": ["skan"]}, "has_attachments": True}, "then": {"queue": "d"}},
+        {"name": "human", "when": {"text": {"any": ["reklamac*"]}}, "then": {"triage": True}, "confidence": 0.8},
+    ]
+    mails = [
+        mail("Faktura 12/2026"),
+        mail("Awaria serwera", "Dotyczy SRV-123, pilne.", sender="a@dzial.vip.example", headers="X-Priority: 1\n"),
+        mail("Awaria", "srv bez numeru; nasza umowa ramowa"),
+        mail("Re: skan", "Reklamacja, w załączeniu skan", sender="Jan@klient.example"),
+        mail("Pytanie", "rachunki za VPN", sender="x@sales.example"),
+        mail("Nic", "zupełnie nic"),
+    ]
+    routing = router(*rules, default_queue="general")
+    for routed in mails:
+        for mailbox in ("support", "sales"):
+            explained = routing.by_rules(routed, mailbox)
+            assert routing.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
+    assert {m.rule.name for m in routing.by_rules(mails[1], "support").matched} == {"both", "pattern", "header", "vip"}
 
 
 def test_first_queue_wins_later_matches_fill_in_and_conflicts_send_to_triage() -> None:
