@@ -146,11 +146,12 @@ class Router:
             return Decision(self.settings.default_queue)
         view = _MailView(mail, mailbox)
         candidates = sorted(self._gates.candidates(view))  # in the rules' order: the first queue wins
+        rules = self._rules
         if not explain:
-            proven, rules = self._proven, self._rules
-            return self._decide([rules[i].rule for i in candidates if i in proven or rules[i].holds(view)], ())
-        matches = [m for i in candidates if (m := self._rules[i].match(view))]
-        return self._decide([m.rule for m in matches], tuple(matches))
+            proven = self._proven
+            return self._decide([rules[i] for i in candidates if i in proven or rules[i].holds(view)], ())
+        matches = [(rules[i], m) for i in candidates if (m := rules[i].match(view))]
+        return self._decide([rule for rule, _ in matches], tuple(m for _, m in matches))
 
     def with_customer(self, decision: Decision, mail: ParsedMail) -> Decision:
         """The customer's organisation: its tier sets at least its priority, its account manager the owner."""
@@ -167,48 +168,38 @@ class Router:
         owner = decision.owner or (organisation.account_manager if customers.account_manager_owns else None)
         return replace(decision, priority=priority, owner=owner, organisation=organisation)
 
-    def _decide(self, rules: Sequence[Rule], matched: tuple[RuleMatch, ...]) -> Decision:
+    def _decide(self, rules: Sequence[_CompiledRule], matched: tuple[RuleMatch, ...]) -> Decision:
         settings = self.settings
         names = tuple(rule.name for rule in rules)
-        queue = priority = owner = None
-        tags: list[str] = []
-        winner: Rule | None = None
-        for rule in rules:
-            then = rule.then
-            if then.queue and queue is None:
-                queue, winner = then.queue, rule
-            priority = priority or then.priority
-            owner = owner or then.owner
-            tags += [t for t in then.tags if t not in tags]
-        triage = [rule.name for rule in rules if rule.then.triage]
+        winner = next((rule for rule in rules if rule.queue), None)
+        queue = winner.queue if winner else None
+        priority = next((rule.priority for rule in rules if rule.priority), None)
+        owner = next((rule.owner for rule in rules if rule.owner), None)
+        tags = tuple(dict.fromkeys(tag for rule in rules for tag in rule.tags))
+        triage = [rule.name for rule in rules if rule.triage]
         if winner is None and not triage:
             if settings.default_queue:  # no rule names a queue: the default one
-                return Decision(
-                    settings.default_queue, priority, owner, tuple(tags), 1.0, matched=matched, rule_names=names
-                )
+                return Decision(settings.default_queue, priority, owner, tags, 1.0, matched=matched, rule_names=names)
             return Decision(
                 settings.triage_queue,
                 priority,
                 owner,
-                tuple(tags),
+                tags,
                 0.0,
                 "no routing rule decides this mail",
                 matched=matched,
                 rule_names=names,
             )
         confidence = winner.confidence if winner else 0.0
-        candidates = list(dict.fromkeys(rule.then.queue for rule in rules if rule.then.queue))
-        conflicting = [rule for rule in rules if rule.then.queue and rule.then.queue != queue]
+        candidates = tuple(dict.fromkeys(rule.queue for rule in rules if rule.queue))
+        conflicting = [rule for rule in rules if rule.queue and rule.queue != queue]
         for other in conflicting:
             confidence *= 1 - other.confidence / 2
         why: list[str] = []
         if triage:
             why.append("rule " + ", ".join(triage) + " asks for a human")
         if conflicting:
-            why.append(
-                "rules disagree: "
-                + "; ".join(f"{r.name} -> {r.then.queue}" for r in [winner, *conflicting] if r is not None)
-            )
+            why.append("rules disagree: " + "; ".join(r.points_to for r in [winner, *conflicting] if r is not None))
         if confidence < settings.triage_threshold and not why:
             why.append(f"rule {winner.name if winner else '?'} is only {confidence:.2f} sure")
         if why:
@@ -216,26 +207,17 @@ class Router:
                 settings.triage_queue,
                 priority,
                 owner,
-                tuple(tags),
+                tags,
                 round(confidence, 4),
                 f"routing unsure (confidence {confidence:.2f} < {settings.triage_threshold}): "
                 + "; ".join(why)
                 + f"; candidates: {', '.join(candidates) or 'none'}",
-                tuple(candidates),
+                candidates,
                 matched,
                 rule_names=names,
             )
-        return Decision(
-            queue,
-            priority,
-            owner,
-            tuple(tags),
-            round(confidence, 4),
-            None,
-            tuple(candidates),
-            matched,
-            rule_names=names,
-        )
+        confidence = round(confidence, 4)
+        return Decision(queue, priority, owner, tags, confidence, None, candidates, matched, rule_names=names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +244,15 @@ class _CompiledRule:
     recipients: frozenset[str] | None
     # The field whose `any` keywords the gates have already found when they pick this rule (single words):
     gated: str | None
+    # What it decides, read once from the settings:
+    name: str
+    queue: str | None
+    priority: str | None
+    owner: str | None
+    tags: tuple[str, ...]
+    triage: bool
+    confidence: float
+    points_to: str  # "name -> queue", for the triage reason when rules disagree
 
     @classmethod
     def of(cls, rule: Rule) -> _CompiledRule:
@@ -287,6 +278,14 @@ class _CompiledRule:
             tuple(d.lower() for d in when.sender_domain) if when.sender_domain is not None else None,
             frozenset(r.lower() for r in when.recipient) if when.recipient is not None else None,
             gate.where if gate is not None and all(len(k.parts) == 1 for k in gate.any_of) else None,
+            rule.name,
+            rule.then.queue,
+            rule.then.priority,
+            rule.then.owner,
+            tuple(rule.then.tags),
+            rule.then.triage,
+            rule.confidence,
+            f"{rule.name} -> {rule.then.queue}",
         )
 
     @property
