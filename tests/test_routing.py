@@ -254,6 +254,36 @@ def test_customer_directory_yaml_and_csv(tmp_path: Path) -> None:
         CustomerDirectory.load(broken)
 
 
+def test_customer_directory_csv_columns_in_any_order_quoted_short_and_blank_rows(tmp_path: Path) -> None:
+    from mailbridge.customers import CustomerDirectory, DirectoryError
+
+    csv_file = tmp_path / "customers.csv"
+    csv_file.write_text(
+        "tier,name,domains,addresses,account_manager,notes\n"
+        "\n"
+        '"Enterprise ","Contoso, Ltd.","contoso.example; CONTOSO.example.org",,Ola@Helpdesk.example,vip,more\n'
+        "standard,Short Row,short.example\n"
+        ",Jan,,Jan@Gmail.example\n"
+    )
+    directory = CustomerDirectory.load(csv_file)
+    contoso = directory.find("a@mail.contoso.example.org")
+    assert contoso is not None and (contoso.name, contoso.tier, contoso.account_manager) == (
+        "Contoso, Ltd.",
+        "enterprise",
+        "ola@helpdesk.example",
+    )
+    assert directory.find("b@contoso.example") is contoso
+    short = directory.find("x@short.example")
+    assert short is not None and (short.name, short.tier, short.account_manager) == ("Short Row", "standard", None)
+    jan = directory.find("jan@gmail.example")
+    assert jan is not None and (jan.name, jan.tier) == ("Jan", None)
+    assert (len(directory), directory.find("other@gmail.example")) == (3, None)
+    no_name = tmp_path / "no-name.csv"
+    no_name.write_text("name,domains\nFirst,first.example\n\n,second.example\n")
+    with pytest.raises(DirectoryError, match="entry 2 has no name"):  # blank lines are not entries
+        CustomerDirectory.load(no_name)
+
+
 def test_an_enterprise_customer_gets_p1_and_its_account_manager(tmp_path: Path) -> None:
     from mailbridge.customers import CustomerDirectory
 
