@@ -271,13 +271,14 @@ class _CompiledRule:
                     )
                 )
         gate = _Gates.gate(texts)
+        gated_any = gate is not None and gate[1] is gate[0].any_of and all(len(k.parts) == 1 for k in gate[1])
         return cls(
             rule,
             tuple(texts),
             frozenset(s.lower() for s in when.sender) if when.sender is not None else None,
             tuple(d.lower() for d in when.sender_domain) if when.sender_domain is not None else None,
             frozenset(r.lower() for r in when.recipient) if when.recipient is not None else None,
-            gate.where if gate is not None and all(len(k.parts) == 1 for k in gate.any_of) else None,
+            gate[0].where if gate is not None and gated_any else None,
             rule.name,
             rule.then.queue,
             rule.then.priority,
@@ -385,12 +386,13 @@ class _Gates:
             if gate is None:
                 self.always.add(index)
                 continue
-            for keyword in gate.any_of:
+            condition, needed = gate
+            for keyword in needed:
                 first = keyword.parts[0]
                 if keyword.prefix and len(keyword.parts) == 1:
-                    beginnings[gate.where].setdefault(first, set()).add(index)
+                    beginnings[condition.where].setdefault(first, set()).add(index)
                 else:
-                    self.exact[gate.where].setdefault(first, set()).add(index)
+                    self.exact[condition.where].setdefault(first, set()).add(index)
         for field_name, by_beginning in beginnings.items():
             if by_beginning:
                 shortest = self.shortest[field_name] = min(len(b) for b in by_beginning)
@@ -398,9 +400,15 @@ class _Gates:
                     self.prefix[field_name].setdefault(beginning[:shortest], []).append((beginning, indexes))
 
     @classmethod
-    def gate(cls, texts: Sequence[_TextCondition]) -> _TextCondition | None:
-        """The condition whose `any` keywords a rule needs one of, if it has such a condition."""
-        return next((c for f in cls.FIELDS for c in texts if c.where == f and c.any_of), None)
+    def gate(cls, texts: Sequence[_TextCondition]) -> tuple[_TextCondition, tuple[_Keyword, ...]] | None:
+        """Keywords a rule needs one of, and their condition: its `any` keywords, else the first of its `all`
+        ones (on the text, subject or body); None: the rule is checked for every mail."""
+        for wanted in ("any_of", "all_of"):
+            for where in cls.FIELDS:
+                for condition in texts:
+                    if condition.where == where and (keywords := getattr(condition, wanted)):
+                        return condition, keywords if wanted == "any_of" else keywords[:1]
+        return None
 
     def candidates(self, view: _MailView) -> set[int]:
         found = set(self.always)

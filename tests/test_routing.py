@@ -92,6 +92,7 @@ def test_the_workers_decision_without_explanations_is_the_explained_one() -> Non
         {"name": "words", "when": {"text": {"any": ["faktur*", "invoice", "vpn"]}}, "then": {"queue": "a"}},
         {"name": "phrase", "when": {"body": {"any": ["umowa ramowa", "rachunek*"]}}, "then": {"queue": "b"}},
         {"name": "both", "when": {"subject": {"any": ["awari*"], "all": ["serwer*"]}}, "then": {"priority": "P1"}},
+        {"name": "pair", "when": {"text": {"all": ["faktur*", "korekt*"]}}, "then": {"tags": ["fix"]}},
         {"name": "pattern", "when": {"text": {"any": ["srv"], "regex": r"\bSRV-\d{3}\b"}}, "then": {"tags": ["s"]}},
         {"name": "header", "when": {"header": {"name": "X-Priority", "any": ["1"]}}, "then": {"priority": "P2"}},
         {"name": "vip", "when": {"text": {"any": ["pilne"]}, "sender_domain": ["vip.example"]}, "then": {"owner": "o"}},
@@ -106,6 +107,7 @@ def test_the_workers_decision_without_explanations_is_the_explained_one() -> Non
     ]
     mails = [
         mail("Faktura 12/2026"),
+        mail("Faktura 13/2026", "prośba o korektę"),
         mail("Awaria serwera", "Dotyczy SRV-123, pilne.", sender="a@dzial.vip.example", headers="X-Priority: 1\n"),
         mail("Awaria", "srv bez numeru; nasza umowa ramowa"),
         mail("Re: skan", "Reklamacja, w załączeniu skan", sender="Jan@klient.example"),
@@ -117,7 +119,8 @@ def test_the_workers_decision_without_explanations_is_the_explained_one() -> Non
         for mailbox in ("support", "sales"):
             explained = routing.by_rules(routed, mailbox)
             assert routing.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
-    assert {m.rule.name for m in routing.by_rules(mails[1], "support").matched} == {"both", "pattern", "header", "vip"}
+    assert {m.rule.name for m in routing.by_rules(mails[2], "support").matched} == {"both", "pattern", "header", "vip"}
+    assert {m.rule.name for m in routing.by_rules(mails[1], "support").matched} == {"words", "pair", "sender"}
 
 
 def test_first_queue_wins_later_matches_fill_in_and_conflicts_send_to_triage() -> None:
