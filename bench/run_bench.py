@@ -78,7 +78,9 @@ ACKS_KEY = "acks"
 # The variant key `replies=true`: half of the mails are replies to the other half (threading's cost).
 REPLIES_KEY = "replies"
 # The variant key `routing=true`: 200 keyword rules and a 50,000-organisation customer directory.
+# `routing=sparse`: 200 rules of which a mail matches one to three, as in a real rule set (same directory).
 ROUTING_KEY = "routing"
+ROUTING_SPARSE = "sparse"
 ROUTING_RULES, DIRECTORY_SIZE = 200, 50_000
 # The variant key `crm=MS`: every sender is looked up in a local CRM (tests/support/crm_server.py) that takes
 # MS milliseconds per answer; a third of the domains are enterprise customers.
@@ -465,8 +467,10 @@ def write_config(
         if key == REPLIES_KEY:
             continue
         if key == ROUTING_KEY:
+            if value not in (True, False, ROUTING_SPARSE):
+                raise BenchError(f"routing={value!r}: use true, false or {ROUTING_SPARSE}")
             if value:
-                config["routing"] = routing_config(path.parent)
+                config["routing"] = routing_config(path.parent, sparse=value == ROUTING_SPARSE)
             continue
         if key == CRM_KEY:
             customers = config.setdefault("routing", {}).setdefault("customers", {})
@@ -512,9 +516,27 @@ def answering(sink: SmtpSink, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def routing_config(directory: Path) -> dict[str, Any]:
+def routing_config(directory: Path, sparse: bool = False) -> dict[str, Any]:
     """200 rules over words that occur in the generated mails, and a 50,000-entry customer directory that
     also knows the generated senders' domains (some of them enterprise customers)."""
+    rules = sparse_rules() if sparse else keyword_rules()
+    rules_file = directory / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
+    customers = directory / "customers.csv"
+    with customers.open("w") as handle:
+        handle.write("name,domains,addresses,tier,account_manager\n")
+        for index in range(DIRECTORY_SIZE):
+            tier = "enterprise" if index % 10 == 0 else "standard"
+            handle.write(f"Org {index},org{index}.example,,{tier},am{index % 50}@helpdesk.example\n")
+        for index, domain in enumerate(_sample_domains()):
+            handle.write(f"Sender {index},{domain},,{'enterprise' if index % 3 == 0 else 'standard'},\n")
+    return {"rules_file": str(rules_file), "customers": {"directory": str(customers)}, "default_queue": "general"}
+
+
+def keyword_rules() -> list[dict[str, Any]]:
+    """`routing=true`: every rule looks for five words of the subjects in the whole text. The generated
+    bodies are drawn from a few dozen sentences per language, so a mail matches about 40 of these rules
+    and nearly every mail goes to triage: the worst case for the rules' cost, not a realistic rule set."""
     rng = random.Random(7)
     subjects = [set(re.findall(r"[^\W\d_]{5,}", s.lower())) for s in _sample_subjects()]
     frequency: dict[str, int] = {}
@@ -539,17 +561,57 @@ def routing_config(directory: Path) -> dict[str, Any]:
                 "then": {"queue": f"queue{index % 20}", "tags": [f"t{index % 7}"]},
             }
         )
-    rules_file = directory / "rules.yaml"
-    rules_file.write_text(yaml.safe_dump(rules, sort_keys=False))
-    customers = directory / "customers.csv"
-    with customers.open("w") as handle:
-        handle.write("name,domains,addresses,tier,account_manager\n")
-        for index in range(DIRECTORY_SIZE):
-            tier = "enterprise" if index % 10 == 0 else "standard"
-            handle.write(f"Org {index},org{index}.example,,{tier},am{index % 50}@helpdesk.example\n")
-        for index, domain in enumerate(_sample_domains()):
-            handle.write(f"Sender {index},{domain},,{'enterprise' if index % 3 == 0 else 'standard'},\n")
-    return {"rules_file": str(rules_file), "customers": {"directory": str(customers)}, "default_queue": "general"}
+    return rules
+
+
+def sparse_rules() -> list[dict[str, Any]]:
+    """`routing=sparse`: 200 rules as a real help desk has them, each about one topic, so that a mail
+    matches one to three. Topic rules look at the subject (the generated bodies are random sentences,
+    unrelated to the subject, which real bodies are not), a few rules add a priority for the senders'
+    domains, and the rest are about topics that this corpus does not contain, with keywords and word
+    beginnings on the whole text: they cost their lookups but do not match."""
+    rng = random.Random(11)
+    subjects = [set(re.findall(r"[^\W\d_]{5,}", s.lower())) for s in _sample_subjects()]
+    frequency: dict[str, int] = {}
+    for found in subjects:
+        for word in found:
+            frequency[word] = frequency.get(word, 0) + 1
+    # A topic: the two most frequent words of a subject among those that few subjects share (a subject
+    # template's own words, not the department or city filled in, nor words that every template has).
+    limit = max(2, len(subjects) // 15)
+    topics: dict[tuple[str, ...], None] = {}
+    for found in subjects:
+        own = sorted((w for w in found if frequency[w] <= limit), key=lambda w: (-frequency[w], w))[:2]
+        if own:
+            topics[tuple(sorted(own))] = None
+    rules: list[dict[str, Any]] = []
+    for index, words in enumerate(list(topics)[:120]):
+        keywords = [w[: max(5, len(w) - 2)] + "*" if rng.random() < 0.3 else w for w in words]
+        rules.append(
+            {
+                "name": f"topic{index:03d}",
+                "when": {"subject": {"all": keywords}},
+                "then": {"queue": f"queue{index % 20}", "tags": [f"t{index % 7}"]},
+            }
+        )
+    for index, domain in enumerate(_sample_domains()[:20]):
+        rules.append({"name": f"customer{index:03d}", "when": {"sender_domain": [domain]}, "then": {"priority": "P2"}})
+    letters = "abcdefghijklmnoprstuwyząćęłńóśźż"
+    index = 0
+    while len(rules) < ROUTING_RULES:
+        keywords = []
+        for _ in range(5):
+            word = "".join(rng.choice(letters) for _ in range(rng.randint(6, 10)))
+            keywords.append(word[:5] + "*" if rng.random() < 0.3 else word)
+        rules.append(
+            {
+                "name": f"other{index:03d}",
+                "when": {"text": {"any": keywords}},
+                "then": {"queue": f"queue{index % 20}"},
+            }
+        )
+        index += 1
+    return rules
 
 
 def _sample_subjects() -> list[str]:

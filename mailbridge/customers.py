@@ -9,7 +9,10 @@ spaces, commas or semicolons)."""
 from __future__ import annotations
 
 import csv
+import operator
 import re
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,7 @@ class CrmAnswer:
 
 
 class CustomerDirectory:
-    def __init__(self, organisations: list[tuple[Organisation, list[str], list[str]]]) -> None:
+    def __init__(self, organisations: Iterable[tuple[Organisation, list[str], list[str]]]) -> None:
         self.by_address: dict[str, Organisation] = {}
         self.by_domain: dict[str, Organisation] = {}
         for org, domains, addresses in organisations:
@@ -68,31 +71,66 @@ class CustomerDirectory:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise DirectoryError(f"{path}: cannot read the customer directory: {exc.strerror}") from None
+        rows: Iterable[tuple[object, ...] | None]
         if path.suffix.lower() == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
+            rows = _csv_rows(text)
         else:
             try:
-                rows = yaml.safe_load(text) or []
+                entries = yaml.safe_load(text) or []
             except yaml.YAMLError as exc:
                 raise DirectoryError(f"{path}: not valid YAML: {exc}") from None
-            if not isinstance(rows, list):
+            if not isinstance(entries, list):
                 raise DirectoryError(f"{path}: must be a list of organisations")
-        entries = []
-        for number, row in enumerate(rows, start=1):
-            if not isinstance(row, dict) or not str(row.get("name") or "").strip():
-                raise DirectoryError(f"{path}: entry {number} has no name")
-            domains = _values(row.get("domains"))
-            addresses = _values(row.get("addresses"))
-            if not domains and not addresses:
-                raise DirectoryError(f"{path}: entry {number} ({row['name']}) has no domains and no addresses")
-            tier = str(row.get("tier") or "").strip().lower() or None
-            manager = str(row.get("account_manager") or "").strip().lower() or None
-            entries.append((Organisation(str(row["name"]).strip(), tier, manager), domains, addresses))
-        return cls(entries)
+            rows = (tuple(e.get(key) for key in _COLUMNS) if isinstance(e, dict) else None for e in entries)
+        return cls(_organisations(path, rows))
+
+
+_COLUMNS = ("name", "domains", "addresses", "tier", "account_manager")
+
+
+def _csv_rows(text: str) -> Iterator[tuple[str | None, ...]]:
+    """The columns we use, row by row, as csv.DictReader would give them (without a dict per row)."""
+    reader = csv.reader(text.splitlines())
+    header = next(reader, None)
+    if header is None:
+        return
+    position = {name: index for index, name in enumerate(header)}  # a repeated column: the last one wins
+    wanted = [position.get(key) for key in _COLUMNS]
+    pick = operator.itemgetter(*wanted) if None not in wanted else None
+    last = max((i for i in wanted if i is not None), default=-1)
+    for row in reader:
+        if pick is not None and len(row) > last:
+            yield pick(row)
+        elif row:  # a short row (its missing columns are empty) or a missing column; blank lines are no entries
+            yield tuple(row[i] if i is not None and i < len(row) else None for i in wanted)
+
+
+def _organisations(
+    path: Path, rows: Iterable[tuple[object, ...] | None]
+) -> Iterator[tuple[Organisation, list[str], list[str]]]:
+    for number, row in enumerate(rows, start=1):
+        if row is None or not str(row[0] or "").strip():
+            raise DirectoryError(f"{path}: entry {number} has no name")
+        name, domains, addresses, tier, manager = row
+        domain_list, address_list = _values(domains), _values(addresses)
+        if not domain_list and not address_list:
+            raise DirectoryError(f"{path}: entry {number} ({name}) has no domains and no addresses")
+        # A few tiers and account managers, each shared by thousands of organisations: one string apiece.
+        yield (
+            Organisation(
+                str(name).strip(),
+                sys.intern(str(tier or "").strip().lower()) or None,
+                sys.intern(str(manager or "").strip().lower()) or None,
+            ),
+            domain_list,
+            address_list,
+        )
 
 
 def _values(value: object) -> list[str]:
     if value is None:
         return []
+    if isinstance(value, str) and _SPLIT.search(text := value.strip()) is None:
+        return [text] if text else []  # one domain or address: the common case, without splitting
     items = value if isinstance(value, list) else _SPLIT.split(str(value))
     return [str(v).strip() for v in items if str(v).strip()]

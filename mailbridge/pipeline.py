@@ -376,7 +376,10 @@ class Pipeline:
     def _route(self, raw: RawMail, mail: ParsedMail, crm: CrmAnswers) -> Decision:
         # The parser workers have usually applied the rules already; the customer directory is looked up here,
         # and the CRM's answer (asked before the transaction) used.
-        by_rules = mail.routing if isinstance(mail.routing, Decision) else self.router.by_rules(mail, raw.mailbox)
+        if isinstance(mail.routing, Decision):
+            by_rules = mail.routing
+        else:
+            by_rules = self.router.by_rules(mail, raw.mailbox, explain=False)
         sender = mail.sender.address.lower() if mail.sender else ""
         return self.router.with_customer(by_rules, mail, crm.get(sender))
 

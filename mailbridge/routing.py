@@ -11,7 +11,6 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from mailbridge.customers import CrmAnswer, CustomerDirectory, Organisation
 from mailbridge.ingest.mail import ParsedMail
@@ -24,9 +23,32 @@ _PLAIN = str.maketrans({"ł": "l", "Ł": "l", "ø": "o", "đ": "d", "ß": "ss", 
 
 def words(text: str) -> list[str]:
     """Lower-case words without diacritics: 'Fakturę' -> 'fakture'."""
+    if text.isascii():  # nothing to take apart: a third of all mail, and every keyword we compile
+        return _WORD.findall(text.lower())
+    return _WORD.findall(text.translate(_FOLDED))
+
+
+def fold(text: str) -> str:
+    """The definition of what `words` sees: ł -> l, case folded, NFKD, combining marks dropped."""
     decomposed = unicodedata.normalize("NFKD", text.translate(_PLAIN).casefold())
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return _WORD.findall(plain)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+class _FoldedCharacters(dict[int, str]):
+    """`fold` character by character, remembered, for `str.translate`: four times faster than `fold`, and
+    the same: case folding and the NFKD decomposition are per character, and the only thing NFKD does across
+    characters (reordering combining marks) concerns marks that `fold` drops anyway."""
+
+    LIMIT = 20_000  # characters remembered; a mail of every script cannot grow a worker without bound
+
+    def __missing__(self, ordinal: int) -> str:
+        folded = fold(chr(ordinal))
+        if len(self) < self.LIMIT:
+            self[ordinal] = folded
+        return folded
+
+
+_FOLDED = _FoldedCharacters()
 
 
 class TextIndex:
@@ -94,15 +116,13 @@ class Decision:
     confidence: float = 1.0
     triage_reason: str | None = None
     candidates: tuple[str, ...] = ()
-    matched: tuple[RuleMatch, ...] = field(default=(), repr=False)  # for explaining; not sent between processes
+    # For explaining (`by_rules(explain=True)`); left empty on the parser workers: the rule objects and the
+    # reasons they matched would cost more to build and to send to the main process than the rest.
+    matched: tuple[RuleMatch, ...] = field(default=(), repr=False)
     organisation: Organisation | None = None
     rule_names: tuple[str, ...] = ()
     customer_source: str | None = None  # where the organisation comes from: directory or CRM
     customer_problem: str | None = None  # why the CRM could not say who the customer is
-
-    def portable(self) -> Decision:
-        """Without the rule objects (cheap to send from a parser worker)."""
-        return replace(self, matched=())
 
     @property
     def summary(self) -> str:
@@ -119,33 +139,26 @@ class Router:
     def __init__(self, settings: RoutingSettings, directory: CustomerDirectory | None = None) -> None:
         self.settings = settings
         self.directory = directory
-        self._keywords: dict[int, dict[str, tuple[list[_Keyword], list[_Keyword], re.Pattern[str] | None]]] = {}
-        for index, rule in enumerate(settings.rules):
-            compiled = {}
-            for where in ("subject", "body", "text", "header"):
-                condition: Keywords | None = getattr(rule.when, where)
-                if condition is not None:
-                    compiled[where] = (
-                        [_Keyword.of(k) for k in condition.any],
-                        [_Keyword.of(k) for k in condition.all],
-                        re.compile(condition.regex, re.IGNORECASE) if condition.regex else None,
-                    )
-            self._keywords[index] = compiled
-        self._gates = _Gates(settings.rules, self._keywords)
+        self._rules = [_CompiledRule.of(rule) for rule in settings.rules]
+        self._gates = _Gates(self._rules)
+        self._proven = {index for index, rule in enumerate(self._rules) if rule.proven}
 
     def route(self, mail: ParsedMail, mailbox: str, crm: CrmAnswer | None = None) -> Decision:
         return self.with_customer(self.by_rules(mail, mailbox), mail, crm)
 
-    def by_rules(self, mail: ParsedMail, mailbox: str) -> Decision:
-        """The rules' decision (CPU work: the parser workers do it, beside parsing)."""
+    def by_rules(self, mail: ParsedMail, mailbox: str, explain: bool = True) -> Decision:
+        """The rules' decision (CPU work: the parser workers do it, beside parsing). Without `explain` the
+        decision is the same but carries no matches and why they matched (which only `rules explain` shows)."""
         if not self.settings.rules:  # no rules: nothing to be unsure about
             return Decision(self.settings.default_queue)
         view = _MailView(mail, mailbox)
-        candidates = self._gates.candidates(view)
-        matches = [
-            m for i, rule in enumerate(self.settings.rules) if i in candidates and (m := self._match(i, rule, view))
-        ]
-        return replace(self._decide(matches), rule_names=tuple(m.rule.name for m in matches))
+        candidates = sorted(self._gates.candidates(view))  # in the rules' order: the first queue wins
+        rules = self._rules
+        if not explain:
+            proven = self._proven
+            return self._decide([rules[i] for i in candidates if i in proven or rules[i].holds(view)], ())
+        matches = [(rules[i], m) for i in candidates if (m := rules[i].match(view))]
+        return self._decide([rule for rule, _ in matches], tuple(m for _, m in matches))
 
     def knows(self, address: str) -> bool:
         """The directory knows this sender (then the CRM is not asked)."""
@@ -176,103 +189,203 @@ class Router:
         owner = decision.owner or (organisation.account_manager if customers.account_manager_owns else None)
         return replace(decision, priority=priority, owner=owner, organisation=organisation, customer_source=source)
 
-    def _decide(self, matches: list[RuleMatch]) -> Decision:
+    def _decide(self, rules: Sequence[_CompiledRule], matched: tuple[RuleMatch, ...]) -> Decision:
         settings = self.settings
-        queue = priority = owner = None
-        tags: list[str] = []
-        winner: RuleMatch | None = None
-        for match in matches:
-            then = match.rule.then
-            if then.queue and queue is None:
-                queue, winner = then.queue, match
-            priority = priority or then.priority
-            owner = owner or then.owner
-            tags += [t for t in then.tags if t not in tags]
-        if winner is None and not any(m.rule.then.triage for m in matches):
+        names = tuple(rule.name for rule in rules)
+        winner = next((rule for rule in rules if rule.queue), None)
+        queue = winner.queue if winner else None
+        priority = next((rule.priority for rule in rules if rule.priority), None)
+        owner = next((rule.owner for rule in rules if rule.owner), None)
+        tags = tuple(dict.fromkeys(tag for rule in rules for tag in rule.tags))
+        triage = [rule.name for rule in rules if rule.triage]
+        if winner is None and not triage:
             if settings.default_queue:  # no rule names a queue: the default one
-                return Decision(settings.default_queue, priority, owner, tuple(tags), 1.0, matched=tuple(matches))
+                return Decision(settings.default_queue, priority, owner, tags, 1.0, matched=matched, rule_names=names)
             return Decision(
                 settings.triage_queue,
                 priority,
                 owner,
-                tuple(tags),
+                tags,
                 0.0,
                 "no routing rule decides this mail",
-                matched=tuple(matches),
+                matched=matched,
+                rule_names=names,
             )
-        confidence = winner.rule.confidence if winner else 0.0
-        candidates = list(dict.fromkeys(m.rule.then.queue for m in matches if m.rule.then.queue))
-        conflicting = [m for m in matches if m.rule.then.queue and m.rule.then.queue != queue]
+        confidence = winner.confidence if winner else 0.0
+        candidates = tuple(dict.fromkeys(rule.queue for rule in rules if rule.queue))
+        conflicting = [rule for rule in rules if rule.queue and rule.queue != queue]
         for other in conflicting:
-            confidence *= 1 - other.rule.confidence / 2
+            confidence *= 1 - other.confidence / 2
         why: list[str] = []
-        if any(m.rule.then.triage for m in matches):
-            why.append("rule " + ", ".join(m.rule.name for m in matches if m.rule.then.triage) + " asks for a human")
+        if triage:
+            why.append("rule " + ", ".join(triage) + " asks for a human")
         if conflicting:
-            why.append(
-                "rules disagree: "
-                + "; ".join(f"{m.rule.name} -> {m.rule.then.queue}" for m in [winner, *conflicting] if m is not None)
-            )
+            why.append("rules disagree: " + "; ".join(r.points_to for r in [winner, *conflicting] if r is not None))
         if confidence < settings.triage_threshold and not why:
-            why.append(f"rule {winner.rule.name if winner else '?'} is only {confidence:.2f} sure")
+            why.append(f"rule {winner.name if winner else '?'} is only {confidence:.2f} sure")
         if why:
             return Decision(
                 settings.triage_queue,
                 priority,
                 owner,
-                tuple(tags),
+                tags,
                 round(confidence, 4),
                 f"routing unsure (confidence {confidence:.2f} < {settings.triage_threshold}): "
                 + "; ".join(why)
                 + f"; candidates: {', '.join(candidates) or 'none'}",
-                tuple(candidates),
-                tuple(matches),
+                candidates,
+                matched,
+                rule_names=names,
             )
-        return Decision(
-            queue, priority, owner, tuple(tags), round(confidence, 4), None, tuple(candidates), tuple(matches)
+        confidence = round(confidence, 4)
+        return Decision(queue, priority, owner, tags, confidence, None, candidates, matched, rule_names=names)
+
+
+@dataclass(frozen=True, slots=True)
+class _TextCondition:
+    where: str  # subject, body, text or header
+    header: str | None  # the header's name (where == "header")
+    any_of: tuple[_Keyword, ...]
+    all_of: tuple[_Keyword, ...]
+    regex: re.Pattern[str] | None
+
+    @property
+    def label(self) -> str:
+        return f"header {self.header}" if self.header is not None else self.where
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRule:
+    """A rule with its keywords split into words and its address lists lower-cased, once."""
+
+    rule: Rule
+    texts: tuple[_TextCondition, ...]
+    senders: frozenset[str] | None
+    sender_domains: tuple[str, ...] | None
+    recipients: frozenset[str] | None
+    # The field whose `any` keywords the gates have already found when they pick this rule (single words):
+    gated: str | None
+    # What it decides, read once from the settings:
+    name: str
+    queue: str | None
+    priority: str | None
+    owner: str | None
+    tags: tuple[str, ...]
+    triage: bool
+    confidence: float
+    points_to: str  # "name -> queue", for the triage reason when rules disagree
+
+    @classmethod
+    def of(cls, rule: Rule) -> _CompiledRule:
+        when = rule.when
+        texts = []
+        for where in ("subject", "body", "text", "header"):
+            condition: Keywords | None = getattr(when, where)
+            if condition is not None:
+                texts.append(
+                    _TextCondition(
+                        where,
+                        when.header.name if when.header is not None and where == "header" else None,
+                        tuple(_Keyword.of(k) for k in condition.any),
+                        tuple(_Keyword.of(k) for k in condition.all),
+                        re.compile(condition.regex, re.IGNORECASE) if condition.regex else None,
+                    )
+                )
+        gate = _Gates.gate(texts)
+        gated_any = gate is not None and gate[1] is gate[0].any_of and all(len(k.parts) == 1 for k in gate[1])
+        return cls(
+            rule,
+            tuple(texts),
+            frozenset(s.lower() for s in when.sender) if when.sender is not None else None,
+            tuple(d.lower() for d in when.sender_domain) if when.sender_domain is not None else None,
+            frozenset(r.lower() for r in when.recipient) if when.recipient is not None else None,
+            gate[0].where if gate is not None and gated_any else None,
+            rule.name,
+            rule.then.queue,
+            rule.then.priority,
+            rule.then.owner,
+            tuple(rule.then.tags),
+            rule.then.triage,
+            rule.confidence,
+            f"{rule.name} -> {rule.then.queue}",
         )
 
-    def _match(self, index: int, rule: Rule, view: _MailView) -> RuleMatch | None:
-        when = rule.when
+    @property
+    def proven(self) -> bool:
+        """Picked by the gates, this rule holds: it asks for nothing but one of those words."""
+        when = self.rule.when
+        return (
+            self.gated is not None
+            and all(c.where == self.gated and not c.all_of and c.regex is None for c in self.texts)
+            and (when.sender, when.sender_domain, when.mailbox, when.recipient, when.has_attachments)
+            == (None, None, None, None, None)
+        )
+
+    def holds(self, view: _MailView) -> bool:
+        """Whether every condition holds, for a rule the gates picked (the parser workers' path)."""
+        for condition in self.texts:
+            if condition.any_of or condition.all_of:
+                text = view.words(condition.where, condition.header)
+                if (
+                    condition.any_of
+                    and condition.where != self.gated
+                    and not any(k.found_in(text) for k in condition.any_of)
+                ):
+                    return False
+                if condition.all_of and not all(k.found_in(text) for k in condition.all_of):
+                    return False
+            if condition.regex is not None and not condition.regex.search(view.text(condition.where, condition.header)):
+                return False
+        return self._envelope(view, None)
+
+    def match(self, view: _MailView) -> RuleMatch | None:
+        """`holds`, with why, for `rules explain`."""
         why: list[str] = []
-        for where, (any_of, all_of, regex) in self._keywords[index].items():
-            if where == "header":
-                assert when.header is not None
-                texts = view.header_words(when.header.name)
-                raw = view.header_text(when.header.name)
-                label = f"header {when.header.name}"
-            else:
-                texts = view.words(where)
-                raw = view.text(where)
-                label = where
-            hit = _keywords_hold(any_of, all_of, regex, texts, raw)
+        for condition in self.texts:
+            words_ = view.words(condition.where, condition.header)
+            hit = _keywords_hold(
+                condition.any_of,
+                condition.all_of,
+                condition.regex,
+                words_,
+                view.text(condition.where, condition.header),
+            )
             if hit is None:
                 return None
-            why.append(f"{label} has {hit}")
-        sender = view.sender
-        if when.sender is not None:
-            if sender not in {s.lower() for s in when.sender}:
-                return None
-            why.append(f"sender {sender}")
-        if when.sender_domain is not None:
+            why.append(f"{condition.label} has {hit}")
+        return RuleMatch(self.rule, why) if self._envelope(view, why) else None
+
+    def _envelope(self, view: _MailView, why: list[str] | None) -> bool:
+        """Sender, mailbox, recipients, attachments; `why` (if any) gets what held."""
+        when, sender = self.rule.when, view.sender
+        if self.senders is not None:
+            if sender not in self.senders:
+                return False
+            if why is not None:
+                why.append(f"sender {sender}")
+        if self.sender_domains is not None:
             domain = sender.rpartition("@")[2]
-            if not any(domain == d.lower() or domain.endswith("." + d.lower()) for d in when.sender_domain):
-                return None
-            why.append(f"sender domain {domain}")
+            if not any(domain == d or domain.endswith("." + d) for d in self.sender_domains):
+                return False
+            if why is not None:
+                why.append(f"sender domain {domain}")
         if when.mailbox is not None:
             if view.mailbox not in when.mailbox:
-                return None
-            why.append(f"mailbox {view.mailbox}")
-        if when.recipient is not None:
-            hits = view.recipients & {r.lower() for r in when.recipient}
+                return False
+            if why is not None:
+                why.append(f"mailbox {view.mailbox}")
+        if self.recipients is not None:
+            hits = view.recipients & self.recipients
             if not hits:
-                return None
-            why.append(f"sent to {', '.join(sorted(hits))}")
+                return False
+            if why is not None:
+                why.append(f"sent to {', '.join(sorted(hits))}")
         if when.has_attachments is not None:
             if bool(view.mail.attachments) != when.has_attachments:
-                return None
-            why.append("attachments" if when.has_attachments else "no attachments")
-        return RuleMatch(rule, why)
+                return False
+            if why is not None:
+                why.append("attachments" if when.has_attachments else "no attachments")
+        return True
 
 
 class _Gates:
@@ -281,45 +394,67 @@ class _Gates:
 
     FIELDS = ("text", "subject", "body")
 
-    def __init__(self, rules: Sequence[Rule], keywords: dict[int, dict[str, Any]]) -> None:
+    def __init__(self, rules: Sequence[_CompiledRule]) -> None:
         self.always: set[int] = set()
         self.exact: dict[str, dict[str, set[int]]] = {f: {} for f in self.FIELDS}
-        self.prefix: dict[str, dict[str, set[int]]] = {f: {} for f in self.FIELDS}
-        self.prefix_lengths: dict[str, set[int]] = {f: set() for f in self.FIELDS}
-        for index in range(len(rules)):
-            gate = next(
-                ((f, keywords[index][f][0]) for f in self.FIELDS if f in keywords[index] and keywords[index][f][0]),
-                None,
-            )
+        # Word beginnings by their first `shortest` letters: one lookup per word of the mail finds the few
+        # beginnings it might have.
+        self.prefix: dict[str, dict[str, list[tuple[str, set[int]]]]] = {f: {} for f in self.FIELDS}
+        self.shortest: dict[str, int] = {}
+        beginnings: dict[str, dict[str, set[int]]] = {f: {} for f in self.FIELDS}
+        for index, rule in enumerate(rules):
+            gate = self.gate(rule.texts)
             if gate is None:
                 self.always.add(index)
                 continue
-            field_name, any_of = gate
-            for keyword in any_of:
+            condition, needed = gate
+            for keyword in needed:
                 first = keyword.parts[0]
                 if keyword.prefix and len(keyword.parts) == 1:
-                    self.prefix[field_name].setdefault(first, set()).add(index)
-                    self.prefix_lengths[field_name].add(len(first))
+                    beginnings[condition.where].setdefault(first, set()).add(index)
                 else:
-                    self.exact[field_name].setdefault(first, set()).add(index)
+                    self.exact[condition.where].setdefault(first, set()).add(index)
+        for field_name, by_beginning in beginnings.items():
+            if by_beginning:
+                shortest = self.shortest[field_name] = min(len(b) for b in by_beginning)
+                for beginning, indexes in sorted(by_beginning.items()):
+                    self.prefix[field_name].setdefault(beginning[:shortest], []).append((beginning, indexes))
+
+    @classmethod
+    def gate(cls, texts: Sequence[_TextCondition]) -> tuple[_TextCondition, tuple[_Keyword, ...]] | None:
+        """Keywords a rule needs one of, and their condition: its `any` keywords, else the first of its `all`
+        ones (on the text, subject or body); None: the rule is checked for every mail."""
+        for wanted in ("any_of", "all_of"):
+            for where in cls.FIELDS:
+                for condition in texts:
+                    if condition.where == where and (keywords := getattr(condition, wanted)):
+                        return condition, keywords if wanted == "any_of" else keywords[:1]
+        return None
 
     def candidates(self, view: _MailView) -> set[int]:
         found = set(self.always)
         for field_name in self.FIELDS:
-            exact, prefix, lengths = self.exact[field_name], self.prefix[field_name], self.prefix_lengths[field_name]
+            exact, prefix = self.exact[field_name], self.prefix[field_name]
             if not exact and not prefix:
                 continue
-            for word in view.words(field_name).unique:
-                if word in exact:
-                    found |= exact[word]
-                for length in lengths:
-                    if len(word) >= length and (hit := prefix.get(word[:length])):
-                        found |= hit
+            unique = view.words(field_name).unique
+            for word in exact.keys() & unique:
+                found |= exact[word]
+            if prefix:
+                shortest = self.shortest[field_name]
+                for word in unique:
+                    for beginning, indexes in prefix.get(word[:shortest], ()):
+                        if word.startswith(beginning):
+                            found |= indexes
         return found
 
 
 def _keywords_hold(
-    any_of: list[_Keyword], all_of: list[_Keyword], regex: re.Pattern[str] | None, text: TextIndex, raw: str
+    any_of: Sequence[_Keyword],
+    all_of: Sequence[_Keyword],
+    regex: re.Pattern[str] | None,
+    text: TextIndex,
+    raw: str,
 ) -> str | None:
     found = [k for k in any_of if k.found_in(text)]
     if any_of and not found:
@@ -340,22 +475,25 @@ class _MailView:
         self.mailbox = mailbox
         self.sender = mail.sender.address.lower() if mail.sender else ""
         self.recipients = {a.address.lower() for a in (*mail.to, *mail.cc)}
-        self._words: dict[str, TextIndex] = {}
+        self._texts: dict[tuple[str, str | None], str] = {}
+        self._words: dict[tuple[str, str | None], TextIndex] = {}
 
-    def text(self, where: str) -> str:
-        if where == "subject":
-            return self.mail.subject
-        if where == "body":
-            return self.mail.new_text if self.mail.new_text is not None else self.mail.text
-        return f"{self.mail.subject}\n{self.text('body')}"
+    def text(self, where: str, header: str | None = None) -> str:
+        key = (where, header)
+        if key not in self._texts:
+            if header is not None:
+                text = "\n".join(self.mail.header_values(header.lower()))
+            elif where == "subject":
+                text = self.mail.subject
+            elif where == "body":
+                text = self.mail.new_text if self.mail.new_text is not None else self.mail.text
+            else:
+                text = f"{self.mail.subject}\n{self.text('body')}"
+            self._texts[key] = text
+        return self._texts[key]
 
-    def words(self, where: str) -> TextIndex:
-        if where not in self._words:
-            self._words[where] = TextIndex(words(self.text(where)))
-        return self._words[where]
-
-    def header_text(self, name: str) -> str:
-        return "\n".join(self.mail.header_values(name.lower()))
-
-    def header_words(self, name: str) -> TextIndex:
-        return TextIndex(words(self.header_text(name)))
+    def words(self, where: str, header: str | None = None) -> TextIndex:
+        key = (where, header)
+        if key not in self._words:
+            self._words[key] = TextIndex(words(self.text(where, header)))
+        return self._words[key]

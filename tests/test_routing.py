@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from typer.testing import CliRunner
 from mailbridge.cli import app as cli
 from mailbridge.config import ConfigError, load_settings
 from mailbridge.ingest.parse import parse
-from mailbridge.routing import Router, words
+from mailbridge.routing import Router, fold, words
 from mailbridge.routing_rules import RoutingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,17 @@ def router(*rules: dict[str, Any], **options: Any) -> Router:
 
 def test_words_are_lower_case_without_diacritics() -> None:
     assert words("Fakturę, ŁÓDŹ i Gdańsk-Oliwa!") == ["fakture", "lodz", "i", "gdansk", "oliwa"]
+
+
+def test_words_fold_character_by_character_as_the_whole_text_would() -> None:
+    # words() folds each character on its own (a cached table); fold() normalises the whole text at once.
+    # Every character of the planes that have decompositions, side by side and between combining marks:
+    every = [chr(c) for c in (*range(0x20000), *range(0x2F800, 0x2FA20)) if not 0xD800 <= c < 0xE000]
+    for start in range(0, len(every), 4096):
+        chunk = every[start : start + 4096]
+        for text in ("".join(chunk), "\u0301".join(chunk)):
+            assert words(text) == re.findall(r"\w+", fold(text))
+    assert words("ﬁle ½ Ǆ İstanbul СЧЁТ") == re.findall(r"\w+", fold("ﬁle ½ Ǆ İstanbul СЧЁТ"))
 
 
 @pytest.mark.parametrize(
@@ -70,6 +83,44 @@ def test_all_regex_header_sender_domain_mailbox_recipient_attachments() -> None:
     )
     assert (routed.queue, routed.priority, routed.confidence) == ("ops", "P1", 1.0)
     assert router(rule).route(mail("Awaria serwera", "Dotyczy SRV-123."), "other").queue == "triage"
+
+
+def test_the_workers_decision_without_explanations_is_the_explained_one() -> None:
+    # The parser workers skip the reasons (`explain=False`) and, for a rule that asks for nothing but one of
+    # some words, trust the word index; every kind of condition must decide the same either way.
+    rules = [
+        {"name": "words", "when": {"text": {"any": ["faktur*", "invoice", "vpn"]}}, "then": {"queue": "a"}},
+        {"name": "phrase", "when": {"body": {"any": ["umowa ramowa", "rachunek*"]}}, "then": {"queue": "b"}},
+        {"name": "both", "when": {"subject": {"any": ["awari*"], "all": ["serwer*"]}}, "then": {"priority": "P1"}},
+        {"name": "pair", "when": {"text": {"all": ["faktur*", "korekt*"]}}, "then": {"tags": ["fix"]}},
+        {"name": "pattern", "when": {"text": {"any": ["srv"], "regex": r"\bSRV-\d{3}\b"}}, "then": {"tags": ["s"]}},
+        {"name": "header", "when": {"header": {"name": "X-Priority", "any": ["1"]}}, "then": {"priority": "P2"}},
+        {"name": "vip", "when": {"text": {"any": ["pilne"]}, "sender_domain": ["vip.example"]}, "then": {"owner": "o"}},
+        {"name": "sender", "when": {"sender": ["Jan@Klient.example"]}, "then": {"tags": ["jan"]}},
+        {
+            "name": "channel",
+            "when": {"mailbox": ["sales"], "recipient": ["SALES@helpdesk.example"]},
+            "then": {"queue": "c"},
+        },
+        {"name": "files", "when": {"text": {"any": ["skan"]}, "has_attachments": True}, "then": {"queue": "d"}},
+        {"name": "human", "when": {"text": {"any": ["reklamac*"]}}, "then": {"triage": True}, "confidence": 0.8},
+    ]
+    mails = [
+        mail("Faktura 12/2026"),
+        mail("Faktura 13/2026", "prośba o korektę"),
+        mail("Awaria serwera", "Dotyczy SRV-123, pilne.", sender="a@dzial.vip.example", headers="X-Priority: 1\n"),
+        mail("Awaria", "srv bez numeru; nasza umowa ramowa"),
+        mail("Re: skan", "Reklamacja, w załączeniu skan", sender="Jan@klient.example"),
+        mail("Pytanie", "rachunki za VPN", sender="x@sales.example"),
+        mail("Nic", "zupełnie nic"),
+    ]
+    routing = router(*rules, default_queue="general")
+    for routed in mails:
+        for mailbox in ("support", "sales"):
+            explained = routing.by_rules(routed, mailbox)
+            assert routing.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
+    assert {m.rule.name for m in routing.by_rules(mails[2], "support").matched} == {"both", "pattern", "header", "vip"}
+    assert {m.rule.name for m in routing.by_rules(mails[1], "support").matched} == {"words", "pair", "sender"}
 
 
 def test_first_queue_wins_later_matches_fill_in_and_conflicts_send_to_triage() -> None:
@@ -204,6 +255,36 @@ def test_customer_directory_yaml_and_csv(tmp_path: Path) -> None:
     broken.write_text("name,domains,addresses,tier,account_manager\nNoDomains,,,standard,\n")
     with pytest.raises(DirectoryError, match="entry 1 \\(NoDomains\\) has no domains and no addresses"):
         CustomerDirectory.load(broken)
+
+
+def test_customer_directory_csv_columns_in_any_order_quoted_short_and_blank_rows(tmp_path: Path) -> None:
+    from mailbridge.customers import CustomerDirectory, DirectoryError
+
+    csv_file = tmp_path / "customers.csv"
+    csv_file.write_text(
+        "tier,name,domains,addresses,account_manager,notes\n"
+        "\n"
+        '"Enterprise ","Contoso, Ltd.","contoso.example; CONTOSO.example.org",,Ola@Helpdesk.example,vip,more\n'
+        "standard,Short Row,short.example\n"
+        ",Jan,,Jan@Gmail.example\n"
+    )
+    directory = CustomerDirectory.load(csv_file)
+    contoso = directory.find("a@mail.contoso.example.org")
+    assert contoso is not None and (contoso.name, contoso.tier, contoso.account_manager) == (
+        "Contoso, Ltd.",
+        "enterprise",
+        "ola@helpdesk.example",
+    )
+    assert directory.find("b@contoso.example") is contoso
+    short = directory.find("x@short.example")
+    assert short is not None and (short.name, short.tier, short.account_manager) == ("Short Row", "standard", None)
+    jan = directory.find("jan@gmail.example")
+    assert jan is not None and (jan.name, jan.tier) == ("Jan", None)
+    assert (len(directory), directory.find("other@gmail.example")) == (3, None)
+    no_name = tmp_path / "no-name.csv"
+    no_name.write_text("name,domains\nFirst,first.example\n\n,second.example\n")
+    with pytest.raises(DirectoryError, match="entry 2 has no name"):  # blank lines are not entries
+        CustomerDirectory.load(no_name)
 
 
 def test_an_enterprise_customer_gets_p1_and_its_account_manager(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def parse_chunk(
             with _soft_limit(timeout):
                 result = parse_and_stash(raw, blob_root)
                 if _router is not None and mailboxes is not None:
-                    result = result.routed(_router.by_rules(result, mailboxes[index]).portable())
+                    result = result.routed(_router.by_rules(result, mailboxes[index], explain=False))
         except _SoftTimeout:
             result = too_slow(timeout)
         except Exception as exc:
