@@ -71,7 +71,14 @@ def test_a_wheel_installed_elsewhere_renders_an_acknowledgement(tmp_path: Path) 
                 "data_dir": str(tmp_path / "data"),
                 "outbox": {"deliver_to_directory": str(sent), "domain": "helpdesk.example"},
                 "mailboxes": [
-                    {"type": "maildir", "name": "support", "path": str(inbox), "address": "support@helpdesk.example"}
+                    {
+                        "type": "maildir",
+                        "name": "support",
+                        "path": str(inbox),
+                        "address": "support@helpdesk.example",
+                        # the mail is there before the mailbox's first run: a backlog, answered only on request
+                        "acknowledge_backlog": True,
+                    }
                 ],
             }
         )
