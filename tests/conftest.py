@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.smtp_sink import SmtpSink
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora"
 
@@ -27,3 +29,11 @@ def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
             print(f"\n  {line}", flush=True)
 
     return say
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 that records what it receives."""
+    smtp = SmtpSink().start()
+    yield smtp
+    smtp.stop()

@@ -11,7 +11,7 @@ import re
 import signal
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,6 @@ from tests.support.dovecot import Dovecot, generate_tls_files
 from tests.support.smtp_sink import SmtpSink
 
 SUPPORT = "support@helpdesk.example"
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    smtp = SmtpSink().start()
-    yield smtp
-    smtp.stop()
 
 
 def outbox_settings(**extra: Any) -> dict[str, Any]:

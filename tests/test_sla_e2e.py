@@ -9,7 +9,6 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,13 +24,6 @@ AGENT = "agata@helpdesk.example"
 LEAD = "lead@helpdesk.example"
 CUSTOMER = "anna.nowak@klient.example"
 FIRST_RESPONSE_SECONDS = 8
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    smtp = SmtpSink().start()
-    yield smtp
-    smtp.stop()
 
 
 def _by_subject(sink: SmtpSink, word: str) -> list[str]:

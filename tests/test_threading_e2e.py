@@ -28,13 +28,6 @@ ATTACKER = "mallory@evil.example"
 
 
 @pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    smtp = SmtpSink().start()
-    yield smtp
-    smtp.stop()
-
-
-@pytest.fixture
 def app(tmp_path: Path, sink: SmtpSink) -> Iterator[App]:
     application = make_app(
         tmp_path,

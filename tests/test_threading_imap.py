@@ -3,7 +3,6 @@ acknowledgement, answers it; an agent answers; the ticket waits and the customer
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from tests.support.smtp_sink import SmtpSink
 from tests.test_threading_e2e import AGENT, CUSTOMER, SUPPORT, _set_status, agent_mail, reply
 
 pytestmark = pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
-
-
-@pytest.fixture
-def sink() -> Iterator[SmtpSink]:
-    smtp = SmtpSink().start()
-    yield smtp
-    smtp.stop()
 
 
 async def test_a_conversation_through_dovecot(tmp_path: Path, sink: SmtpSink) -> None:
