@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -197,17 +197,7 @@ class AgentDesk:
             "original": {"subject": mail.subject},
             "reference_example": ticket_number(self.settings.tickets, 123),
         }
-        outgoing = self.writer.write(
-            Letter(
-                "agent_unmatched",
-                box,
-                context,
-                to=[mail.sender],
-                in_reply_to=mail.message_id,
-                references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
-            )
-        )
-        enqueue(session, [outgoing], now, self.retry_for)
+        self._answer_agent(session, Letter("agent_unmatched", box, context, to=[mail.sender]), mail, now)
         return reason
 
     def _explain(
@@ -218,17 +208,13 @@ class AgentDesk:
         if box is None or box.address is None or mail.sender is None:
             return
         context = self.writer.ticket_context(ticket, box, original={"subject": mail.subject}, problems=problems)
-        outgoing = self.writer.write(
-            Letter(
-                "agent_commands_refused",
-                box,
-                context,
-                to=[mail.sender],
-                ticket_id=ticket.id,
-                in_reply_to=mail.message_id,
-                references=[*mail.references, *([mail.message_id] if mail.message_id else [])],
-            )
-        )
+        letter = Letter("agent_commands_refused", box, context, to=[mail.sender], ticket_id=ticket.id)
+        self._answer_agent(session, letter, mail, now)
+
+    def _answer_agent(self, session: Session, letter: Letter, mail: ParsedMail, now: datetime) -> None:
+        """Queue an explanation to the agent, threaded under the agent's own mail."""
+        references = [*mail.references, *([mail.message_id] if mail.message_id else [])]
+        outgoing = self.writer.write(replace(letter, in_reply_to=mail.message_id, references=references))
         enqueue(session, [outgoing], now, self.retry_for)
 
     def _relay(
