@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the test-suite needs: the Dovecot IMAP server (dovecot-imapd, 2.3 on
-# Debian 12), which tests/support/dovecot.py starts privately per test, and Chromium, in which
+# Debian 12), which tests/support/dovecot.py starts privately per test, PostgreSQL, of which
+# tests/support/postgres.py starts a private cluster (initdb/pg_ctl in a temp dir), and Chromium, in which
 # tests/test_reports.py opens the HTML report (headless, over the DevTools protocol).
 #
 # Idempotent: installs only what is missing.
@@ -42,8 +43,17 @@ have_chromium() {
     command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
 }
 
+have_postgres_server() {
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1
+}
+
 missing=()
 have_dovecot_imap || missing+=(dovecot-imapd)
+if have_postgres_server; then
+    echo "PostgreSQL server binaries are already installed"
+else
+    missing+=(postgresql)
+fi
 if have_chromium; then
     echo "chromium is already installed ($(command -v chromium || command -v chromium-browser))"
 else
@@ -65,6 +75,10 @@ as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 
 if ! have_dovecot_imap; then
     echo "error: dovecot-imapd was installed but dovecot/imap was not found" >&2
+    exit 1
+fi
+if ! have_postgres_server; then
+    echo "error: postgresql was installed but initdb was not found" >&2
     exit 1
 fi
 if ! have_chromium; then

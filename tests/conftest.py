@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.postgres import PostgresCluster
+from tests.support.postgres import unavailable_reason as postgres_unavailable_reason
 from tests.support.smtp_sink import SmtpSink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,3 +39,22 @@ def sink() -> Iterator[SmtpSink]:
     smtp = SmtpSink().start()
     yield smtp
     smtp.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL cluster on 127.0.0.1 for the whole run (skips when the server is missing)."""
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = PostgresCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
+    """The URL of a new empty database on the private cluster, dropped after the test."""
+    url = postgres_cluster.create_database()
+    yield url
+    postgres_cluster.drop_database(url.rsplit("/", 1)[1])
