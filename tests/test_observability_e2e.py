@@ -128,9 +128,7 @@ def test_metrics_count_each_mail_once_and_health_follows_the_servers(
 
     delivered = {sales: 7, help_: 4}
     for name, count in delivered.items():
-        append_many(
-            server, server.users[name], [sample_mail(sender=f"c{i}@{name}.example") for i in range(count)]
-        )
+        append_many(server, server.users[name], [sample_mail(sender=f"c{i}@{name}.example") for i in range(count)])
     endpoint.wait_for(
         "every mail fetched",
         lambda: all(
