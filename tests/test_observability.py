@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -211,3 +215,21 @@ def test_off_unless_configured(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
     assert load_settings(path).http is None
+
+
+def test_run_refuses_to_start_when_the_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "http": {"listen": f"127.0.0.1:{port}"}}))
+        done = subprocess.run(
+            [sys.executable, "-m", "mailbridge", "run", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MAILBRIDGE_CONFIG": ""},
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"error: http.listen 127.0.0.1:{port}:" in done.stderr
