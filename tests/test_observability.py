@@ -7,11 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import time_machine
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -233,3 +234,36 @@ def test_run_refuses_to_start_when_the_port_is_taken(tmp_path: Path) -> None:
         )
     assert done.returncode == 2, done.stderr
     assert f"error: http.listen 127.0.0.1:{port}:" in done.stderr
+
+
+def test_sla_reminders_and_breaches_are_counted_by_the_daemons_check(tmp_path: Path) -> None:
+    start = datetime(2026, 11, 16, 9, 0, tzinfo=UTC)  # a Monday, in working hours
+    with time_machine.travel(start - timedelta(hours=1), tick=False):  # SLAs apply from the first start
+        app = make_app(
+            tmp_path,
+            [{"type": "maildir", "name": "support", "path": str(tmp_path / "md"), "address": "s@helpdesk.example"}],
+            outbox={"domain": "helpdesk.example", "deliver_to_directory": str(tmp_path / "sent")},
+            agents=[{"address": "agata@helpdesk.example", "queues": ["general"]}],
+            routing={"default_queue": "general"},
+            sla={
+                "policies": {"P3": {"first_response": "4h", "resolution": "40h"}},
+                "calendar": {"timezone": "UTC", "working_hours": ["08:00-16:00"]},
+                "escalation_contacts": {"*": ["lead@helpdesk.example"]},
+            },
+            http={"listen": "127.0.0.1:9478"},
+        )
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "1.eml").write_bytes(sample_mail("Nie działa logowanie"))
+    try:
+        with time_machine.travel(start, tick=False):
+            asyncio.run(app.ingest([inbox], mailbox="support"))
+        for hours in (3, 3.5, 4, 5):  # the reminder at 75 %, checked again, the breach, checked again
+            with time_machine.travel(start + timedelta(hours=hours), tick=False):
+                asyncio.run(app.check_sla())
+    finally:
+        app.close()
+    assert app.metrics is not None
+    found = samples(app.metrics)
+    assert found[("mailbridge_sla_reminders_total", ())] == 1
+    assert found[("mailbridge_sla_breaches_total", ())] == 1

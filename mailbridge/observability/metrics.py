@@ -14,11 +14,12 @@ time from the last probe; the mailboxes' connection state is read from memory.
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections import Counter as Tally
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -52,6 +53,9 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
+        Info("mailbridge", "The running version", registry=registry).info(
+            {"version": importlib.metadata.version("mailbridge")}
+        )
         by_box = ["mailbox"]
         self.fetched = Counter(
             "mailbridge_mails_fetched",
