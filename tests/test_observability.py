@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mailbridge import receipts
 from mailbridge.config import ConfigError, HttpSettings, load_settings
+from mailbridge.crm import Crm
 from mailbridge.ingest.ledger import SourceHealth
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome, utcnow
@@ -26,7 +27,10 @@ from mailbridge.notify.sender import OutboxSender, OutboxTally
 from mailbridge.observability.health import OutboxSnapshot, Probe, assess
 from mailbridge.observability.metrics import Metrics
 from mailbridge.pipeline import Result
+from mailbridge.routing_rules import CrmSettings
 from tests.imap_env import make_app, sample_mail
+from tests.support.crm_server import crm_server
+from tests.support.dovecot import free_port
 from tests.support.smtp_sink import SmtpSink
 
 THRESHOLDS = HttpSettings(mailbox_failing_seconds=60, outbox_stuck_seconds=900)
@@ -267,3 +271,19 @@ def test_sla_reminders_and_breaches_are_counted_by_the_daemons_check(tmp_path: P
     found = samples(app.metrics)
     assert found[("mailbridge_sla_reminders_total", ())] == 1
     assert found[("mailbridge_sla_breaches_total", ())] == 1
+
+
+async def test_the_crm_reports_since_when_it_fails_until_it_answers_again(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there yet: connection refused
+    crm = Crm(CrmSettings(url=f"http://127.0.0.1:{port}/c?email={{address}}", pause_after_failure_seconds=0.2))
+    try:
+        assert crm.failing is None
+        await crm.look_up(["a@example.com"])
+        failing = crm.failing
+        assert failing is not None and "cannot be reached" in failing[1]
+        await asyncio.sleep(0.3)
+        with crm_server(customers={"b@example.com": {"name": "B"}}, listen_port=port):
+            await crm.look_up(["b@example.com"])
+        assert crm.failing is None
+    finally:
+        await crm.aclose()
