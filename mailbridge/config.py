@@ -331,6 +331,10 @@ class HttpSettings(_Strict):
     def port(self) -> int:
         return _split_listen(self.listen)[1]
 
+    @property
+    def local(self) -> bool:
+        return _is_loopback(self.host)
+
 
 def _split_listen(value: str) -> tuple[str, int]:
     host, colon, port = value.rpartition(":")

@@ -64,6 +64,11 @@ class HttpEndpoint:
             raise HttpListenError(f"http.listen {self.settings.listen}: {exc.strerror or exc}") from None
         self._runner = runner
         log.info("serving /healthz and /metrics on http://%s", self.settings.listen)
+        if not self.settings.local:
+            log.warning(
+                "http.listen %s is not a loopback address: /healthz and /metrics have no authentication",
+                self.settings.listen,
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:
