@@ -200,12 +200,14 @@ LEAD = "lead@helpdesk.example"
 T0 = datetime(2026, 11, 16, 9, 0, tzinfo=UTC)  # a Monday
 
 
-def _sla_app(tmp_path: Path, started: datetime = T0 - timedelta(hours=1), **sla: object) -> App:
+def _sla_app(
+    tmp_path: Path, started: datetime = T0 - timedelta(hours=1), database_url: str | None = None, **sla: object
+) -> App:
     with time_machine.travel(started, tick=False):  # SLAs apply from the first start with policies
-        return _make_sla_app(tmp_path, **sla)
+        return _make_sla_app(tmp_path, database_url, **sla)
 
 
-def _make_sla_app(tmp_path: Path, **sla: object) -> App:
+def _make_sla_app(tmp_path: Path, database_url: str | None = None, **sla: object) -> App:
     return make_app(
         tmp_path,
         [{"type": "maildir", "name": "support", "path": str(tmp_path / "md"), "address": SUPPORT}],
@@ -218,6 +220,7 @@ def _make_sla_app(tmp_path: Path, **sla: object) -> App:
             "escalation_contacts": {"*": [LEAD]},
             **sla,
         },
+        **({"database": {"url": database_url}} if database_url else {}),
     )
 
 
@@ -326,6 +329,79 @@ def test_two_instances_checking_at_once_send_each_mail_once(app: App, tmp_path: 
             .group_by(OutboxMail.ticket_id, OutboxMail.template)
         ).all()
     assert len(per_ticket) == 40 and all(n == 1 for *_, n in per_ticket)
+
+
+_BOTH_TARGETS = {"P3": {"first_response": "4h", "resolution": "5h", "raise_priority": True}}
+
+
+def _raises(app: App) -> list[tuple[int, str | None, str | None]]:
+    with app.db.reader() as session:
+        rows = session.execute(
+            select(TicketEvent.ticket_id, TicketEvent.old, TicketEvent.new)
+            .where(TicketEvent.actor == "sla", TicketEvent.kind == "priority")
+            .order_by(TicketEvent.id)
+        )
+        return [tuple(row) for row in rows]
+
+
+def _priorities(app: App) -> list[str | None]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Ticket.priority).order_by(Ticket.id)))
+
+
+def test_a_ticket_breaching_both_targets_at_once_is_raised_one_step(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path, policies=_BOTH_TARGETS)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=7))  # down past both deadlines: they fire in one check
+        assert [t for t, _ in _sla_mails(app)] == ["sla_escalation", "sla_escalation"]
+        assert _priorities(app) == ["P2"] and _raises(app) == [(1, "P3", "P2")]
+    finally:
+        app.close()
+
+
+def test_the_second_breach_raises_nothing_also_after_a_restart(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path, policies=_BOTH_TARGETS)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=4))  # first response breached: P3 -> P2
+        assert _priorities(app) == ["P2"]
+    finally:
+        app.close()
+    restarted = _sla_app(tmp_path, policies=_BOTH_TARGETS)
+    try:
+        _check_at(restarted, T0 + timedelta(hours=5))  # resolution breached: escalated, not raised again
+        _check_at(restarted, T0 + timedelta(hours=6))
+        assert [t for t, _ in _sla_mails(restarted)] == ["sla_reminder", "sla_escalation", "sla_escalation"]
+        assert _priorities(restarted) == ["P2"] and _raises(restarted) == [(1, "P3", "P2")]
+    finally:
+        restarted.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_instances_raise_each_ticket_once(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    app = _sla_app(tmp_path, database_url=url, policies=_BOTH_TARGETS)
+    other = _sla_app(tmp_path, database_url=url, policies=_BOTH_TARGETS)  # a second daemon, same database
+    try:
+        with time_machine.travel(T0, tick=False):
+            for n in range(20):
+                _ingest(app, tmp_path, f"m{n}")
+        for moment in (T0 + timedelta(hours=4), T0 + timedelta(hours=5), T0 + timedelta(hours=7)):
+            with time_machine.travel(moment, tick=False):
+                now = datetime.now(UTC)
+                threads = [threading.Thread(target=a.sla.run, args=(a.db, now)) for a in (app, other, app, other)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+        assert _priorities(app) == ["P2"] * 20
+        assert sorted(_raises(app)) == [(n, "P3", "P2") for n in range(1, 21)]
+    finally:
+        other.close()
+        app.close()
 
 
 def test_tickets_from_before_the_sla_was_configured_get_none(tmp_path: Path) -> None:
