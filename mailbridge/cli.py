@@ -855,8 +855,9 @@ def report(
 @sla_app.command("check")
 def sla_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Run one SLA check now, as the daemon does every check_interval_seconds: plan the deadlines of
-    tickets whose history moved on, queue the reminders and escalations that are due (the daemon sends
-    them). Safe beside a running daemon: each reminder and escalation is queued once."""
+    tickets whose history moved on (and of every open ticket when the SLA settings changed), queue the
+    reminders and escalations that are due (the daemon sends them). Safe beside a running daemon: each
+    reminder and escalation is queued once."""
     with _app(config) as application:
         if not application.settings.sla.enabled:
             typer.echo("error: no SLA policies configured (sla.policies)", err=True)
@@ -867,14 +868,29 @@ def sla_check(config: ConfigOption = None, json_out: JsonOption = False) -> None
         "reminders": report.reminders,
         "escalations": report.escalations,
         "skipped": report.skipped,
+        "settings_changed": report.settings_changed,
+        "replanned_open_tickets": report.replanned_open,
+        "moved": report.moved,
+        "without_policy": report.without_policy,
+        "beyond_calendar": report.unreachable,
     }
     if json_out:
         _print_json(row)
-    else:
+        return
+    if report.settings_changed:
         _say(
-            f"planned {report.planned_tickets} ticket(s); queued {report.reminders} reminder(s) and "
-            f"{report.escalations} escalation(s); {report.skipped} reminder(s) skipped (deadline already passed)"
+            f"the SLA settings changed: {report.replanned_open} open ticket(s) planned again under them, "
+            f"{report.moved} with new deadlines or reminders; {report.without_policy} have no SLA policy any more"
+            + (
+                f"; {report.unreachable} have a target beyond their calendar's working time (no deadline)"
+                if report.unreachable
+                else ""
+            )
         )
+    _say(
+        f"planned {report.planned_tickets} ticket(s); queued {report.reminders} reminder(s) and "
+        f"{report.escalations} escalation(s); {report.skipped} reminder(s) skipped (deadline already passed)"
+    )
 
 
 @db_app.command("upgrade")

@@ -538,12 +538,144 @@ def test_the_cli_runs_one_check(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli, ["sla", "check", "--config", config, "--json"])
         again = CliRunner().invoke(cli, ["sla", "check", "--config", config])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"planned_tickets": 1, "reminders": 1, "escalations": 0, "skipped": 0}
+    assert json.loads(result.stdout) == {
+        "planned_tickets": 1,
+        "reminders": 1,
+        "escalations": 0,
+        "skipped": 0,
+        "settings_changed": False,
+        "replanned_open_tickets": 0,
+        "moved": 0,
+        "without_policy": 0,
+        "beyond_calendar": 0,
+    }
     assert again.exit_code == 0 and "queued 0 reminder(s) and 0 escalation(s)" in again.stdout
     plain = make_app(tmp_path / "plain", [])
     plain.close()
     refused = CliRunner().invoke(cli, ["sla", "check", "--config", str(tmp_path / "plain" / "mailbridge.yaml")])
     assert refused.exit_code == 2 and "no SLA policies configured" in refused.output
+
+
+# --- the SLA settings change: open tickets follow them --------------------------------------------
+
+
+def _restart(app: App, tmp_path: Path, **sla: object) -> App:
+    app.close()
+    return _sla_app(tmp_path, **sla)
+
+
+def _ticket(app: App) -> Ticket:
+    with app.db.reader() as session:
+        return session.scalars(select(Ticket)).one()
+
+
+def test_stricter_targets_after_a_restart_move_the_open_tickets_deadlines(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=1))
+        assert _ticket(app).first_response_due_at == T0 + timedelta(hours=4)
+        app = _restart(app, tmp_path, policies={"P3": {"first_response": "2h", "resolution": "40h"}})
+        with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
+            report = app.sla.run(app.db, datetime.now(UTC))
+        assert (report.settings_changed, report.replanned_open, report.moved) == (True, 1, 1)
+        assert _ticket(app).first_response_due_at == T0 + timedelta(hours=2)
+        assert _sla_mails(app) == []
+        _check_at(app, T0 + timedelta(hours=1, minutes=30))  # 75 % of the new 2 h
+        _check_at(app, T0 + timedelta(hours=2))
+        _check_at(app, T0 + timedelta(hours=4))  # the old deadline: nothing more
+        assert _sla_mails(app) == [("sla_reminder", [OWNER]), ("sla_escalation", [LEAD])]
+        with time_machine.travel(T0 + timedelta(hours=4), tick=False):
+            again = app.sla.run(app.db, datetime.now(UTC))
+        assert not again.settings_changed  # planned under these settings once, not at every check
+    finally:
+        app.close()
+
+
+def test_looser_targets_move_the_deadline_and_send_nothing_twice(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=3, minutes=30))  # the 75 % reminder of 4 h went out
+        app = _restart(app, tmp_path, policies={"P3": {"first_response": "6h", "resolution": "40h"}})
+        _check_at(app, T0 + timedelta(hours=4))  # the old deadline: no escalation
+        _check_at(app, T0 + timedelta(hours=5))  # 75 % of 6 h: that reminder was sent already
+        assert _sla_mails(app) == [("sla_reminder", [OWNER])]
+        _check_at(app, T0 + timedelta(hours=6))
+        assert _sla_mails(app) == [("sla_reminder", [OWNER]), ("sla_escalation", [LEAD])]
+        assert _ticket(app).first_response_due_at == T0 + timedelta(hours=6)
+    finally:
+        app.close()
+
+
+def test_a_policy_removed_from_the_settings_stops_the_open_tickets_timers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    app = _sla_app(tmp_path)
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+    _check_at(app, T0 + timedelta(hours=1))
+    app = _restart(app, tmp_path, policies={"P1": {"first_response": "1h"}})  # nothing for P3 any more
+    app.close()
+    config = str(tmp_path / "mailbridge.yaml")
+    with time_machine.travel(T0 + timedelta(hours=2), tick=False):
+        result = CliRunner().invoke(cli, ["sla", "check", "--config", config])
+    assert result.exit_code == 0, result.output
+    assert "the SLA settings changed: 1 open ticket(s) planned again under them, 1 with new deadlines" in result.stdout
+    assert "1 have no SLA policy any more" in result.stdout
+    app = _sla_app(tmp_path, policies={"P1": {"first_response": "1h"}})
+    try:
+        _check_at(app, T0 + timedelta(hours=50))  # long past both old deadlines
+        assert _sla_mails(app) == []
+        ticket = _ticket(app)
+        assert (ticket.sla_policy, ticket.first_response_due_at, ticket.resolution_due_at) == (None, None, None)
+        with app.db.reader() as session:
+            assert session.scalar(select(func.count()).where(SlaTimer.fire_at.is_not(None))) == 0
+    finally:
+        app.close()
+
+
+def test_a_holiday_added_later_moves_the_open_tickets_deadline(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=1))
+        # 40 h of 08-16 days from Monday 09:00 end next Monday 09:00; with Friday off, Tuesday 09:00.
+        assert _ticket(app).resolution_due_at == datetime(2026, 11, 23, 9, tzinfo=UTC)
+        calendar = {"timezone": "UTC", "working_hours": ["08:00-16:00"], "extra_holidays": [date(2026, 11, 20)]}
+        app = _restart(app, tmp_path, calendar=calendar)
+        _check_at(app, T0 + timedelta(hours=2))
+        assert _ticket(app).resolution_due_at == datetime(2026, 11, 24, 9, tzinfo=UTC)
+    finally:
+        app.close()
+
+
+def test_a_calendar_with_hardly_any_working_time_gives_no_deadline_instead_of_crashing(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=1))
+        # One minute a day: 40 h take 2,400 working days, beyond the three years a deadline is looked for.
+        app = _restart(app, tmp_path, calendar={"timezone": "UTC", "working_hours": ["08:00-08:01"]})
+        with time_machine.travel(T0 + timedelta(hours=2), tick=False):
+            report = app.sla.run(app.db, datetime.now(UTC))
+            _ingest(app, tmp_path, "b")  # a new ticket under that calendar is planned without a crash too
+            later = app.sla.run(app.db, datetime.now(UTC))
+        assert (report.settings_changed, report.unreachable) == (True, 1)
+        assert later.planned_tickets == 1
+        with app.db.reader() as session:
+            tickets = session.scalars(select(Ticket).order_by(Ticket.id)).all()
+            assert [t.resolution_due_at for t in tickets] == [None, None]
+            # The first response (4 h) still fits: 240 working days ahead.
+            assert all(t.first_response_due_at is not None for t in tickets)
+    finally:
+        app.close()
 
 
 def test_the_daemons_check_lets_the_intake_take_turns(

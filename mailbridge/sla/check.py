@@ -38,6 +38,12 @@ class CheckReport:
     reminders: int = 0
     escalations: int = 0
     skipped: int = 0
+    # The SLA settings changed since the open tickets were planned: they were all planned again.
+    settings_changed: bool = False
+    replanned_open: int = 0
+    moved: int = 0  # of those, the tickets whose policy, deadlines or reminders changed
+    without_policy: int = 0  # ... to which no target applies any more
+    unreachable: int = 0  # ... whose target lies beyond the calendar's horizon (no deadline)
 
     @property
     def mails(self) -> int:
@@ -61,6 +67,10 @@ class SlaCheck:
         """The check, one transaction per step (`report` is filled in as they go). The daemon runs each
         step as its own job on the database thread, so that the intake's batches take turns with a long
         check -- the planning after a big import -- instead of waiting for all of it."""
+        with db.unit_of_work() as session:
+            report.settings_changed = self.planner.settings_changed(session, now)
+        if report.settings_changed:
+            yield from self._replan_open(db, now, report)
         planned_tickets: set[int] = set()
         while True:
             with db.unit_of_work() as session:
@@ -86,6 +96,31 @@ class SlaCheck:
                 report.escalations,
                 report.skipped,
             )
+
+    def _replan_open(self, db: Database, now: datetime, report: CheckReport) -> Iterator[bool]:
+        """Every open ticket planned again under the changed settings, a transaction per step."""
+        after = 0
+        moved: set[int] = set()
+        while True:
+            with db.unit_of_work() as session:
+                step = self.planner.replan_open(session, now, after, limit=_PLAN_BATCH)
+            after = step.last_ticket_id
+            report.replanned_open += len(step.tickets)
+            moved |= step.moved
+            report.without_policy += len(step.without_policy)
+            report.unreachable += len(step.unreachable)
+            yield True
+            if len(step.tickets) < _PLAN_BATCH:
+                break
+        report.moved = len(moved)
+        log.warning(
+            "SLA settings changed: %d open ticket(s) planned again under them, %d of them moved "
+            "(%d with no policy any more, %d with a target beyond the calendar's horizon)",
+            report.replanned_open,
+            report.moved,
+            report.without_policy,
+            report.unreachable,
+        )
 
     def fire_due(self, session: Session, now: datetime, limit: int = _FIRE_BATCH) -> CheckReport:
         """Fire up to `limit` due timers: their mails, history and priority changes, and their done marks,
