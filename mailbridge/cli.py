@@ -275,13 +275,15 @@ def ingest(
 def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Per mailbox: connection, last error, last fetch; what was read (= stored + replies + duplicates +
     quarantined) and the folder as last counted on the server: mails waiting, mails missing (must be 0).
-    Exits 1 when a mail is missing."""
-    from mailbridge.queries import mailbox_status
+    With a CRM configured: when its lookup last answered and last failed, and how many new tickets were
+    flagged because it could not say who the customer is. Exits 1 when a mail is missing."""
+    from mailbridge.queries import crm_status, mailbox_status
 
     with _app(config) as application, application.db.reader() as session:
         rows = mailbox_status(session, application.settings)
+        crm = crm_status(session, application.settings)
     if json_out:
-        _print_json(rows)
+        _print_json({"mailboxes": rows, "crm": crm})
     else:
         _table(
             rows,
@@ -307,6 +309,8 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
                     f"{row['mailbox']}: {row['waiting']} mail(s) in the folder to import"
                     f" (counted at the fetch of {row['last_fetch_at']})"
                 )
+        if crm is not None:
+            _say(_crm_line(crm))
     missing = [row for row in rows if row["missing"]]
     for row in missing:
         typer.echo(
@@ -317,6 +321,16 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
         )
     if missing:
         raise typer.Exit(1)
+
+
+def _crm_line(crm: dict[str, Any]) -> str:
+    state = "FAILING" if crm["failing"] else "ok" if crm["last_success_at"] else "not asked yet"
+    line = f"CRM: {state}; last answer {crm['last_success_at'] or 'never'}"
+    if crm["last_failure_at"]:
+        line += f"; last failure {crm['last_failure_at']} ({crm['last_problem']})"
+    flagged = crm["flagged_tickets"]
+    line += f"; {flagged} ticket(s) flagged because the CRM could not say who the customer is"
+    return line + (f" (the last at {crm['last_flagged_at']})" if flagged else "")
 
 
 @app.command("parse")

@@ -24,11 +24,16 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 from cachetools import TLRUCache
+from sqlalchemy.orm import Session
 
 from mailbridge.customers import CrmAnswer, Organisation
+from mailbridge.models import CrmHealth
 from mailbridge.routing_rules import CrmSettings
 
 log = logging.getLogger("mailbridge.crm")
+
+_HEALTH_ROW = "crm"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class _CrmFailing(Exception):
@@ -37,6 +42,15 @@ class _CrmFailing(Exception):
 
 class _UnusableAnswer(Exception):
     """The CRM answered, but not with a customer we can read (this sender only)."""
+
+
+@dataclass(slots=True)
+class CrmHealthNow:
+    """How the lookups of this process went; written to `crm_health` for `mailbridge status`."""
+
+    last_success_at: datetime | None = None  # the CRM answered (a customer, or "not known")
+    last_failure_at: datetime | None = None
+    last_problem: str | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +69,7 @@ class Crm:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._outage: _Outage | None = None
         self._paused_until = 0.0  # event-loop time
+        self.health = CrmHealthNow()
 
     def url_for(self, address: str) -> str:
         address = address.strip().lower()
@@ -91,6 +106,23 @@ class Crm:
             answers.update((address, answer) for address in group)
         self._note_health(loop.time(), failures, len(asked) - len(failures))
         return answers
+
+    def record_health(self, session: Session, flagged: int, now: datetime) -> None:
+        """Write how the lookups went (`health`) and count the tickets flagged because the CRM could not
+        say who the customer is, in the intake's transaction (for `mailbridge status`, another process).
+        Another instance may have written a later instant already: the later one stays."""
+        health = self.health
+        row = session.get(CrmHealth, _HEALTH_ROW, with_for_update=True)
+        if row is None:  # the migration makes the row; a database made without it gets one here
+            row = CrmHealth(name=_HEALTH_ROW, flagged_tickets=0)
+            session.add(row)
+        if health.last_success_at is not None and (row.last_success_at or _EPOCH) < health.last_success_at:
+            row.last_success_at = health.last_success_at
+        if health.last_failure_at is not None and (row.last_failure_at or _EPOCH) < health.last_failure_at:
+            row.last_failure_at, row.last_problem = health.last_failure_at, health.last_problem
+        if flagged:
+            row.flagged_tickets = (row.flagged_tickets or 0) + flagged
+            row.last_flagged_at = now
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -155,7 +187,10 @@ class Crm:
         return self._client
 
     def _note_health(self, now: float, failures: list[str], answered: int) -> None:
+        if answered:
+            self.health.last_success_at = datetime.now(UTC)
         if failures:
+            self.health.last_failure_at, self.health.last_problem = datetime.now(UTC), failures[0]
             self._paused_until = now + self.settings.pause_after_failure_seconds
             if self._outage is None:
                 self._outage = _Outage(datetime.now(UTC), failures[0])
