@@ -67,8 +67,8 @@ class SlaCheck:
         """The check, one transaction per step (`report` is filled in as they go). The daemon runs each
         step as its own job on the database thread, so that the intake's batches take turns with a long
         check -- the planning after a big import -- instead of waiting for all of it."""
-        with db.unit_of_work() as session:
-            report.settings_changed = self.planner.settings_changed(session, now)
+        with db.reader() as session:
+            report.settings_changed = self.planner.settings_changed(session)
         if report.settings_changed:
             yield from self._replan_open(db, now, report)
         planned_tickets: set[int] = set()

@@ -98,9 +98,10 @@ class SlaPlanner:
         self._replan(session, touched, new_priority, cursor.started_at, report)
         return report
 
-    def settings_changed(self, session: Session, now: datetime) -> bool:
-        """Whether the open tickets were planned under other SLA settings than these."""
-        return self.start(session, now).settings_digest != self.digest
+    def settings_changed(self, session: Session) -> bool:
+        """Whether the open tickets were planned under other SLA settings than these (a read: no lock)."""
+        cursor = session.get(SlaCursor, _CURSOR)
+        return cursor is not None and cursor.settings_digest != self.digest
 
     def replan_open(self, session: Session, now: datetime, after_id: int = 0, limit: int = 5000) -> PlannerReport:
         """Plan again, under these settings, up to `limit` of the tickets not closed with ids above
