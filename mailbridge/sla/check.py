@@ -114,7 +114,8 @@ class SlaCheck:
                 break
         report.moved = len(moved)
         log.warning(
-            "SLA settings changed: %d open ticket(s) planned again under them, %d of them moved "
+            "SLA settings differ from those the open tickets were planned under: %d open ticket(s) planned "
+            "again, %d of them moved "
             "(%d with no policy any more, %d with a target beyond the calendar's horizon)",
             report.replanned_open,
             report.moved,
