@@ -18,7 +18,7 @@ import logging
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -34,6 +34,7 @@ log = logging.getLogger("mailbridge.crm")
 
 _HEALTH_ROW = "crm"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HEALTH_EVERY = timedelta(minutes=1)
 
 
 class _CrmFailing(Exception):
@@ -70,6 +71,7 @@ class Crm:
         self._outage: _Outage | None = None
         self._paused_until = 0.0  # event-loop time
         self.health = CrmHealthNow()
+        self._health_written = CrmHealthNow()  # what record_health last wrote
 
     def url_for(self, address: str) -> str:
         address = address.strip().lower()
@@ -112,6 +114,14 @@ class Crm:
         say who the customer is, in the intake's transaction (for `mailbridge status`, another process).
         Another instance may have written a later instant already: the later one stays."""
         health = self.health
+        written = self._health_written
+        success_moved = health.last_success_at is not None and (
+            written.last_success_at is None or health.last_success_at - written.last_success_at >= _HEALTH_EVERY
+        )
+        # A CRM that answers is noted once a minute: the row is shared by every instance's intake.
+        if not (flagged or success_moved or health.last_failure_at != written.last_failure_at):
+            return
+        self._health_written = CrmHealthNow(health.last_success_at, health.last_failure_at, health.last_problem)
         row = session.get(CrmHealth, _HEALTH_ROW, with_for_update=True)
         if row is None:  # the migration makes the row; a database made without it gets one here
             row = CrmHealth(name=_HEALTH_ROW, flagged_tickets=0)
