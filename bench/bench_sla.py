@@ -14,6 +14,8 @@ SLA planner. Cases, each measured on a fresh copy of its database:
   N tickets created in the last minutes, none planned; the check plans N tickets.
 * ``replan``: the planner re-reads the whole history (its cursor set back to 0) and plans N tickets
   whose timers exist, some done: the worst case of planning.
+* ``settings``: the first check after the SLA settings changed (their digest in ``sla_cursor`` differs):
+  every open ticket is planned again (here under the same targets, so nothing moves and nothing is sent).
 
 Each case is measured in two ways, in fresh processes, with the clock pinned (time-machine, ticking) to
 ``--at`` so that business hours, holidays and due shares are the same in every run:
@@ -59,7 +61,7 @@ ROOT = BENCH_DIR.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-CASES = ("steady", "due", "import", "replan")
+CASES = ("steady", "due", "import", "replan", "settings")
 MODES = ("check", "cli")
 # A Tuesday, 11:00 in Warsaw: within working hours, and Independence Day (11 November) a week before.
 DEFAULT_AT = "2026-11-17T10:00:00+00:00"
@@ -303,6 +305,20 @@ def fill(db_path: Path, count: int, at: datetime, *, imported: bool, seed: int) 
     connection.close()
 
 
+def planned_under(db_path: Path, config: Path, digest: str | None = None) -> None:
+    """Mark the open tickets as planned under `config`'s SLA settings (or `digest`), as a daemon that has
+    been running with them has done."""
+    from mailbridge.config import load_settings
+    from mailbridge.sla.planner import settings_digest
+
+    connection = sqlite3.connect(db_path)
+    connection.execute(
+        "UPDATE sla_cursor SET settings_digest = ?", (digest or settings_digest(load_settings(config).sla),)
+    )
+    connection.commit()
+    connection.close()
+
+
 def plan_all(config: Path, at: datetime) -> int:
     """The timers of every ticket, by the real planner (not timed; the `replan` case times it)."""
     from mailbridge.app import build_app
@@ -402,15 +418,17 @@ def build_scenarios(
         started = time.perf_counter()
         db = fresh_schema()
         fill(db, count, at, imported=True, seed=seed)
+        planned_under(db, config)
         checkpoint(db)
         target = work / "import.db"
         shutil.copy(db, target)
         scenarios["import"] = Scenario("import", target, count, 0)
         print(f"built 'import' in {time.perf_counter() - started:.1f} s", flush=True)
-    if {"steady", "due", "replan"} & set(cases):
+    if {"steady", "due", "replan", "settings"} & set(cases):
         started = time.perf_counter()
         db = fresh_schema()
         fill(db, count, at, imported=False, seed=seed)
+        planned_under(db, config)
         filled = time.perf_counter()
         planned = plan_all(config, at)
         print(
@@ -431,6 +449,10 @@ def build_scenarios(
         if "steady" in cases:
             shutil.copy(db, work / "steady.db")
             scenarios["steady"] = Scenario("steady", work / "steady.db", 0, 0)
+        if "settings" in cases:
+            shutil.copy(db, work / "settings.db")
+            planned_under(work / "settings.db", config, digest="the settings before")
+            scenarios["settings"] = Scenario("settings", work / "settings.db", 0, 0)
         if "replan" in cases:
             connection = sqlite3.connect(db)
             connection.execute("UPDATE sla_cursor SET last_event_id = 0")
@@ -556,6 +578,9 @@ def verify(scenario: Scenario, db_path: Path, run: Run, at: str) -> None:
         )
     if scenario.expect_mails is not None and mails != scenario.expect_mails:
         raise SystemExit(f"{scenario.name}: queued {mails} mails, expected {scenario.expect_mails}")
+    replanned = report.get("replanned_open", report.get("replanned_open_tickets", 0))
+    if (scenario.name == "settings") != bool(replanned) or report.get("moved", 0):
+        raise SystemExit(f"{scenario.name}: {replanned} open tickets planned again for the settings, {report}")
     connection = sqlite3.connect(db_path)
     try:
         queued = connection.execute("SELECT count(*) FROM outbox WHERE template LIKE 'sla_%'").fetchone()[0]

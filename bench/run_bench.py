@@ -807,7 +807,9 @@ class Bench:
         )
         if out.returncode != 0:
             raise BenchError(f"mailbridge status failed ({out.returncode}):\n{out.stderr[-3000:]}")
-        rows: list[dict[str, Any]] = json.loads(out.stdout)
+        status = json.loads(out.stdout)
+        # {"mailboxes": [...], "crm": ...} since the CRM's health is shown; a plain list of rows before.
+        rows: list[dict[str, Any]] = status["mailboxes"] if isinstance(status, dict) else status
         return rows
 
     @staticmethod

@@ -203,13 +203,33 @@ class AgentDesk:
     def _explain(
         self, session: Session, mailbox: str, ticket: Ticket, mail: ParsedMail, problems: list[str], now: datetime
     ) -> None:
-        """Tell the agent which of their commands were not carried out, and why."""
+        """Tell the agent which of their commands were not carried out, and why, within the per-address
+        limit on automatic mails (an agent's script or a loop must not make us answer every mail). The
+        refusal is kept in the ticket's history either way, with what became of the explanation."""
+        assert mail.sender is not None
+        address = mail.sender.address.lower()
         box = self.boxes.get(ticket.mailbox) or self.boxes.get(mailbox)
-        if box is None or box.address is None or mail.sender is None:
-            return
-        context = self.writer.ticket_context(ticket, box, original={"subject": mail.subject}, problems=problems)
-        letter = Letter("agent_commands_refused", box, context, to=[mail.sender], ticket_id=ticket.id)
-        self._answer_agent(session, letter, mail, now)
+        if box is None or box.address is None:
+            outcome = "no explanation sent: the mailbox sends no mail"
+        elif limited := (
+            automatic_mail_counts(session, [address], now).get(address, RecentCounts()).take(box.rate_limit, address)
+        ):
+            log.warning("no explanation to agent %s on %s: %s", address, ticket.number, limited)
+            outcome = f"no explanation sent: {limited}"
+        else:
+            context = self.writer.ticket_context(ticket, box, original={"subject": mail.subject}, problems=problems)
+            letter = Letter("agent_commands_refused", box, context, to=[mail.sender], ticket_id=ticket.id)
+            self._answer_agent(session, letter, mail, now)
+            outcome = f"explained to {address}"
+        session.add(
+            TicketEvent(
+                ticket_id=ticket.id,
+                at=now,
+                actor=address,
+                kind="commands_refused",
+                new=f"{'; '.join(problems)} ({outcome})",
+            )
+        )
 
     def _answer_agent(self, session: Session, letter: Letter, mail: ParsedMail, now: datetime) -> None:
         """Queue an explanation to the agent, threaded under the agent's own mail."""

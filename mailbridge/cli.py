@@ -281,13 +281,15 @@ def ingest(
 def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Per mailbox: connection, last error, last fetch; what was read (= stored + replies + duplicates +
     quarantined) and the folder as last counted on the server: mails waiting, mails missing (must be 0).
-    Exits 1 when a mail is missing."""
-    from mailbridge.queries import mailbox_status
+    With a CRM configured: when its lookup last answered and last failed, and how many new tickets were
+    flagged because it could not say who the customer is. Exits 1 when a mail is missing."""
+    from mailbridge.queries import crm_status, mailbox_status
 
     with _app(config) as application, application.db.reader() as session:
         rows = mailbox_status(session, application.settings)
+        crm = crm_status(session, application.settings)
     if json_out:
-        _print_json(rows)
+        _print_json({"mailboxes": rows, "crm": crm})
     else:
         _table(
             rows,
@@ -313,6 +315,8 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
                     f"{row['mailbox']}: {row['waiting']} mail(s) in the folder to import"
                     f" (counted at the fetch of {row['last_fetch_at']})"
                 )
+        if crm is not None:
+            _say(_crm_line(crm))
     missing = [row for row in rows if row["missing"]]
     for row in missing:
         typer.echo(
@@ -323,6 +327,16 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
         )
     if missing:
         raise typer.Exit(1)
+
+
+def _crm_line(crm: dict[str, Any]) -> str:
+    state = "FAILING" if crm["failing"] else "ok" if crm["last_success_at"] else "not asked yet"
+    line = f"CRM: {state}; last answer {crm['last_success_at'] or 'never'}"
+    if crm["last_failure_at"]:
+        line += f"; last failure {crm['last_failure_at']} ({crm['last_problem']})"
+    flagged = crm["flagged_tickets"]
+    line += f"; {flagged} ticket(s) flagged because the CRM could not say who the customer is"
+    return line + (f" (the last at {crm['last_flagged_at']})" if flagged else "")
 
 
 @app.command("parse")
@@ -861,8 +875,9 @@ def report(
 @sla_app.command("check")
 def sla_check(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """Run one SLA check now, as the daemon does every check_interval_seconds: plan the deadlines of
-    tickets whose history moved on, queue the reminders and escalations that are due (the daemon sends
-    them). Safe beside a running daemon: each reminder and escalation is queued once."""
+    tickets whose history moved on (and of every open ticket when the SLA settings changed), queue the
+    reminders and escalations that are due (the daemon sends them). Safe beside a running daemon: each
+    reminder and escalation is queued once."""
     with _app(config) as application:
         if not application.settings.sla.enabled:
             typer.echo("error: no SLA policies configured (sla.policies)", err=True)
@@ -873,14 +888,29 @@ def sla_check(config: ConfigOption = None, json_out: JsonOption = False) -> None
         "reminders": report.reminders,
         "escalations": report.escalations,
         "skipped": report.skipped,
+        "settings_changed": report.settings_changed,
+        "replanned_open_tickets": report.replanned_open,
+        "moved": report.moved,
+        "without_policy": report.without_policy,
+        "beyond_calendar": report.unreachable,
     }
     if json_out:
         _print_json(row)
-    else:
+        return
+    if report.settings_changed:
         _say(
-            f"planned {report.planned_tickets} ticket(s); queued {report.reminders} reminder(s) and "
-            f"{report.escalations} escalation(s); {report.skipped} reminder(s) skipped (deadline already passed)"
+            f"the SLA settings changed: {report.replanned_open} open ticket(s) planned again under them, "
+            f"{report.moved} with new deadlines or reminders; {report.without_policy} have no SLA policy any more"
+            + (
+                f"; {report.unreachable} have a target beyond their calendar's working time (no deadline)"
+                if report.unreachable
+                else ""
+            )
         )
+    _say(
+        f"planned {report.planned_tickets} ticket(s); queued {report.reminders} reminder(s) and "
+        f"{report.escalations} escalation(s); {report.skipped} reminder(s) skipped (deadline already passed)"
+    )
 
 
 @db_app.command("upgrade")

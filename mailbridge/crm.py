@@ -18,17 +18,23 @@ import logging
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 from cachetools import TLRUCache
+from sqlalchemy.orm import Session
 
 from mailbridge.customers import CrmAnswer, Organisation
+from mailbridge.models import CrmHealth
 from mailbridge.routing_rules import CrmSettings
 
 log = logging.getLogger("mailbridge.crm")
+
+_HEALTH_ROW = "crm"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HEALTH_EVERY = timedelta(minutes=1)
 
 
 class _CrmFailing(Exception):
@@ -37,6 +43,15 @@ class _CrmFailing(Exception):
 
 class _UnusableAnswer(Exception):
     """The CRM answered, but not with a customer we can read (this sender only)."""
+
+
+@dataclass(slots=True)
+class CrmHealthNow:
+    """How the lookups of this process went; written to `crm_health` for `mailbridge status`."""
+
+    last_success_at: datetime | None = None  # the CRM answered (a customer, or "not known")
+    last_failure_at: datetime | None = None
+    last_problem: str | None = None
 
 
 @dataclass(slots=True)
@@ -55,6 +70,8 @@ class Crm:
         self._client_loop: asyncio.AbstractEventLoop | None = None
         self._outage: _Outage | None = None
         self._paused_until = 0.0  # event-loop time
+        self.health = CrmHealthNow()
+        self._health_written = CrmHealthNow()  # what record_health last wrote
 
     @property
     def failing(self) -> tuple[datetime, str] | None:
@@ -96,6 +113,31 @@ class Crm:
             answers.update((address, answer) for address in group)
         self._note_health(loop.time(), failures, len(asked) - len(failures))
         return answers
+
+    def record_health(self, session: Session, flagged: int, now: datetime) -> None:
+        """Write how the lookups went (`health`) and count the tickets flagged because the CRM could not
+        say who the customer is, in the intake's transaction (for `mailbridge status`, another process).
+        Another instance may have written a later instant already: the later one stays."""
+        health = self.health
+        written = self._health_written
+        success_moved = health.last_success_at is not None and (
+            written.last_success_at is None or health.last_success_at - written.last_success_at >= _HEALTH_EVERY
+        )
+        # A CRM that answers is noted once a minute: the row is shared by every instance's intake.
+        if not (flagged or success_moved or health.last_failure_at != written.last_failure_at):
+            return
+        self._health_written = CrmHealthNow(health.last_success_at, health.last_failure_at, health.last_problem)
+        row = session.get(CrmHealth, _HEALTH_ROW, with_for_update=True)
+        if row is None:  # the migration makes the row; a database made without it gets one here
+            row = CrmHealth(name=_HEALTH_ROW, flagged_tickets=0)
+            session.add(row)
+        if health.last_success_at is not None and (row.last_success_at or _EPOCH) < health.last_success_at:
+            row.last_success_at = health.last_success_at
+        if health.last_failure_at is not None and (row.last_failure_at or _EPOCH) < health.last_failure_at:
+            row.last_failure_at, row.last_problem = health.last_failure_at, health.last_problem
+        if flagged:
+            row.flagged_tickets = (row.flagged_tickets or 0) + flagged
+            row.last_flagged_at = now
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
@@ -160,7 +202,10 @@ class Crm:
         return self._client
 
     def _note_health(self, now: float, failures: list[str], answered: int) -> None:
+        if answered:
+            self.health.last_success_at = datetime.now(UTC)
         if failures:
+            self.health.last_failure_at, self.health.last_problem = datetime.now(UTC), failures[0]
             self._paused_until = now + self.settings.pause_after_failure_seconds
             if self._outage is None:
                 self._outage = _Outage(datetime.now(UTC), failures[0])

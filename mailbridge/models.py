@@ -384,3 +384,20 @@ class SlaCursor(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     last_event_id: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A digest of the SLA settings the open tickets are planned under: when the settings change (a
+    # restart with other targets, calendar, reminders), every open ticket is planned again, once.
+    settings_digest: Mapped[str | None] = mapped_column(String(64))
+
+
+class CrmHealth(Base):
+    """How the CRM lookups went, for `mailbridge status` (another process than the daemon that asks): one
+    row, written in the intake's batch transaction when a lookup was made or a ticket flagged."""
+
+    __tablename__ = "crm_health"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)  # "crm"
+    last_success_at: Mapped[datetime | None] = mapped_column()  # the CRM answered (a customer, or "not known")
+    last_failure_at: Mapped[datetime | None] = mapped_column()  # timed out, refused, an HTTP error, not JSON
+    last_problem: Mapped[str | None] = mapped_column(Text)
+    # New tickets routed by the rules alone and flagged because the CRM could not say who the customer is.
+    flagged_tickets: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_flagged_at: Mapped[datetime | None] = mapped_column()

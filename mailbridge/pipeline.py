@@ -330,6 +330,10 @@ class Pipeline:
             [None if threads[i].is_reply else self._route(*mails[i], crm) for i in kept],
         )
         routing = dict(zip(kept, routed, strict=True))
+        if self.crm is not None and crm:
+            # For `mailbridge status`: the CRM's health as this process saw it, and the tickets it left unknown.
+            flagged = sum(1 for decision in routed if decision is not None and decision.customer_problem is not None)
+            self.crm.record_health(session, flagged, now)
         for index in kept:
             raw, mail = mails[index]
             verdict, thread = verdicts[index], threads[index]

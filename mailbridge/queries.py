@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 from mailbridge.config import Settings
 from mailbridge.models import (
     Article,
+    CrmHealth,
     MailboxState,
     OutboxMail,
     OutboxStatus,
@@ -235,6 +236,26 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
             }
         )
     return rows
+
+
+def crm_status(session: Session, settings: Settings) -> dict[str, Any] | None:
+    """The CRM lookup's health as the daemon recorded it: None when no CRM is configured."""
+    crm = settings.routing.customers.crm
+    if crm is None:
+        return None
+    row = session.get(CrmHealth, "crm")
+    success = row.last_success_at if row else None
+    failure = row.last_failure_at if row else None
+    return {
+        "url": crm.url,
+        # Failing: the last lookup that reached a verdict failed (or none ever succeeded).
+        "failing": failure is not None and (success is None or failure > success),
+        "last_success_at": _when(success),
+        "last_failure_at": _when(failure),
+        "last_problem": row.last_problem if row else None,
+        "flagged_tickets": row.flagged_tickets if row else 0,
+        "last_flagged_at": _when(row.last_flagged_at if row else None),
+    }
 
 
 def _when(value: datetime | None) -> str | None:

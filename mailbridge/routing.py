@@ -23,9 +23,14 @@ _PLAIN = str.maketrans({"ł": "l", "Ł": "l", "ø": "o", "đ": "d", "ß": "ss", 
 
 def words(text: str) -> list[str]:
     """Lower-case words without diacritics: 'Fakturę' -> 'fakture'."""
+    return _WORD.findall(folded(text))
+
+
+def folded(text: str) -> str:
+    """`fold`, fast: what `words` splits into words, and what a keyword without words is looked for in."""
     if text.isascii():  # nothing to take apart: a third of all mail, and every keyword we compile
-        return _WORD.findall(text.lower())
-    return _WORD.findall(text.translate(_FOLDED))
+        return text.lower()
+    return text.translate(_FOLDED)
 
 
 def fold(text: str) -> str:
@@ -54,9 +59,10 @@ _FOLDED = _FoldedCharacters()
 class TextIndex:
     """A text's words, indexed once so that each keyword is a lookup: 200 rules cost no more than a few."""
 
-    def __init__(self, text_words: Sequence[str]) -> None:
+    def __init__(self, text_words: Sequence[str], folded_text: str = "") -> None:
         self.words = text_words
         self.unique = set(text_words)
+        self.folded = folded_text  # the whole text folded: where keywords without words are looked for
         self._sorted: list[str] | None = None
         self._positions: dict[str, list[int]] | None = None
 
@@ -76,15 +82,27 @@ class TextIndex:
 
 @dataclass(frozen=True, slots=True)
 class _Keyword:
-    parts: tuple[str, ...]
+    parts: tuple[str, ...]  # its words; none for a keyword of punctuation only ("!!!", ":-(")
     prefix: bool  # the last part may have any ending
+    shown: str  # for `rules explain`
+    # A keyword without words is looked for as it is written (folded), anywhere: "!!!" is in "pilne!!!!".
+    literal: re.Pattern[str] | None = None
 
     @classmethod
     def of(cls, text: str) -> _Keyword:
         prefix = text.rstrip().endswith("*")
-        return cls(tuple(words(text.rstrip(" *"))), prefix)
+        parts = tuple(words(text.rstrip(" *")))
+        if parts:
+            return cls(parts, prefix, " ".join(parts) + ("*" if prefix else ""))
+        # Runs of white space in it match any run of white space (a line break in the mail, say).
+        pieces = folded(text.strip(" *")).split()
+        if not pieces:
+            raise ValueError(f"keyword {text!r} has nothing to look for (only spaces, asterisks or accents)")
+        return cls((), False, " ".join(pieces), re.compile(r"\s+".join(re.escape(piece) for piece in pieces)))
 
     def found_in(self, index: TextIndex) -> bool:
+        if self.literal is not None:
+            return self.literal.search(index.folded) is not None
         first, n = self.parts[0], len(self.parts)
         if n == 1:
             return index.has_prefix(first) if self.prefix else first in index.unique
@@ -99,6 +117,11 @@ class _Keyword:
                 if last == self.parts[-1] or (self.prefix and last.startswith(self.parts[-1])):
                     return True
         return False
+
+
+def check_keyword(text: str) -> None:
+    """Raise ValueError when the keyword could match nothing (or everything): the configuration's check."""
+    _Keyword.of(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,12 +446,18 @@ class _Gates:
     @classmethod
     def gate(cls, texts: Sequence[_TextCondition]) -> tuple[_TextCondition, tuple[_Keyword, ...]] | None:
         """Keywords a rule needs one of, and their condition: its `any` keywords, else the first of its `all`
-        ones (on the text, subject or body); None: the rule is checked for every mail."""
+        ones with words (on the text, subject or body); None: the rule is checked for every mail. A keyword
+        without words ("!!!") is not in the index: `any` keywords with one of those cannot gate the rule."""
         for wanted in ("any_of", "all_of"):
             for where in cls.FIELDS:
                 for condition in texts:
-                    if condition.where == where and (keywords := getattr(condition, wanted)):
-                        return condition, keywords if wanted == "any_of" else keywords[:1]
+                    if condition.where != where:
+                        continue
+                    keywords: tuple[_Keyword, ...] = getattr(condition, wanted)
+                    if wanted == "any_of" and keywords and all(k.parts for k in keywords):
+                        return condition, keywords
+                    if wanted == "all_of" and (with_words := [k for k in keywords if k.parts]):
+                        return condition, (with_words[0],)
         return None
 
     def candidates(self, view: _MailView) -> set[int]:
@@ -463,7 +492,7 @@ def _keywords_hold(
         return None
     if regex is not None and not regex.search(raw):
         return None
-    shown = [" ".join(k.parts) + ("*" if k.prefix else "") for k in (found or all_of)]
+    shown = [k.shown for k in (found or all_of)]
     return ", ".join(f'"{s}"' for s in shown) or f"/{regex.pattern if regex else ''}/"
 
 
@@ -495,5 +524,6 @@ class _MailView:
     def words(self, where: str, header: str | None = None) -> TextIndex:
         key = (where, header)
         if key not in self._words:
-            self._words[key] = TextIndex(words(self.text(where, header)))
+            text = folded(self.text(where, header))
+            self._words[key] = TextIndex(_WORD.findall(text), text)
         return self._words[key]

@@ -12,7 +12,9 @@
           confidence: 0.97            # how sure this rule is (default 1.0)
 
 Keywords match whole words, case- and diacritic-insensitively ("faktura" matches "FAKTURA", "fąktura");
-a keyword ending in "*" matches any ending; a keyword of several words matches them in a row.
+a keyword ending in "*" matches any ending; a keyword of several words matches them in a row. A keyword
+without letters or digits ("!!!", ":-(") is looked for as written, anywhere in the text, not as a word
+("!!!" matches "pilne!!!!"); white space in it matches any white space.
 """
 
 from __future__ import annotations
@@ -44,9 +46,13 @@ class Keywords(_Strict):
                 re.compile(self.regex)
             except re.error as exc:
                 raise ValueError(f"regex {self.regex!r} is not valid: {exc}") from None
+        # The engine's folding decides what a keyword is (imported here: routing.py imports this module).
+        from mailbridge.routing import check_keyword
+
         for word in (*self.any, *self.all):
             if not word.strip(" *"):
                 raise ValueError("a keyword cannot be empty")
+            check_keyword(word)
         return self
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -174,6 +175,43 @@ async def test_a_crm_that_is_down_routes_by_the_rules_alone_flags_and_warns_once
     assert shown.exit_code == 0, shown.output
     assert "TRIAGE: customer unknown: the CRM cannot be reached" in shown.output
     assert "routing: queue accounting" in shown.output and "; customer unknown: the CRM" in shown.output
+
+
+async def test_status_shows_when_the_crm_last_answered_and_failed_and_the_tickets_it_left_flagged(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there: connection refused
+    app = crm_app(
+        tmp_path, {"url": f"http://127.0.0.1:{port}/customers?email={{address}}", "pause_after_failure_seconds": 1}
+    )
+    config = str(tmp_path / "mailbridge.yaml")
+
+    def status() -> tuple[str, dict[str, Any]]:
+        # Another process's view: from the database alone.
+        text = runner.invoke(cli, ["status", "--config", config])
+        shown = runner.invoke(cli, ["status", "--json", "--config", config])
+        assert text.exit_code == 0 and shown.exit_code == 0, text.output + shown.output
+        return text.stdout, json.loads(shown.stdout)["crm"]
+
+    try:
+        _, before = status()
+        assert before["flagged_tickets"] == 0 and before["last_success_at"] is None and not before["failing"]
+        await ingest(app, tmp_path / "a", ("Invoice 1", "cfo@northwind.example"), ("Hello", "b@b.example"))
+        await ingest(app, tmp_path / "b", ("Invoice 2", "cfo@northwind.example"))  # the breaker: not asked
+        text, down = status()
+        assert down["failing"] and down["last_success_at"] is None and down["flagged_tickets"] == 3
+        assert (down["last_problem"] or "").startswith("the CRM cannot be reached (ClientConnectorError")
+        assert "CRM: FAILING; last answer never; last failure " in text
+        assert "3 ticket(s) flagged because the CRM could not say who the customer is" in text
+        await asyncio.sleep(1.1)
+        with crm_server(customers={"cfo@northwind.example": NORTHWIND}, listen_port=port):
+            await ingest(app, tmp_path / "c", ("Invoice 3", "cfo@northwind.example"))
+        text, back = status()
+    finally:
+        app.close()
+    assert not back["failing"] and back["flagged_tickets"] == 3
+    assert back["last_success_at"] > back["last_failure_at"] == down["last_failure_at"]
+    assert f"CRM: ok; last answer {back['last_success_at']}; last failure {down['last_failure_at']}" in text
 
 
 async def test_a_slow_crm_costs_at_most_its_timeout_without_holding_the_loop_or_the_database(tmp_path: Path) -> None:

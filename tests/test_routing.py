@@ -56,6 +56,12 @@ def test_words_fold_character_by_character_as_the_whole_text_would() -> None:
         (["vat"], "prywatny", False),  # word boundaries
         (["umowa ramowa"], "nasza umowa ramowa z 2024", True),
         (["umowa ramowa"], "umowa, nie ramowa", False),
+        # Without letters or digits: as written, anywhere (no word boundaries), white space as any.
+        (["!!!"], "Pilne!!!!", True),
+        (["!!!"], "Pilne! ! !", False),
+        ([":-("], "drukarka nie działa :-(", True),
+        (["?? !!"], "co??\n!!", True),
+        (["!!!*"], "Pilne!!!", True),
     ],
 )
 def test_keywords(keywords: list[str], text: str, hit: bool) -> None:
@@ -170,6 +176,33 @@ def test_a_bad_rule_stops_start_up_with_its_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(path)
     assert "routing.rules[1] (broken).when.text" in str(error.value) and "not valid" in str(error.value)
+
+
+def test_a_keyword_without_letters_starts_up_and_is_explained(tmp_path: Path) -> None:
+    # It used to pass validation and then crash start-up (an IndexError compiling the rules).
+    rules = [
+        {"name": "loud", "when": {"subject": {"any": ["!!!"]}}, "then": {"queue": "urgent"}},
+        {"name": "sad", "when": {"text": {"all": [":-(", "drukar*"]}}, "then": {"tags": ["sad"]}},
+    ]
+    config = tmp_path / "mailbridge.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "routing": {"rules": rules}}))
+    eml = tmp_path / "loud.eml"
+    eml.write_bytes(b"From: jan@klient.example\nSubject: Drukarka!!!\n\nNie drukuje :-(\n")
+    explained = runner.invoke(cli, ["rules", "explain", str(eml), "--config", str(config)])
+    assert explained.exit_code == 0, explained.output
+    assert "queue urgent" in explained.output
+    assert 'subject has "!!!"' in explained.output and 'text has ":-(", "drukar*"' in explained.output
+
+
+@pytest.mark.parametrize("keyword", ["\t", "\u0301", " * "])
+def test_a_keyword_with_nothing_to_look_for_stops_start_up_with_its_rule(tmp_path: Path, keyword: str) -> None:
+    path = tmp_path / "mailbridge.yaml"
+    rule = {"name": "accents", "when": {"body": {"any": ["ok", keyword]}}, "then": {"queue": "q"}}
+    path.write_text(yaml.safe_dump({"routing": {"rules": [rule]}}))
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    assert "routing.rules[0] (accents).when.body" in str(error.value)
+    assert "nothing to look for" in str(error.value) or "cannot be empty" in str(error.value)
 
 
 def test_rules_test_over_the_labelled_fixtures() -> None:

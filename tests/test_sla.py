@@ -200,12 +200,14 @@ LEAD = "lead@helpdesk.example"
 T0 = datetime(2026, 11, 16, 9, 0, tzinfo=UTC)  # a Monday
 
 
-def _sla_app(tmp_path: Path, started: datetime = T0 - timedelta(hours=1), **sla: object) -> App:
+def _sla_app(
+    tmp_path: Path, started: datetime = T0 - timedelta(hours=1), database_url: str | None = None, **sla: object
+) -> App:
     with time_machine.travel(started, tick=False):  # SLAs apply from the first start with policies
-        return _make_sla_app(tmp_path, **sla)
+        return _make_sla_app(tmp_path, database_url, **sla)
 
 
-def _make_sla_app(tmp_path: Path, **sla: object) -> App:
+def _make_sla_app(tmp_path: Path, database_url: str | None = None, **sla: object) -> App:
     return make_app(
         tmp_path,
         [{"type": "maildir", "name": "support", "path": str(tmp_path / "md"), "address": SUPPORT}],
@@ -218,6 +220,7 @@ def _make_sla_app(tmp_path: Path, **sla: object) -> App:
             "escalation_contacts": {"*": [LEAD]},
             **sla,
         },
+        **({"database": {"url": database_url}} if database_url else {}),
     )
 
 
@@ -326,6 +329,79 @@ def test_two_instances_checking_at_once_send_each_mail_once(app: App, tmp_path: 
             .group_by(OutboxMail.ticket_id, OutboxMail.template)
         ).all()
     assert len(per_ticket) == 40 and all(n == 1 for *_, n in per_ticket)
+
+
+_BOTH_TARGETS = {"P3": {"first_response": "4h", "resolution": "5h", "raise_priority": True}}
+
+
+def _raises(app: App) -> list[tuple[int, str | None, str | None]]:
+    with app.db.reader() as session:
+        rows = session.execute(
+            select(TicketEvent.ticket_id, TicketEvent.old, TicketEvent.new)
+            .where(TicketEvent.actor == "sla", TicketEvent.kind == "priority")
+            .order_by(TicketEvent.id)
+        )
+        return [tuple(row) for row in rows]
+
+
+def _priorities(app: App) -> list[str | None]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Ticket.priority).order_by(Ticket.id)))
+
+
+def test_a_ticket_breaching_both_targets_at_once_is_raised_one_step(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path, policies=_BOTH_TARGETS)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=7))  # down past both deadlines: they fire in one check
+        assert [t for t, _ in _sla_mails(app)] == ["sla_escalation", "sla_escalation"]
+        assert _priorities(app) == ["P2"] and _raises(app) == [(1, "P3", "P2")]
+    finally:
+        app.close()
+
+
+def test_the_second_breach_raises_nothing_also_after_a_restart(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path, policies=_BOTH_TARGETS)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=4))  # first response breached: P3 -> P2
+        assert _priorities(app) == ["P2"]
+    finally:
+        app.close()
+    restarted = _sla_app(tmp_path, policies=_BOTH_TARGETS)
+    try:
+        _check_at(restarted, T0 + timedelta(hours=5))  # resolution breached: escalated, not raised again
+        _check_at(restarted, T0 + timedelta(hours=6))
+        assert [t for t, _ in _sla_mails(restarted)] == ["sla_reminder", "sla_escalation", "sla_escalation"]
+        assert _priorities(restarted) == ["P2"] and _raises(restarted) == [(1, "P3", "P2")]
+    finally:
+        restarted.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_instances_raise_each_ticket_once(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    app = _sla_app(tmp_path, database_url=url, policies=_BOTH_TARGETS)
+    other = _sla_app(tmp_path, database_url=url, policies=_BOTH_TARGETS)  # a second daemon, same database
+    try:
+        with time_machine.travel(T0, tick=False):
+            for n in range(20):
+                _ingest(app, tmp_path, f"m{n}")
+        for moment in (T0 + timedelta(hours=4), T0 + timedelta(hours=5), T0 + timedelta(hours=7)):
+            with time_machine.travel(moment, tick=False):
+                now = datetime.now(UTC)
+                threads = [threading.Thread(target=a.sla.run, args=(a.db, now)) for a in (app, other, app, other)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+        assert _priorities(app) == ["P2"] * 20
+        assert sorted(_raises(app)) == [(n, "P3", "P2") for n in range(1, 21)]
+    finally:
+        other.close()
+        app.close()
 
 
 def test_tickets_from_before_the_sla_was_configured_get_none(tmp_path: Path) -> None:
@@ -462,12 +538,144 @@ def test_the_cli_runs_one_check(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli, ["sla", "check", "--config", config, "--json"])
         again = CliRunner().invoke(cli, ["sla", "check", "--config", config])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"planned_tickets": 1, "reminders": 1, "escalations": 0, "skipped": 0}
+    assert json.loads(result.stdout) == {
+        "planned_tickets": 1,
+        "reminders": 1,
+        "escalations": 0,
+        "skipped": 0,
+        "settings_changed": False,
+        "replanned_open_tickets": 0,
+        "moved": 0,
+        "without_policy": 0,
+        "beyond_calendar": 0,
+    }
     assert again.exit_code == 0 and "queued 0 reminder(s) and 0 escalation(s)" in again.stdout
     plain = make_app(tmp_path / "plain", [])
     plain.close()
     refused = CliRunner().invoke(cli, ["sla", "check", "--config", str(tmp_path / "plain" / "mailbridge.yaml")])
     assert refused.exit_code == 2 and "no SLA policies configured" in refused.output
+
+
+# --- the SLA settings change: open tickets follow them --------------------------------------------
+
+
+def _restart(app: App, tmp_path: Path, **sla: object) -> App:
+    app.close()
+    return _sla_app(tmp_path, **sla)
+
+
+def _ticket(app: App) -> Ticket:
+    with app.db.reader() as session:
+        return session.scalars(select(Ticket)).one()
+
+
+def test_stricter_targets_after_a_restart_move_the_open_tickets_deadlines(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=1))
+        assert _ticket(app).first_response_due_at == T0 + timedelta(hours=4)
+        app = _restart(app, tmp_path, policies={"P3": {"first_response": "2h", "resolution": "40h"}})
+        with time_machine.travel(T0 + timedelta(hours=1, minutes=1), tick=False):
+            report = app.sla.run(app.db, datetime.now(UTC))
+        assert (report.settings_changed, report.replanned_open, report.moved) == (True, 1, 1)
+        assert _ticket(app).first_response_due_at == T0 + timedelta(hours=2)
+        assert _sla_mails(app) == []
+        _check_at(app, T0 + timedelta(hours=1, minutes=30))  # 75 % of the new 2 h
+        _check_at(app, T0 + timedelta(hours=2))
+        _check_at(app, T0 + timedelta(hours=4))  # the old deadline: nothing more
+        assert _sla_mails(app) == [("sla_reminder", [OWNER]), ("sla_escalation", [LEAD])]
+        with time_machine.travel(T0 + timedelta(hours=4), tick=False):
+            again = app.sla.run(app.db, datetime.now(UTC))
+        assert not again.settings_changed  # planned under these settings once, not at every check
+    finally:
+        app.close()
+
+
+def test_looser_targets_move_the_deadline_and_send_nothing_twice(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=3, minutes=30))  # the 75 % reminder of 4 h went out
+        app = _restart(app, tmp_path, policies={"P3": {"first_response": "6h", "resolution": "40h"}})
+        _check_at(app, T0 + timedelta(hours=4))  # the old deadline: no escalation
+        _check_at(app, T0 + timedelta(hours=5))  # 75 % of 6 h: that reminder was sent already
+        assert _sla_mails(app) == [("sla_reminder", [OWNER])]
+        _check_at(app, T0 + timedelta(hours=6))
+        assert _sla_mails(app) == [("sla_reminder", [OWNER]), ("sla_escalation", [LEAD])]
+        assert _ticket(app).first_response_due_at == T0 + timedelta(hours=6)
+    finally:
+        app.close()
+
+
+def test_a_policy_removed_from_the_settings_stops_the_open_tickets_timers(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mailbridge.cli import app as cli
+
+    app = _sla_app(tmp_path)
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+    _check_at(app, T0 + timedelta(hours=1))
+    app = _restart(app, tmp_path, policies={"P1": {"first_response": "1h"}})  # nothing for P3 any more
+    app.close()
+    config = str(tmp_path / "mailbridge.yaml")
+    with time_machine.travel(T0 + timedelta(hours=2), tick=False):
+        result = CliRunner().invoke(cli, ["sla", "check", "--config", config])
+    assert result.exit_code == 0, result.output
+    assert "the SLA settings changed: 1 open ticket(s) planned again under them, 1 with new deadlines" in result.stdout
+    assert "1 have no SLA policy any more" in result.stdout
+    app = _sla_app(tmp_path, policies={"P1": {"first_response": "1h"}})
+    try:
+        _check_at(app, T0 + timedelta(hours=50))  # long past both old deadlines
+        assert _sla_mails(app) == []
+        ticket = _ticket(app)
+        assert (ticket.sla_policy, ticket.first_response_due_at, ticket.resolution_due_at) == (None, None, None)
+        with app.db.reader() as session:
+            assert session.scalar(select(func.count()).where(SlaTimer.fire_at.is_not(None))) == 0
+    finally:
+        app.close()
+
+
+def test_a_holiday_added_later_moves_the_open_tickets_deadline(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=1))
+        # 40 h of 08-16 days from Monday 09:00 end next Monday 09:00; with Friday off, Tuesday 09:00.
+        assert _ticket(app).resolution_due_at == datetime(2026, 11, 23, 9, tzinfo=UTC)
+        calendar = {"timezone": "UTC", "working_hours": ["08:00-16:00"], "extra_holidays": [date(2026, 11, 20)]}
+        app = _restart(app, tmp_path, calendar=calendar)
+        _check_at(app, T0 + timedelta(hours=2))
+        assert _ticket(app).resolution_due_at == datetime(2026, 11, 24, 9, tzinfo=UTC)
+    finally:
+        app.close()
+
+
+def test_a_calendar_with_hardly_any_working_time_gives_no_deadline_instead_of_crashing(tmp_path: Path) -> None:
+    app = _sla_app(tmp_path)
+    try:
+        with time_machine.travel(T0, tick=False):
+            _ingest(app, tmp_path, "a")
+        _check_at(app, T0 + timedelta(hours=1))
+        # One minute a day: 40 h take 2,400 working days, beyond the three years a deadline is looked for.
+        app = _restart(app, tmp_path, calendar={"timezone": "UTC", "working_hours": ["08:00-08:01"]})
+        with time_machine.travel(T0 + timedelta(hours=2), tick=False):
+            report = app.sla.run(app.db, datetime.now(UTC))
+            _ingest(app, tmp_path, "b")  # a new ticket under that calendar is planned without a crash too
+            later = app.sla.run(app.db, datetime.now(UTC))
+        assert (report.settings_changed, report.unreachable) == (True, 1)
+        assert later.planned_tickets == 1
+        with app.db.reader() as session:
+            tickets = session.scalars(select(Ticket).order_by(Ticket.id)).all()
+            assert [t.resolution_due_at for t in tickets] == [None, None]
+            # The first response (4 h) still fits: 240 working days ahead.
+            assert all(t.first_response_due_at is not None for t in tickets)
+    finally:
+        app.close()
 
 
 def test_the_daemons_check_lets_the_intake_take_turns(

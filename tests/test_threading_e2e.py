@@ -417,6 +417,36 @@ async def test_an_unknown_assignee_is_refused_and_explained_to_the_agent(
     assert "Proszę o NIP." in relayed.message.get_body(("plain",)).get_content()
 
 
+async def test_explanations_of_refused_commands_are_rate_limited_and_recorded(
+    app: App, tmp_path: Path, sink: SmtpSink
+) -> None:
+    # An agent's script (or a loop) sending bad commands must not make us answer every mail: the
+    # explanations count towards the per-address limit on automatic mails (3 an hour by default).
+    customer_mail = sample_mail("Faktura", sender=CUSTOMER)
+    await deliver(app, tmp_path, customer_mail)
+    for n in range(4):
+        await deliver(app, tmp_path, agent_mail(customer_mail, f"#assign Agnieszka\nOdpowiedź {n}."))
+    explanations = [r for r in sink.received if r.rcpt_tos == [AGENT]]
+    relayed = [
+        r
+        for r in sink.received
+        if r.rcpt_tos == [CUSTOMER] and "Odpowiedź" in r.message.get_body(("plain",)).get_content()
+    ]
+    assert len(explanations) == 3 and len(relayed) == 4  # the answers themselves are never held back
+    [ticket] = tickets(app)
+    with app.db.reader() as session:
+        refused = list(
+            session.scalars(
+                select(TicketEvent.new)
+                .where(TicketEvent.ticket_id == ticket.id, TicketEvent.kind == "commands_refused")
+                .order_by(TicketEvent.id)
+            )
+        )
+    assert len(refused) == 4 and all("#assign agnieszka" in (r or "") for r in refused)
+    assert all(f"(explained to {AGENT})" in (r or "") for r in refused[:3])
+    assert f"no explanation sent: rate limit: 3 automatic mails to {AGENT} in the last hour" in (refused[3] or "")
+
+
 async def test_an_agent_mail_that_answers_no_ticket_is_kept_and_explained(
     app: App, tmp_path: Path, sink: SmtpSink
 ) -> None:

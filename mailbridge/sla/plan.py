@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from mailbridge.models import TicketStatus
-from mailbridge.sla.calendar import BusinessCalendar
+from mailbridge.sla.calendar import BusinessCalendar, CalendarError
 from mailbridge.sla.settings import SlaSettings
 
 FIRST_RESPONSE = "first_response"
@@ -78,6 +78,8 @@ class Plan:
     resolution_due: datetime | None
     paused_since: datetime | None  # the clock is stopped since then
     timers: tuple[Timer, ...]
+    # Targets with no deadline because the calendar has too little working time ahead to reach them.
+    unreachable: tuple[str, ...] = ()
 
 
 def running_spans(
@@ -130,15 +132,23 @@ def plan(
     met = {FIRST_RESPONSE: first_response_at is not None, RESOLUTION: closed}
     dues: dict[str, datetime | None] = {}
     timers: list[Timer] = []
+    unreachable: list[str] = []
     for which in TARGETS:
         target = policy.target(which)
         if target is None:
             dues[which] = None
             continue
-        dues[which] = moment(clock, spans, target)
-        for share in (*reminders, BREACH):
-            fire_at = None if met[which] else dues[which] if share == BREACH else moment(clock, spans, target * share)
-            timers.append(Timer(which, share, fire_at))
+        try:
+            dues[which] = moment(clock, spans, target)
+            fire_at = {
+                share: None if met[which] else dues[which] if share == BREACH else moment(clock, spans, target * share)
+                for share in (*reminders, BREACH)
+            }
+        except CalendarError:  # e.g. a calendar changed to a few minutes a day: no deadline, rather than none at all
+            dues[which] = None
+            fire_at = dict.fromkeys((*reminders, BREACH))
+            unreachable.append(which)
+        timers += [Timer(which, share, at) for share, at in fire_at.items()]
     open_span = spans[-1][1] is None if spans else False
     paused_since = None if open_span else (spans[-1][1] if spans else created_at)
-    return Plan(dues[FIRST_RESPONSE], dues[RESOLUTION], paused_since, tuple(timers))
+    return Plan(dues[FIRST_RESPONSE], dues[RESOLUTION], paused_since, tuple(timers), tuple(unreachable))

@@ -5,10 +5,18 @@ the ticket and its timers.
 Reading the history rather than being called from each place that changes a ticket keeps one owner
 of SLA state, and makes it exact: a pause starts at the recorded instant of the status change, however
 late the planner runs. Its cursor moves in the same transaction as the plans it wrote.
+
+Open tickets follow the SLA settings in force: when they change (a restart with other targets, another
+calendar, a policy removed), every ticket not closed is planned again, once. A deadline is what the
+policy says now, not what it said when the ticket came in; reminders and escalations already sent are
+not sent again, and one the new plan puts in the past goes out at the next check.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +27,12 @@ from sqlalchemy import Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.db import chunked
-from mailbridge.models import SlaCursor, SlaTimer, Ticket, TicketEvent
+from mailbridge.models import SlaCursor, SlaTimer, Ticket, TicketEvent, TicketStatus
 from mailbridge.sla.calendar import BusinessCalendar
 from mailbridge.sla.plan import Plan, Policy, plan, policy_for
 from mailbridge.sla.settings import SlaSettings
+
+log = logging.getLogger("mailbridge.sla")
 
 SLA_ACTOR = "sla"  # events the SLA itself writes (a breach, the priority it raised)
 _CURSOR = "events"
@@ -35,6 +45,18 @@ _PLANNED_COLUMNS = ("sla_priority", "sla_policy", "first_response_due_at", "reso
 class PlannerReport:
     events: int = 0
     tickets: set[int] = field(default_factory=set)  # planned (again)
+    moved: set[int] = field(default_factory=set)  # whose policy, deadlines or pause changed
+    without_policy: set[int] = field(default_factory=set)  # no target applies to them (any more)
+    unreachable: set[int] = field(default_factory=set)  # a target beyond the calendar's horizon
+    last_ticket_id: int = 0  # re-planning the open tickets: where the next step goes on
+
+
+def settings_digest(settings: SlaSettings) -> str:
+    """What the plans depend on (not who is told, nor how often the check runs), as a digest."""
+    planned = settings.model_dump(
+        mode="json", include={"calendar", "policies", "overrides", "default_priority", "reminders", "pause_while"}
+    )
+    return hashlib.sha256(json.dumps(planned, sort_keys=True).encode()).hexdigest()
 
 
 class SlaPlanner:
@@ -45,6 +67,7 @@ class SlaPlanner:
         self.settings = settings
         self.calendar: BusinessCalendar = settings.calendar.build()
         self._policies: dict[tuple[str, str | None, str | None], Policy | None] = {}
+        self.digest = settings_digest(settings)
 
     def catch_up(self, session: Session, now: datetime, limit: int = 5000) -> PlannerReport:
         """Plan from the events recorded since the last call, at most `limit` of them (call again while
@@ -71,8 +94,35 @@ class SlaPlanner:
             if kind == "priority" and actor != SLA_ACTOR and new:
                 new_priority[ticket_id] = new
         cursor.last_event_id = rows[-1][0]
-        planned = self._replan(session, touched, new_priority, cursor.started_at)
-        return PlannerReport(events=len(rows), tickets=planned)
+        report = PlannerReport(events=len(rows))
+        self._replan(session, touched, new_priority, cursor.started_at, report)
+        return report
+
+    def settings_changed(self, session: Session) -> bool:
+        """Whether the open tickets were planned under other SLA settings than these (a read: no lock)."""
+        cursor = session.get(SlaCursor, _CURSOR)
+        return cursor is not None and cursor.settings_digest != self.digest
+
+    def replan_open(self, session: Session, now: datetime, after_id: int = 0, limit: int = 5000) -> PlannerReport:
+        """Plan again, under these settings, up to `limit` of the tickets not closed with ids above
+        `after_id` (call again from `last_ticket_id` while it plans `limit`); the last call marks the open
+        tickets as planned under these settings. Reminders and escalations already sent stay sent (each
+        fires once); one the new plan puts in the past fires at the next check."""
+        cursor = self.start(session, now)
+        ids = list(
+            session.connection().scalars(
+                select(Ticket.id)
+                .where(Ticket.id > after_id, Ticket.status != TicketStatus.CLOSED)
+                .where(Ticket.created_at >= cursor.started_at)
+                .order_by(Ticket.id)
+                .limit(limit)
+            )
+        )
+        report = PlannerReport(last_ticket_id=ids[-1] if ids else after_id)
+        self._replan(session, set(ids), {}, cursor.started_at, report)
+        if len(ids) < limit:
+            cursor.settings_digest = self.digest
+        return report
 
     def policy(self, priority: str, queue: str | None, tier: str | None) -> Policy | None:
         """policy_for, remembered: a check plans thousands of tickets with a handful of combinations."""
@@ -89,15 +139,21 @@ class SlaPlanner:
         if cursor is None:
             # The first start with SLA policies: what happened before is not planned.
             newest = session.scalar(select(func.max(TicketEvent.id))) or 0
-            cursor = SlaCursor(name=_CURSOR, last_event_id=newest, started_at=now)
+            cursor = SlaCursor(name=_CURSOR, last_event_id=newest, started_at=now, settings_digest=self.digest)
             session.add(cursor)
             session.flush()
         return cursor
 
-    def _replan(self, session: Session, touched: set[int], new_priority: dict[int, str], since: datetime) -> set[int]:
+    def _replan(
+        self,
+        session: Session,
+        touched: set[int],
+        new_priority: dict[int, str],
+        since: datetime,
+        report: PlannerReport,
+    ) -> None:
         """Plan the tickets again; only what changed is written (a ticket's timers and deadlines are
-        usually where they were)."""
-        planned: set[int] = set()
+        usually where they were). `report` gets what was planned and what moved."""
         tickets_table = Ticket.__table__
         assert isinstance(tickets_table, Table)
         for chunk in chunked(sorted(touched)):
@@ -134,7 +190,9 @@ class SlaPlanner:
                     "new_resolution_due_at": None,
                     "new_sla_paused_at": None,
                 }
-                if policy is not None:
+                if policy is None:
+                    report.without_policy.add(t.id)
+                else:
                     planned_now = plan(
                         policy,
                         self.calendar,
@@ -144,6 +202,13 @@ class SlaPlanner:
                         self.settings.reminders,
                         self.settings.pause_while,
                     )
+                    if planned_now.unreachable:
+                        report.unreachable.add(t.id)
+                        log.warning(
+                            "SLA for ticket %d: no deadline for %s: the calendar has too little working time ahead",
+                            t.id,
+                            " and ".join(planned_now.unreachable),
+                        )
                     plans[t.id] = planned_now
                     row.update(
                         new_sla_policy=policy.name,
@@ -154,6 +219,7 @@ class SlaPlanner:
                 current = (t.sla_priority, t.sla_policy, t.first_response_due_at, t.resolution_due_at, t.sla_paused_at)
                 if current != tuple(row[f"new_{c}"] for c in _PLANNED_COLUMNS):
                     updates.append(row)
+                    report.moved.add(t.id)
             if updates:
                 session.connection().execute(
                     update(tickets_table)
@@ -161,9 +227,8 @@ class SlaPlanner:
                     .values({c: bindparam(f"new_{c}") for c in _PLANNED_COLUMNS}),
                     updates,
                 )
-            self._write_timers(session, [t.id for t in tickets], plans)
-            planned.update(t.id for t in tickets)
-        return planned
+            report.moved |= self._write_timers(session, [t.id for t in tickets], plans)
+            report.tickets.update(t.id for t in tickets)
 
     def _status_changes(self, session: Session, ticket_ids: Sequence[int]) -> dict[int, list[tuple[datetime, str]]]:
         found: dict[int, list[tuple[datetime, str]]] = defaultdict(list)
@@ -178,9 +243,11 @@ class SlaPlanner:
             found[ticket_id].append((at, new or ""))
         return found
 
-    def _write_timers(self, session: Session, ticket_ids: Sequence[int], plans: dict[int, Plan]) -> None:
-        """Timers not yet done follow the plan; done ones stay done (each fires once)."""
+    def _write_timers(self, session: Session, ticket_ids: Sequence[int], plans: dict[int, Plan]) -> set[int]:
+        """Timers not yet done follow the plan; done ones stay done (each fires once). Returns the tickets
+        whose timers changed."""
         existing: dict[tuple[int, str, float], tuple[int, bool, datetime | None]] = {}
+        changed: set[int] = set()
         if ticket_ids:
             for timer_id, ticket_id, target, share, fire_at, done_at in session.connection().execute(
                 select(
@@ -200,14 +267,15 @@ class SlaPlanner:
                     new.append(
                         {"ticket_id": ticket_id, "target": timer.target, "share": timer.share, "fire_at": timer.fire_at}
                     )
+                    changed.add(ticket_id)
                 elif not found[1] and found[2] != timer.fire_at:
                     moved.append({"timer_id": found[0], "new_fire_at": timer.fire_at})
+                    changed.add(ticket_id)
         # Timers the plan no longer has (another policy, a target removed) stop, but are kept.
-        moved += [
-            {"timer_id": timer_id, "new_fire_at": None}
-            for key, (timer_id, done, fire_at) in existing.items()
-            if not done and fire_at is not None and key not in planned_keys
-        ]
+        for key, (timer_id, done, fire_at) in existing.items():
+            if not done and fire_at is not None and key not in planned_keys:
+                moved.append({"timer_id": timer_id, "new_fire_at": None})
+                changed.add(key[0])
         timers = SlaTimer.__table__
         assert isinstance(timers, Table)
         if new:
@@ -217,3 +285,4 @@ class SlaPlanner:
                 update(timers).where(timers.c.id == bindparam("timer_id")).values(fire_at=bindparam("new_fire_at")),
                 moved,
             )
+        return changed
