@@ -4,12 +4,17 @@ reply (550 for good, 451 for now), and take its time over each mail (to kill a s
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import email
 import email.policy
+import json
 import socket
 import ssl
 import threading
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
@@ -64,9 +69,44 @@ class _Handler:
         return "250 Message accepted for delivery"
 
 
+@dataclass
+class _OAuthHandler(_Handler):
+    """AUTH XOAUTH2 as Gmail and Exchange Online speak it, the token checked at an RFC 7662 endpoint."""
+
+    introspection_url: str = ""
+    tokens_refused: int = 0
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        if len(args) < 2:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 initial response required")
+        try:
+            fields = dict(
+                part.split("=", 1) for part in base64.b64decode(args[1]).decode().split("\x01") if "=" in part
+            )
+        except (ValueError, UnicodeDecodeError):
+            return AuthResult(success=False, handled=False, message="501 5.5.2 cannot decode the response")
+        user, token = fields.get("user", ""), fields.get("auth", "").removeprefix("Bearer ")
+        answer = await asyncio.to_thread(_introspect, self.introspection_url, token)
+        if answer.get("active") is True and answer.get("username") == user:
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+        with self.lock:
+            self.tokens_refused += 1
+        # Like Gmail: the error as a base64 JSON challenge, which the client answers with an empty line.
+        await server.challenge_auth(json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"}))
+        return AuthResult(success=False, handled=False)
+
+
+def _introspect(url: str, token: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, urllib.parse.urlencode({"token": token}).encode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = json.load(response)
+    return body if isinstance(body, dict) else {}
+
+
 class SmtpSink:
     """`tls`: None (plain), "implicit" (TLS from the first byte, like port 465) or "starttls" (required
-    before MAIL). `login`: (user, password) that AUTH must give; then mail without AUTH is refused."""
+    before MAIL). `login`: (user, password) that AUTH must give; then mail without AUTH is refused.
+    `xoauth2_introspection_url`: AUTH XOAUTH2 only, its token checked at that endpoint; mail needs AUTH."""
 
     def __init__(
         self,
@@ -75,10 +115,13 @@ class SmtpSink:
         tls: str | None = None,
         tls_files: TlsFiles | None = None,
         login: tuple[str, str] | None = None,
+        xoauth2_introspection_url: str | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port or _free_port()
-        self.handler = _Handler()
+        self.handler = (
+            _OAuthHandler(introspection_url=xoauth2_introspection_url) if xoauth2_introspection_url else _Handler()
+        )
         self.tls = tls
         self.tls_files = tls_files
         self.login = login
@@ -99,6 +142,8 @@ class SmtpSink:
             options.update(
                 authenticator=self._authenticate, auth_required=True, auth_require_tls=self.tls == "starttls"
             )
+        if isinstance(self.handler, _OAuthHandler):
+            options.update(auth_required=True, auth_require_tls=False, auth_exclude_mechanism=["PLAIN", "LOGIN"])
         self._controller = Controller(self.handler, hostname=self.host, port=self.port, **options)
         self._controller.start()
         return self
@@ -124,6 +169,13 @@ class SmtpSink:
     def received(self) -> list[Received]:
         with self.handler.lock:
             return list(self.handler.received)
+
+    @property
+    def tokens_refused(self) -> int:
+        """AUTH XOAUTH2 attempts whose token the introspection endpoint did not accept."""
+        assert isinstance(self.handler, _OAuthHandler), "tokens_refused needs xoauth2_introspection_url"
+        with self.handler.lock:
+            return self.handler.tokens_refused
 
     def clear(self) -> None:
         with self.handler.lock:
