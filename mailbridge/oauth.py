@@ -256,7 +256,7 @@ def _session_trusting(ca_file: Path, timeout: float) -> Any:
     import requests
 
     class Session(requests.Session):
-        def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        def request(self, method: str, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
             kwargs.setdefault("verify", str(ca_file))
             kwargs.setdefault("timeout", timeout)
             return super().request(method, url, *args, **kwargs)

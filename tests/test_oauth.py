@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from mailbridge.app import App
 from mailbridge.cli import app as cli
 from mailbridge.config import ConfigError, load_settings
+from mailbridge.logs import setup_logging
 from tests.imap_env import count, make_app, new_user, sample_mail, wait_until, write_config
 from tests.support.dovecot import Dovecot, MailUser
 from tests.support.oauth_server import OAuthServer
@@ -127,8 +129,10 @@ async def daemon(app: App) -> AsyncIterator[asyncio.Event]:
 
 
 async def test_microsoft_app_only_login_fetches_mail_into_tickets(
-    oauth: OAuthServer, dovecot: Dovecot, tmp_path: Path
+    oauth: OAuthServer, dovecot: Dovecot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    setup_logging("DEBUG")  # what an admin hunting a problem turns on: still no secret in the log
+    logging.getLogger().addHandler(caplog.handler)
     user = new_user(dovecot)
     for _ in range(3):
         dovecot.append(sample_mail(), user=user.name)
@@ -146,8 +150,12 @@ async def test_microsoft_app_only_login_fetches_mail_into_tickets(
         assert APP_SECRET not in cache.read_text()
         await app.run_once()  # the cached token serves the next login: no new token
         assert oauth.issued("client_credentials") == before + 1
+        assert "XOAUTH2" in caplog.text or "connected" in caplog.text
+        tokens = [token for token in oauth.state.access_tokens if token in caplog.text]
+        assert tokens == [] and APP_SECRET not in caplog.text
     finally:
         app.close()
+        logging.getLogger().removeHandler(caplog.handler)
 
 
 async def test_app_only_without_a_token_cache_stores_nothing(
