@@ -38,6 +38,10 @@ class OAuthError(Exception):
     """No token to be had; the message names the mailbox, the reason and what to do."""
 
 
+class TokenEndpointError(OAuthError):
+    """The authority could not be reached or failed on its side: worth another try soon, unlike a refusal."""
+
+
 @dataclass(frozen=True, slots=True)
 class AccessToken:
     value: str = field(repr=False)
@@ -121,6 +125,8 @@ def _refused(mailbox: str, provider: str, body: dict[str, Any]) -> OAuthError:
         )
     if error in ("invalid_client", "unauthorized_client"):
         return OAuthError(f"mailbox {mailbox}: {provider} refused the client ({reason}); check client_id and secret")
+    if error in ("temporarily_unavailable", "server_error"):
+        return TokenEndpointError(f"mailbox {mailbox}: {provider} gave no token for now ({reason})")
     return OAuthError(f"mailbox {mailbox}: {provider} gave no token ({reason})")
 
 
@@ -169,7 +175,7 @@ class MicrosoftTokens:
                 else:
                     self._app = msal.PublicClientApplication(oauth.client_id, **options)
             except (OSError, ValueError) as exc:  # requests' errors are OSErrors
-                raise OAuthError(
+                raise TokenEndpointError(
                     f"mailbox {self.mailbox}: cannot use the Microsoft authority {oauth.authority}: "
                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 ) from None
@@ -215,7 +221,7 @@ class MicrosoftTokens:
                 )
             result = app.acquire_token_silent_with_error(scopes, accounts[0], force_refresh=force_refresh)
         except (OSError, ValueError) as exc:
-            raise OAuthError(
+            raise TokenEndpointError(
                 f"mailbox {self.mailbox}: the Microsoft token endpoint failed: {type(exc).__name__}"
             ) from None
         if result is None:
@@ -325,7 +331,7 @@ class GoogleTokens:
                 body = await response.json(content_type=None)
                 return response.status, body if isinstance(body, dict) else {}
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise OAuthError(
+            raise TokenEndpointError(
                 f"mailbox {self.mailbox}: Google's token endpoint {url} failed: {type(exc).__name__}"
             ) from None
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import stat
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -393,3 +394,22 @@ def test_a_mailbox_smtp_shares_the_mailbox_oauth2_and_defaults_follow_the_provid
     assert oauth2.scopes == ["https://outlook.office365.com/.default"]
     assert mailbox.smtp is not None and mailbox.smtp.oauth2 == oauth2 and mailbox.smtp.user == BASE["user"]
     assert "s3cret" not in repr(settings)
+
+
+async def test_an_unreachable_token_endpoint_is_an_outage_not_a_refusal(oauth: OAuthServer, tmp_path: Path) -> None:
+    from mailbridge.config import OAuth2Settings
+    from mailbridge.oauth import OAuthError, TokenEndpointError, TokenSources
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    cache = tmp_path / "google.json"
+    cache.write_text(json.dumps({"refresh_token": "rt-anything"}))
+    down = OAuth2Settings.model_validate(google(oauth, cache, token_url=f"https://127.0.0.1:{port}/token"))
+    with pytest.raises(TokenEndpointError, match="failed"):
+        await TokenSources().get(down, "someone", "box").token()
+    # A refusal is no outage: the refresh token is unknown at the (reachable) endpoint.
+    up = OAuth2Settings.model_validate(google(oauth, cache))
+    with pytest.raises(OAuthError, match="auth login box") as refused:
+        await TokenSources().get(up, "someone", "box").token()
+    assert not isinstance(refused.value, TokenEndpointError) and "rt-anything" not in str(refused.value)

@@ -17,7 +17,7 @@ from typing import Any
 import aioimaplib
 
 from mailbridge.config import ImapMailbox, ImportSince
-from mailbridge.oauth import AccessToken, OAuthError, TokenSource
+from mailbridge.oauth import AccessToken, OAuthError, TokenEndpointError, TokenSource
 
 log = logging.getLogger("mailbridge.imap")
 
@@ -102,6 +102,8 @@ class ImapConnection:
         assert self.tokens is not None
         try:
             return await self.tokens.token(force_refresh=force_refresh)
+        except TokenEndpointError as exc:  # an outage, not a refusal: the usual reconnect back-off
+            raise ImapError(str(exc)) from None
         except OAuthError as exc:
             raise AuthenticationError(str(exc)) from None
 
