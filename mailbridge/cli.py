@@ -938,4 +938,6 @@ def check_config(
             if box.type == "maildir"
             else f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
         )
+        if box.type == "imap" and box.oauth2 is not None:
+            where += f", OAuth2 {box.oauth2.provider} {box.oauth2.flow}"
         _say(f"  mailbox {box.name}: {box.type} {where}")

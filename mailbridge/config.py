@@ -114,6 +114,8 @@ class OAuth2Settings(_Strict):
     # A token is renewed this long before it expires (msal keeps at least 5 minutes on its own), and an IMAP
     # session logged in with it is renewed then too.
     refresh_margin_seconds: float = Field(default=300.0, ge=0)
+    # The SASL mechanism: xoauth2 (Microsoft 365 and Gmail) or oauthbearer (RFC 7628: Gmail, Dovecot, …).
+    mechanism: Literal["xoauth2", "oauthbearer"] = "xoauth2"
     timeout: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
@@ -130,6 +132,13 @@ class OAuth2Settings(_Strict):
                     raise ValueError(f"{key} is for provider google; for microsoft give authority")
             if flow == "client_credentials" and secret is None:
                 raise ValueError("flow client_credentials needs client_secret (or client_secret_env/_file)")
+            if flow == "refresh_token" and secret is not None:
+                # The device-code sign-in is a public-client flow, and Entra ID refuses a secret when such a
+                # refresh token is redeemed.
+                raise ValueError(
+                    "flow refresh_token signs in as a public client: leave out client_secret "
+                    "(and allow public client flows in the app registration)"
+                )
             authority = self.authority or f"{MICROSOFT_AUTHORITY}/{self.tenant}"
             object.__setattr__(self, "authority", _check_endpoint(authority.rstrip("/"), "authority"))
         else:

@@ -11,6 +11,7 @@ put into a log line or an error message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
@@ -46,6 +47,22 @@ class TokenEndpointError(OAuthError):
 class AccessToken:
     value: str = field(repr=False)
     expires_at: float  # time.time() seconds
+
+
+def sasl_initial_response(mechanism: str, user: str, token: str, host: str, port: int) -> str:
+    """The base64 initial response of AUTHENTICATE / AUTH: XOAUTH2 (Google's and Microsoft's format) or
+    OAUTHBEARER (RFC 7628: a GS2 header naming the user, then host, port and the bearer token)."""
+    if mechanism == "oauthbearer":
+        authzid = user.replace("=", "=3D").replace(",", "=2C")  # RFC 5801 saslname
+        text = f"n,a={authzid},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01"
+    else:
+        text = f"user={user}\x01auth=Bearer {token}\x01\x01"
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+# What a client answers to the server's error challenge before the server says NO / 535: XOAUTH2 an empty
+# line, OAUTHBEARER a single %x01 (RFC 7628 3.2.3), base64-encoded.
+SASL_ERROR_ACK = {"xoauth2": "", "oauthbearer": base64.b64encode(b"\x01").decode("ascii")}
 
 
 class TokenSource(Protocol):

@@ -17,7 +17,14 @@ from typing import Any
 import aioimaplib
 
 from mailbridge.config import ImapMailbox, ImportSince
-from mailbridge.oauth import AccessToken, OAuthError, TokenEndpointError, TokenSource
+from mailbridge.oauth import (
+    SASL_ERROR_ACK,
+    AccessToken,
+    OAuthError,
+    TokenEndpointError,
+    TokenSource,
+    sasl_initial_response,
+)
 
 log = logging.getLogger("mailbridge.imap")
 
@@ -94,7 +101,7 @@ class ImapConnection:
             response = await self._xoauth2(token)
             if response.result != "OK":
                 raise AuthenticationError(
-                    f"XOAUTH2 login as {self.box.user} refused with a fresh token: {_text(response.lines)}"
+                    f"OAuth2 login as {self.box.user} refused with a fresh token: {_text(response.lines)}"
                 )
         self.token_expires_at = token.expires_at
 
@@ -108,12 +115,13 @@ class ImapConnection:
             raise AuthenticationError(str(exc)) from None
 
     async def _xoauth2(self, token: AccessToken) -> aioimaplib.Response:
-        assert self.client is not None
+        assert self.client is not None and self.box.oauth2 is not None and self.box.port is not None
         protocol = self.client.protocol
-        initial = f"user={self.box.user}\x01auth=Bearer {token.value}\x01\x01"
-        command = _Authenticate(protocol, "XOAUTH2", base64.b64encode(initial.encode()).decode("ascii"))
+        mechanism = self.box.oauth2.mechanism
+        initial = sasl_initial_response(mechanism, self.box.user, token.value, self.box.host, self.box.port)
+        command = _Authenticate(protocol, mechanism.upper(), initial, SASL_ERROR_ACK[mechanism])
         response: aioimaplib.Response = await self._call(
-            protocol.execute(command, scrub=token.value), "AUTHENTICATE XOAUTH2"
+            protocol.execute(command, scrub=initial), f"AUTHENTICATE {mechanism.upper()}"
         )
         if response.result == "OK":
             protocol.state = aioimaplib.AUTH
@@ -314,17 +322,20 @@ class ImapConnection:
 
 class _Authenticate(aioimaplib.Command):
     """AUTHENTICATE with the initial response (SASL-IR). When the server refuses the token it sends its error
-    as a continuation and waits for an empty client response (RFC 7628 3.2.3); aioimaplib's own xoauth2()
-    does not answer it and waits until its timeout, so this command answers every continuation with one."""
+    as a continuation and waits for the client's acknowledgement (RFC 7628 3.2.3); aioimaplib's own xoauth2()
+    does not answer it and waits until its timeout, so this command answers every continuation."""
 
-    def __init__(self, protocol: aioimaplib.IMAP4ClientProtocol, mechanism: str, initial_response: str) -> None:
+    def __init__(
+        self, protocol: aioimaplib.IMAP4ClientProtocol, mechanism: str, initial_response: str, error_ack: str
+    ) -> None:
         super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism, initial_response, loop=protocol.loop)
         self._protocol = protocol
+        self._error_ack = error_ack
 
     def flush(self) -> None:
         # aioimaplib calls flush() after it recorded a continuation line for the pending command.
         if self._protocol.transport is not None:
-            self._protocol.transport.write(b"\r\n")
+            self._protocol.transport.write(self._error_ack.encode("ascii") + b"\r\n")
 
 
 def uid_set(uids: Iterable[int]) -> str:

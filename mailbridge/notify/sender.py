@@ -27,7 +27,7 @@ from sqlalchemy import Table, bindparam, select, update
 from mailbridge.config import OutboxSettings, Settings, SmtpServer
 from mailbridge.db import Database
 from mailbridge.models import OutboxMail, OutboxStatus, db_text, utcnow
-from mailbridge.oauth import OAuthError, TokenSource, TokenSources
+from mailbridge.oauth import SASL_ERROR_ACK, OAuthError, TokenSource, TokenSources, sasl_initial_response
 
 log = logging.getLogger("mailbridge.outbox")
 
@@ -104,15 +104,32 @@ class SmtpTransport:
         return client
 
     async def _login_with_token(self, client: aiosmtplib.SMTP) -> None:
-        """AUTH XOAUTH2; a refused token is renewed once and tried again (the server may know it was revoked)."""
-        assert self.tokens is not None and self.server.user is not None
+        """AUTH XOAUTH2 / OAUTHBEARER; a refused token is renewed once and tried again (the server may know
+        that it was revoked)."""
+        assert self.tokens is not None
         token = await self.tokens.token()
         try:
-            await client.auth_xoauth2(self.server.user, token.value)
+            await self._authenticate(client, token.value)
         except aiosmtplib.SMTPAuthenticationError:
             log.info("SMTP server %s refused the access token; renewing it", self.server.host)
             token = await self.tokens.token(force_refresh=True)
-            await client.auth_xoauth2(self.server.user, token.value)
+            await self._authenticate(client, token.value)
+
+    async def _authenticate(self, client: aiosmtplib.SMTP, token: str) -> None:
+        server = self.server
+        assert server.oauth2 is not None and server.user is not None and server.port is not None
+        if server.oauth2.mechanism == "xoauth2":
+            await client.auth_xoauth2(server.user, token)
+            return
+        # aiosmtplib has no OAUTHBEARER of its own.
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        initial = sasl_initial_response("oauthbearer", server.user, token, server.host, server.port)
+        response = await client.execute_command(b"AUTH", b"OAUTHBEARER", initial.encode("ascii"))
+        if response.code == 334:  # the error as a challenge: acknowledge it to get the final reply
+            response = await client.execute_command(SASL_ERROR_ACK["oauthbearer"].encode("ascii"))
+        if response.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
     async def send(self, mail: Due) -> str | None:
         client = await self._connected()

@@ -20,7 +20,7 @@ from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 
 from tests.support.dovecot import TlsFiles
 
@@ -71,28 +71,49 @@ class _Handler:
 
 @dataclass
 class _OAuthHandler(_Handler):
-    """AUTH XOAUTH2 as Gmail and Exchange Online speak it, the token checked at an RFC 7662 endpoint."""
+    """AUTH XOAUTH2 (as Gmail and Exchange Online speak it) and OAUTHBEARER (RFC 7628), the token checked at
+    an RFC 7662 introspection endpoint."""
 
     introspection_url: str = ""
     tokens_refused: int = 0
+    mechanisms: list[str] = field(default_factory=list)  # of the successful logins
 
     async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "OAUTHBEARER")
+
+    async def _bearer(self, server: Any, args: list[str], mechanism: str) -> AuthResult:
         if len(args) < 2:
             return AuthResult(success=False, handled=False, message="501 5.5.2 initial response required")
         try:
-            fields = dict(
-                part.split("=", 1) for part in base64.b64decode(args[1]).decode().split("\x01") if "=" in part
-            )
+            parts = base64.b64decode(args[1], validate=True).decode().split("\x01")
         except (ValueError, UnicodeDecodeError):
             return AuthResult(success=False, handled=False, message="501 5.5.2 cannot decode the response")
-        user, token = fields.get("user", ""), fields.get("auth", "").removeprefix("Bearer ")
+        fields = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+        if mechanism == "XOAUTH2":
+            user = parts[0].removeprefix("user=")
+        else:  # GS2 header "n,a=USER," (RFC 5801 escapes)
+            authzid = next((item[2:] for item in parts[0].split(",") if item.startswith("a=")), "")
+            user = authzid.replace("=2C", ",").replace("=3D", "=")
+        token = fields.get("auth", "").removeprefix("Bearer ")
         answer = await asyncio.to_thread(_introspect, self.introspection_url, token)
         if answer.get("active") is True and answer.get("username") == user:
+            with self.lock:
+                self.mechanisms.append(mechanism)
             return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
         with self.lock:
             self.tokens_refused += 1
-        # Like Gmail: the error as a base64 JSON challenge, which the client answers with an empty line.
-        await server.challenge_auth(json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"}))
+        # Like Gmail: the error as a base64 JSON challenge, which the client must acknowledge first.
+        answer_to_challenge = await server.challenge_auth(
+            json.dumps({"status": "invalid_token", "schemes": "bearer", "scope": "mail"})
+        )
+        if answer_to_challenge is MISSING:  # aiosmtpd has answered the client already
+            return AuthResult(success=False, handled=True)
+        expected = b"" if mechanism == "XOAUTH2" else b"\x01"
+        if answer_to_challenge != expected:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 bad answer to the error challenge")
         return AuthResult(success=False, handled=False)
 
 
@@ -176,6 +197,13 @@ class SmtpSink:
         assert isinstance(self.handler, _OAuthHandler), "tokens_refused needs xoauth2_introspection_url"
         with self.handler.lock:
             return self.handler.tokens_refused
+
+    @property
+    def oauth_mechanisms(self) -> list[str]:
+        """The SASL mechanism of each successful OAuth2 login."""
+        assert isinstance(self.handler, _OAuthHandler), "oauth_mechanisms needs xoauth2_introspection_url"
+        with self.handler.lock:
+            return list(self.handler.mechanisms)
 
     def clear(self) -> None:
         with self.handler.lock:
