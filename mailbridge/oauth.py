@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
-
 from mailbridge.config import MICROSOFT_AUTHORITY, OAuth2Settings
 
 log = logging.getLogger("mailbridge.oauth")
@@ -339,6 +337,8 @@ class GoogleTokens:
             self._file.unlock(descriptor)
 
     async def _post(self, url: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        import aiohttp  # here: a second of start-up for every daemon that has no Google mailbox
+
         context = ssl.create_default_context(cafile=str(self.oauth.ca_file) if self.oauth.ca_file else None)
         try:
             async with (
