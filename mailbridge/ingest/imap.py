@@ -82,8 +82,8 @@ class ImapWatcher:
                         if not again and not _renewal_due(conn):
                             await conn.wait_for_news(stop, self._wait_seconds(conn))
                         if _renewal_due(conn):
-                            # Some servers (Exchange Online) end a session when its token expires; start a
-                            # new one with a fresh token first.
+                            # A server may end a session once its token has expired (Exchange Online
+                            # does); start a new one with a fresh token before that.
                             log.info("mailbox %s: renewing the session before its access token expires", self.name)
                             break
             except Exception as exc:  # this mailbox backs off and retries; the others go on regardless

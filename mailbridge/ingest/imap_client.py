@@ -90,15 +90,15 @@ class ImapConnection:
         return await self.select()
 
     async def _login_with_token(self) -> None:
-        """XOAUTH2; a refused token is renewed once (the server knows about a revocation or an early expiry
-        before our clock does) and tried again."""
+        """XOAUTH2 or OAUTHBEARER; a refused token is renewed once (the server learns of a revocation or an
+        early expiry before our clock does) and tried again."""
         assert self.tokens is not None
         token = await self._token(force_refresh=False)
-        response = await self._xoauth2(token)
+        response = await self._authenticate(token)
         if response.result != "OK":
             log.info("mailbox %s: the server refused the access token; renewing it", self.box.name)
             token = await self._token(force_refresh=True)
-            response = await self._xoauth2(token)
+            response = await self._authenticate(token)
             if response.result != "OK":
                 raise AuthenticationError(
                     f"OAuth2 login as {self.box.user} refused with a fresh token: {_text(response.lines)}"
@@ -114,7 +114,7 @@ class ImapConnection:
         except OAuthError as exc:
             raise AuthenticationError(str(exc)) from None
 
-    async def _xoauth2(self, token: AccessToken) -> aioimaplib.Response:
+    async def _authenticate(self, token: AccessToken) -> aioimaplib.Response:
         assert self.client is not None and self.box.oauth2 is not None and self.box.port is not None
         protocol = self.client.protocol
         mechanism = self.box.oauth2.mechanism
