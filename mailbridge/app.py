@@ -34,6 +34,7 @@ from mailbridge.notify.sender_process import SenderProcess
 from mailbridge.notify.sla_alerts import SlaAlerts
 from mailbridge.notify.status import StatusMailer
 from mailbridge.notify.writer import MailWriter
+from mailbridge.oauth import TokenSources
 from mailbridge.pipeline import Pipeline, Result
 from mailbridge.routing import Router
 from mailbridge.sla.check import CheckReport, SlaCheck
@@ -267,12 +268,17 @@ class App:
         return any(self.settings.can_send(box) for box in self.settings.mailboxes)
 
     @cached_property
+    def tokens(self) -> TokenSources:
+        return TokenSources()
+
+    @cached_property
     def watchers(self) -> list[Watcher]:
         watchers: list[Watcher] = []
         for box in self.settings.mailboxes:
             ledger = Ledger(self.db, box.name)
             if isinstance(box, ImapMailbox):
-                watchers.append(ImapWatcher(box, self.pipeline, ledger, self.settings.fetch))
+                tokens = self.tokens.get(box.oauth2, box.user, box.name) if box.oauth2 is not None else None
+                watchers.append(ImapWatcher(box, self.pipeline, ledger, self.settings.fetch, tokens))
             elif isinstance(box, MaildirMailbox):
                 watchers.append(MaildirWatcher(box, self.pipeline, ledger, self.settings.fetch))
         return watchers

@@ -42,6 +42,8 @@ app.add_typer(outbox_app, name="outbox")
 app.add_typer(db_app, name="db")
 sla_app = typer.Typer(help="Service levels: deadlines, reminders and escalations.", no_args_is_help=True)
 app.add_typer(sla_app, name="sla")
+auth_app = typer.Typer(help="OAuth2 sign-in for mailboxes at Microsoft 365 and Google.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 
 ConfigOption = Annotated[
     Path | None,
@@ -133,6 +135,38 @@ def _cell(value: Any) -> str:
 
 def _hide_password(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
+
+
+@auth_app.command("login")
+def auth_login(
+    mailbox: Annotated[str, typer.Argument(help="The mailbox's name in the configuration.")],
+    smtp: Annotated[bool, typer.Option("--smtp", help="Sign in for the mailbox's own smtp.oauth2 block.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """The one-time consent (device-code flow): the refresh token goes into the configured token_cache."""
+    from mailbridge.config import ImapMailbox
+    from mailbridge.oauth import OAuthError, device_login
+
+    settings = _settings(config)
+    setup_logging(settings.logging.level)
+    box = next((b for b in settings.mailboxes if b.name == mailbox), None)
+    if box is None:
+        typer.echo(f"error: no mailbox {mailbox!r} in the configuration", err=True)
+        raise typer.Exit(2)
+    server = settings.smtp_for(box) if smtp else None
+    oauth = server.oauth2 if server is not None else box.oauth2 if isinstance(box, ImapMailbox) else None
+    user = (server.user if server is not None else box.user if isinstance(box, ImapMailbox) else None) or ""
+    if oauth is None:
+        where = "its smtp" if smtp else "it"
+        typer.echo(f"error: mailbox {mailbox} has no oauth2 block for {where}: nothing to sign in", err=True)
+        raise typer.Exit(2)
+    try:
+        account = asyncio.run(device_login(oauth, user, mailbox, _say))
+    except OAuthError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    where = f", stored in {oauth.token_cache}" if oauth.token_cache else ""
+    _say(f"mailbox {mailbox}: signed in as {account}{where}")
 
 
 @app.command()
@@ -940,4 +974,6 @@ def check_config(
             if box.type == "maildir"
             else f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
         )
+        if box.type == "imap" and box.oauth2 is not None:
+            where += f", OAuth2 {box.oauth2.provider} {box.oauth2.flow}"
         _say(f"  mailbox {box.name}: {box.type} {where}")

@@ -10,9 +10,11 @@ import os
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -73,6 +75,113 @@ def _read_secret(value: SecretStr | None, env: str | None, file: Path | None, ke
     return value
 
 
+MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+GOOGLE_TOKEN_URL = "https://oauth2.googleapis.com/token"
+GOOGLE_DEVICE_URL = "https://oauth2.googleapis.com/device/code"
+# Microsoft: app-only access asks for the resource's .default; delegated access names the two permissions.
+_DEFAULT_SCOPES = {
+    ("microsoft", "client_credentials"): ["https://outlook.office365.com/.default"],
+    ("microsoft", "refresh_token"): [
+        "https://outlook.office365.com/IMAP.AccessAsUser.All",
+        "https://outlook.office365.com/SMTP.Send",
+    ],
+    ("google", "refresh_token"): ["https://mail.google.com/"],
+}
+
+
+class OAuth2Settings(_Strict):
+    """Where the access tokens for XOAUTH2 come from: Microsoft (msal) or Google, and where they are kept."""
+
+    provider: Literal["microsoft", "google"]
+    # microsoft: client_credentials (app-only, needs client_secret) or refresh_token (delegated: a user's
+    # consent once, `mailbridge auth login`). google: refresh_token only. Default: client_credentials when
+    # a Microsoft client secret is given, refresh_token otherwise.
+    flow: Literal["client_credentials", "refresh_token"] | None = None
+    tenant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]+$")  # microsoft: directory (tenant) id
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    scopes: list[str] | None = Field(default=None, min_length=1)
+    # microsoft: default https://login.microsoftonline.com/<tenant> (sovereign clouds: their own login host)
+    authority: str | None = None
+    token_url: str | None = None  # google: default https://oauth2.googleapis.com/token
+    device_url: str | None = None  # google, for `auth login`: default https://oauth2.googleapis.com/device/code
+    # The refresh token (and the current access token), mode 0600. Required for refresh_token; for
+    # client_credentials nothing is stored when it is left out.
+    token_cache: Path | None = None
+    ca_file: Path | None = None  # trust this CA bundle for the token endpoint instead of the system's
+    # A token is renewed this long before it expires (msal keeps at least 5 minutes on its own), and an IMAP
+    # session logged in with it is renewed then too.
+    refresh_margin_seconds: float = Field(default=300.0, ge=0)
+    # The SASL mechanism: xoauth2 (Microsoft 365 and Gmail) or oauthbearer (RFC 7628: Gmail, Dovecot, …).
+    mechanism: Literal["xoauth2", "oauthbearer"] = "xoauth2"
+    timeout: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> OAuth2Settings:
+        secret = _read_secret(self.client_secret, self.client_secret_env, self.client_secret_file, "client_secret")
+        object.__setattr__(self, "client_secret", secret)
+        flow = self.flow or ("client_credentials" if self.provider == "microsoft" and secret else "refresh_token")
+        object.__setattr__(self, "flow", flow)
+        if self.provider == "microsoft":
+            if self.tenant is None and self.authority is None:
+                raise ValueError("tenant is required for provider microsoft (the directory id or domain)")
+            for key in ("token_url", "device_url"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is for provider google; for microsoft give authority")
+            if flow == "client_credentials" and secret is None:
+                raise ValueError("flow client_credentials needs client_secret (or client_secret_env/_file)")
+            if flow == "refresh_token" and secret is not None:
+                # The device-code sign-in is a public-client flow, and Entra ID refuses a secret when such a
+                # refresh token is redeemed.
+                raise ValueError(
+                    "flow refresh_token signs in as a public client: leave out client_secret "
+                    "(and allow public client flows in the app registration)"
+                )
+            authority = self.authority or f"{MICROSOFT_AUTHORITY}/{self.tenant}"
+            object.__setattr__(self, "authority", _check_endpoint(authority.rstrip("/"), "authority"))
+        else:
+            if flow != "refresh_token":
+                raise ValueError("provider google supports only flow refresh_token")
+            if self.authority is not None or self.tenant is not None:
+                raise ValueError("authority and tenant are for provider microsoft; for google give token_url")
+            if secret is None:
+                raise ValueError("provider google needs client_secret (or client_secret_env/_file)")
+            object.__setattr__(self, "token_url", _check_endpoint(self.token_url or GOOGLE_TOKEN_URL, "token_url"))
+            object.__setattr__(self, "device_url", _check_endpoint(self.device_url or GOOGLE_DEVICE_URL, "device_url"))
+        if flow == "refresh_token" and self.token_cache is None:
+            raise ValueError("flow refresh_token needs token_cache: the file that keeps the refresh token")
+        if self.scopes is None:
+            object.__setattr__(self, "scopes", list(_DEFAULT_SCOPES[(self.provider, flow)]))
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} does not exist")
+        return self
+
+    @property
+    def secret(self) -> str | None:
+        return self.client_secret.get_secret_value() if self.client_secret is not None else None
+
+
+def _check_endpoint(url: str, key: str) -> str:
+    """Tokens and client secrets travel only over https."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError(f"{key} must be an https:// URL with a host, not {url!r}")
+    return url
+
+
+def _resolve_auth(auth: str | None, oauth2: OAuth2Settings | None, has_password: bool, where: str) -> str:
+    """auth: password | oauth2; left out, it follows from whether an oauth2 block is given."""
+    resolved = auth or ("oauth2" if oauth2 is not None else "password")
+    if resolved == "oauth2":
+        if has_password:
+            raise ValueError(f"auth is oauth2: leave out the password of {where}")
+    elif oauth2 is not None:
+        raise ValueError("an oauth2 block is given but auth is password: set auth: oauth2")
+    return resolved
+
+
 class SmtpServer(_Strict):
     """Where outgoing mail is handed over (implicit TLS on 465, STARTTLS on 587, or plain on loopback)."""
 
@@ -84,13 +193,18 @@ class SmtpServer(_Strict):
     password: SecretStr | None = None
     password_env: str | None = None
     password_file: Path | None = None
+    # oauth2: XOAUTH2 with a token; without its own oauth2 block, a mailbox's smtp uses the mailbox's.
+    auth: Literal["password", "oauth2"] | None = None
+    oauth2: OAuth2Settings | None = None
     timeout: float = Field(default=30.0, gt=0)
 
     @model_validator(mode="after")
     def _resolve(self) -> SmtpServer:
         _check_plain_text_is_local(self.security, self.host)
         secret = _read_secret(self.password, self.password_env, self.password_file, "password")
-        if self.user and secret is None:
+        auth = self.auth or ("oauth2" if self.oauth2 is not None else "password")
+        object.__setattr__(self, "auth", _resolve_auth(auth, self.oauth2, secret is not None, "the smtp server"))
+        if auth == "password" and self.user and secret is None:
             raise ValueError("user is set but no password: give password, password_env or password_file")
         if secret is not None and not self.user:
             raise ValueError("a password is given but no user")
@@ -145,6 +259,8 @@ class ImapMailbox(_Answering):
     password: SecretStr | None = None
     password_env: str | None = None
     password_file: Path | None = None
+    auth: Literal["password", "oauth2"] | None = None  # default: oauth2 when an oauth2 block is given
+    oauth2: OAuth2Settings | None = None
     folder: str = "INBOX"
     after_store: AfterStore = MoveTo()
     quarantine_folder: str = Field(default="Quarantine", min_length=1)
@@ -157,8 +273,12 @@ class ImapMailbox(_Answering):
     def _resolve(self) -> ImapMailbox:
         _check_plain_text_is_local(self.security, self.host)
         secret = _read_secret(self.password, self.password_env, self.password_file, "password")
-        if secret is None:
-            raise ValueError("a password is required: give password, password_env or password_file")
+        auth = _resolve_auth(self.auth, self.oauth2, secret is not None, "the mailbox")
+        object.__setattr__(self, "auth", auth)
+        if auth == "oauth2" and self.oauth2 is None:
+            raise ValueError("auth is oauth2 but there is no oauth2 block (provider, client_id, …)")
+        if auth == "password" and secret is None:
+            raise ValueError("a password is required: give password, password_env or password_file (or auth: oauth2)")
         object.__setattr__(self, "password", secret)
         targets = {"quarantine_folder": self.quarantine_folder}
         if isinstance(self.after_store, MoveTo):
@@ -373,6 +493,29 @@ class Settings(_Strict):
         return boxes
 
     @model_validator(mode="after")
+    def _smtp_tokens(self) -> Settings:
+        """An smtp with auth: oauth2 and no oauth2 block of its own uses its mailbox's (one consent for both)."""
+        if self.smtp is not None and self.smtp.auth == "oauth2":
+            if self.smtp.oauth2 is None:
+                raise ValueError("smtp: auth is oauth2 but there is no smtp.oauth2 block (provider, client_id, …)")
+            if not self.smtp.user:
+                raise ValueError("smtp: auth is oauth2 but there is no user (the account the token is for)")
+        for index, box in enumerate(self.mailboxes):
+            smtp = box.smtp
+            if smtp is None or smtp.auth != "oauth2":
+                continue
+            if smtp.oauth2 is not None and smtp.user:
+                continue
+            if not isinstance(box, ImapMailbox) or box.oauth2 is None:
+                raise ValueError(
+                    f"mailboxes[{index}] ({box.name}).smtp: auth is oauth2 but there is no smtp.oauth2 block "
+                    "(and the mailbox has none to share)"
+                )
+            update = {"oauth2": smtp.oauth2 or box.oauth2, "user": smtp.user or box.user}
+            object.__setattr__(box, "smtp", smtp.model_copy(update=update))
+        return self
+
+    @model_validator(mode="after")
     def _can_answer(self) -> Settings:
         for box in self.mailboxes:
             if box.acknowledge and box.address is None and self.can_send(box):
@@ -521,8 +664,16 @@ def _resolve_relative_paths(data: dict[str, Any], base: Path) -> None:
             fix(box, "path")
             fix(box, "password_file")
             fix(box, "ca_file")
+            _fix_oauth2_paths(box.get("oauth2"), fix)
             smtp_sections.append(box.get("smtp"))
     for smtp in smtp_sections:
         if isinstance(smtp, dict):
             fix(smtp, "password_file")
             fix(smtp, "ca_file")
+            _fix_oauth2_paths(smtp.get("oauth2"), fix)
+
+
+def _fix_oauth2_paths(section: Any, fix: Callable[[dict[str, Any], str], None]) -> None:
+    if isinstance(section, dict):
+        for key in ("client_secret_file", "token_cache", "ca_file"):
+            fix(section, key)

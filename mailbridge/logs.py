@@ -43,5 +43,7 @@ def setup_logging(level: str = "INFO") -> None:
     # aioimaplib logs every line it sends and receives at DEBUG, message bodies included.
     logging.getLogger("aioimaplib").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # msal logs its token requests and cache look-ups at DEBUG; nothing of a token belongs in our logs.
+    logging.getLogger("msal").setLevel(logging.WARNING)
     # APScheduler logs each run of the SLA check; the check logs what it did itself.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)

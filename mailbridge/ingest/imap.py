@@ -27,6 +27,7 @@ from mailbridge.ingest.imap_client import (
 from mailbridge.ingest.ledger import FolderCount, FolderPlan, Ledger, count_folder
 from mailbridge.ingest.raw import BACKLOG, RawMail
 from mailbridge.models import Outcome
+from mailbridge.oauth import TokenSource
 from mailbridge.pipeline import Pipeline, Result
 
 log = logging.getLogger("mailbridge.imap")
@@ -38,8 +39,16 @@ UNDELIVERABLE_AFTER = 3  # drains in a row without a body for the same UID
 class ImapWatcher:
     """Keeps one mailbox drained: connect, import what is new, wait, repeat; reconnect with backoff."""
 
-    def __init__(self, box: ImapMailbox, pipeline: Pipeline, ledger: Ledger, fetch: FetchSettings) -> None:
+    def __init__(
+        self,
+        box: ImapMailbox,
+        pipeline: Pipeline,
+        ledger: Ledger,
+        fetch: FetchSettings,
+        tokens: TokenSource | None = None,
+    ) -> None:
         self.box = box
+        self.tokens = tokens  # auth: oauth2
         self.pipeline = pipeline
         self.ledger = ledger
         self.settings = fetch
@@ -70,8 +79,13 @@ class ImapWatcher:
                         # Mail that arrived during the drain was announced in its replies, so IDLE would not
                         # report it again: fetch it now (once; a mail the server cannot deliver waits).
                         again = count.waiting > 0 and not again
-                        if not again:
-                            await conn.wait_for_news(stop, self.box.poll_interval)
+                        if not again and not _renewal_due(conn):
+                            await conn.wait_for_news(stop, self._wait_seconds(conn))
+                        if _renewal_due(conn):
+                            # A server may end a session once its token has expired (Exchange Online
+                            # does); start a new one with a fresh token before that.
+                            log.info("mailbox %s: renewing the session before its access token expires", self.name)
+                            break
             except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
                 expected = isinstance(exc, ImapError | OSError | TimeoutError | aioimaplib.AioImapException)
                 reason = describe(exc) if expected else f"unexpected error: {describe(exc)}"
@@ -84,6 +98,10 @@ class ImapWatcher:
                     delay = min(max(delay * 2, self.settings.reconnect_max_seconds), AUTH_RETRY_MAX_SECONDS)
                 else:
                     delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    def _wait_seconds(self, conn: ImapConnection) -> float:
+        due = conn.renewal_due_in()
+        return self.box.poll_interval if due is None else max(0.1, min(self.box.poll_interval, due))
 
     async def run_once(self) -> None:
         """Drain what is waiting now and return (`mailbridge run --once`, the tests)."""
@@ -98,7 +116,7 @@ class ImapWatcher:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[ImapConnection]:
-        conn = ImapConnection(self.box)
+        conn = ImapConnection(self.box, self.tokens)
         try:
             await conn.open()
             if isinstance(self.box.after_store, MoveTo):
@@ -271,6 +289,11 @@ class ImapWatcher:
             await self.ledger.failed(str(exc))
             return
         await self.pipeline.mark_server_done(keys)
+
+
+def _renewal_due(conn: ImapConnection) -> bool:
+    due = conn.renewal_due_in()
+    return due is not None and due <= 0
 
 
 @dataclass

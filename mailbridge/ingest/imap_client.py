@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
+import time
 from collections.abc import Awaitable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -15,6 +17,16 @@ from typing import Any
 import aioimaplib
 
 from mailbridge.config import ImapMailbox, ImportSince
+from mailbridge.oauth import (
+    SASL_ERROR_ACK,
+    AccessToken,
+    OAuthError,
+    TokenEndpointError,
+    TokenSource,
+    sasl_initial_response,
+)
+
+log = logging.getLogger("mailbridge.imap")
 
 _UID = re.compile(rb"UID (\d+)")
 _SIZE = re.compile(rb"RFC822\.SIZE (\d+)")
@@ -46,10 +58,12 @@ class FolderStatus:
 class ImapConnection:
     """A logged-in aioimaplib client with the folder selected, and the few commands we need."""
 
-    def __init__(self, box: ImapMailbox) -> None:
+    def __init__(self, box: ImapMailbox, tokens: TokenSource | None = None) -> None:
         self.box = box
+        self.tokens = tokens  # auth: oauth2
         self.lost = asyncio.Event()
         self.client: aioimaplib.IMAP4 | None = None
+        self.token_expires_at: float | None = None  # time.time() of the token this session logged in with
 
     async def open(self) -> FolderStatus:
         box = self.box
@@ -67,10 +81,58 @@ class ImapConnection:
         await self.client.wait_hello_from_server()
         if box.security == "starttls":
             await self._starttls()
-        response = await self._call(self.client.login(box.user, box.secret), "LOGIN")
-        if response.result != "OK":
-            raise AuthenticationError(f"login as {box.user} refused: {_text(response.lines)}")
+        if box.auth == "oauth2":
+            await self._login_with_token()
+        else:
+            response = await self._call(self.client.login(box.user, box.secret), "LOGIN")
+            if response.result != "OK":
+                raise AuthenticationError(f"login as {box.user} refused: {_text(response.lines)}")
         return await self.select()
+
+    async def _login_with_token(self) -> None:
+        """XOAUTH2 or OAUTHBEARER; a refused token is renewed once (the server learns of a revocation or an
+        early expiry before our clock does) and tried again."""
+        assert self.tokens is not None
+        token = await self._token(force_refresh=False)
+        response = await self._authenticate(token)
+        if response.result != "OK":
+            log.info("mailbox %s: the server refused the access token; renewing it", self.box.name)
+            token = await self._token(force_refresh=True)
+            response = await self._authenticate(token)
+            if response.result != "OK":
+                raise AuthenticationError(
+                    f"OAuth2 login as {self.box.user} refused with a fresh token: {_text(response.lines)}"
+                )
+        self.token_expires_at = token.expires_at
+
+    async def _token(self, *, force_refresh: bool) -> AccessToken:
+        assert self.tokens is not None
+        try:
+            return await self.tokens.token(force_refresh=force_refresh)
+        except TokenEndpointError as exc:  # an outage, not a refusal: the usual reconnect back-off
+            raise ImapError(str(exc)) from None
+        except OAuthError as exc:
+            raise AuthenticationError(str(exc)) from None
+
+    async def _authenticate(self, token: AccessToken) -> aioimaplib.Response:
+        assert self.client is not None and self.box.oauth2 is not None and self.box.port is not None
+        protocol = self.client.protocol
+        mechanism = self.box.oauth2.mechanism
+        initial = sasl_initial_response(mechanism, self.box.user, token.value, self.box.host, self.box.port)
+        command = _Authenticate(protocol, mechanism.upper(), initial, SASL_ERROR_ACK[mechanism])
+        response: aioimaplib.Response = await self._call(
+            protocol.execute(command, scrub=initial), f"AUTHENTICATE {mechanism.upper()}"
+        )
+        if response.result == "OK":
+            protocol.state = aioimaplib.AUTH
+        return response
+
+    def renewal_due_in(self) -> float | None:
+        """Seconds until this session should be renewed because its token expires (None: never)."""
+        if self.token_expires_at is None:
+            return None
+        assert self.box.oauth2 is not None
+        return self.token_expires_at - self.box.oauth2.refresh_margin_seconds - time.time()
 
     async def _starttls(self) -> None:
         assert self.client is not None
@@ -256,6 +318,24 @@ class ImapConnection:
             transport = self.client.protocol.transport
             if transport is not None:
                 transport.close()
+
+
+class _Authenticate(aioimaplib.Command):
+    """AUTHENTICATE with the initial response (SASL-IR). When the server refuses the token it sends its error
+    as a continuation and waits for the client's acknowledgement (RFC 7628 3.2.3); aioimaplib's own xoauth2()
+    does not answer it and waits until its timeout, so this command answers every continuation."""
+
+    def __init__(
+        self, protocol: aioimaplib.IMAP4ClientProtocol, mechanism: str, initial_response: str, error_ack: str
+    ) -> None:
+        super().__init__("AUTHENTICATE", protocol.new_tag(), mechanism, initial_response, loop=protocol.loop)
+        self._protocol = protocol
+        self._error_ack = error_ack
+
+    def flush(self) -> None:
+        # aioimaplib calls flush() after it recorded a continuation line for the pending command.
+        if self._protocol.transport is not None:
+            self._protocol.transport.write(self._error_ack.encode("ascii") + b"\r\n")
 
 
 def uid_set(uids: Iterable[int]) -> str:

@@ -28,6 +28,7 @@ from sqlalchemy import Table, bindparam, select, update
 from mailbridge.config import OutboxSettings, Settings, SmtpServer
 from mailbridge.db import Database
 from mailbridge.models import OutboxMail, OutboxStatus, db_text, utcnow
+from mailbridge.oauth import SASL_ERROR_ACK, OAuthError, TokenSource, TokenSources, sasl_initial_response
 
 log = logging.getLogger("mailbridge.outbox")
 
@@ -68,8 +69,9 @@ class Transport(Protocol):
 class SmtpTransport:
     """One SMTP session, opened on first use and kept for the mails that follow."""
 
-    def __init__(self, server: SmtpServer) -> None:
+    def __init__(self, server: SmtpServer, tokens: TokenSource | None = None) -> None:
         self.server = server
+        self.tokens = tokens  # auth: oauth2
         self._client: aiosmtplib.SMTP | None = None
 
     async def _connected(self) -> aiosmtplib.SMTP:
@@ -86,8 +88,13 @@ class SmtpTransport:
         )
         try:
             await client.connect()
-            if server.user:
+            if server.auth == "oauth2":
+                await self._login_with_token(client)
+            elif server.user:
                 await client.login(server.user, server.secret or "")
+        except OAuthError as exc:
+            await _quietly_close(client)
+            raise DeliveryError(str(exc), permanent=False, server_trouble=True) from None
         except aiosmtplib.SMTPAuthenticationError as exc:
             await _quietly_close(client)
             raise DeliveryError(
@@ -100,6 +107,34 @@ class SmtpTransport:
             ) from None
         self._client = client
         return client
+
+    async def _login_with_token(self, client: aiosmtplib.SMTP) -> None:
+        """AUTH XOAUTH2 / OAUTHBEARER; a refused token is renewed once and tried again (the server may know
+        that it was revoked)."""
+        assert self.tokens is not None
+        token = await self.tokens.token()
+        try:
+            await self._authenticate(client, token.value)
+        except aiosmtplib.SMTPAuthenticationError:
+            log.info("SMTP server %s refused the access token; renewing it", self.server.host)
+            token = await self.tokens.token(force_refresh=True)
+            await self._authenticate(client, token.value)
+
+    async def _authenticate(self, client: aiosmtplib.SMTP, token: str) -> None:
+        server = self.server
+        assert server.oauth2 is not None and server.user is not None and server.port is not None
+        if server.oauth2.mechanism == "xoauth2":
+            await client.auth_xoauth2(server.user, token)
+            return
+        # aiosmtplib has no OAUTHBEARER of its own.
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
+        initial = sasl_initial_response("oauthbearer", server.user, token, server.host, server.port)
+        response = await client.execute_command(b"AUTH", b"OAUTHBEARER", initial.encode("ascii"))
+        if response.code == 334:  # the error as a challenge: acknowledge it to get the final reply
+            response = await client.execute_command(SASL_ERROR_ACK["oauthbearer"].encode("ascii"))
+        if response.code != 235:
+            raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
     async def send(self, mail: Due) -> str | None:
         client = await self._connected()
@@ -172,6 +207,7 @@ class OutboxSender:
         self.settings: OutboxSettings = settings.outbox
         self.ready = ready
         self.recorded = recorded  # told what each commit of outcomes recorded (the daemon's metrics)
+        self._tokens = TokenSources()  # XOAUTH2 logins; the token cache files are shared with the daemon
         self._servers: dict[str, SmtpServer | Path] = {}
         for box in settings.mailboxes:
             route = settings.outbox.deliver_to_directory or settings.smtp_for(box)
@@ -259,11 +295,16 @@ class OutboxSender:
             return None
         if isinstance(route, Path):
             return f"dir:{route}"
-        return f"smtp:{route.host}:{route.port}:{route.user or ''}"
+        return f"smtp:{route.host}:{route.port}:{route.user or ''}:{route.auth}"
 
     def _transport(self, mailbox: str) -> Transport:
         route = self._servers[mailbox]
-        return DirectoryTransport(route) if isinstance(route, Path) else SmtpTransport(route)
+        if isinstance(route, Path):
+            return DirectoryTransport(route)
+        if route.auth == "oauth2":
+            assert route.oauth2 is not None and route.user is not None
+            return SmtpTransport(route, self._tokens.get(route.oauth2, route.user, mailbox))
+        return SmtpTransport(route)
 
     def _server_ready(self, mailbox: str) -> bool:
         key = self._server_key(mailbox)

@@ -451,7 +451,16 @@ class Dovecot:
     host: str = HOST
     separator: str = "."  # hierarchy separator of the (default Maildir++) namespace
 
-    def __init__(self, base_dir: Path, port: int, *, idle: bool, auto_port: bool, tls: bool = False) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        port: int,
+        *,
+        idle: bool,
+        auto_port: bool,
+        tls: bool = False,
+        oauth2_introspection_url: str | None = None,
+    ) -> None:
         """Use :meth:`start`; this only prepares the directories and files."""
         self.base_dir = Path(base_dir).resolve()
         if not _SAFE_PATH.match(str(self.base_dir)):
@@ -460,6 +469,7 @@ class Dovecot:
         self.idle = idle
         self._auto_port = auto_port
         self.tls = tls
+        self.oauth2_introspection_url = oauth2_introspection_url
         # The implicit-TLS (IMAPS) port; always picked automatically.  None without TLS.
         self.tls_port: int | None = free_port() if tls else None
         self.tls_dir = self.base_dir / "tls"
@@ -517,7 +527,15 @@ class Dovecot:
         return _unavailable_reason()
 
     @classmethod
-    def start(cls, base_dir: Path, port: int | None = None, *, idle: bool = True, tls: bool = False) -> Self:
+    def start(
+        cls,
+        base_dir: Path,
+        port: int | None = None,
+        *,
+        idle: bool = True,
+        tls: bool = False,
+        oauth2_introspection_url: str | None = None,
+    ) -> Self:
         """Write a private config below ``base_dir`` and start Dovecot on 127.0.0.1:``port``.
 
         ``port=None`` picks a free port.  ``idle=False`` makes the server not advertise IDLE (nor
@@ -525,13 +543,24 @@ class Dovecot:
 
         ``tls=True`` generates a test CA and server certificate (see :attr:`ca_file`), offers
         STARTTLS on ``port`` and adds an implicit-TLS listener on :attr:`tls_port`.
+
+        ``oauth2_introspection_url`` adds Dovecot's ``oauth2`` passdb behind the password one: XOAUTH2 and
+        OAUTHBEARER logins are checked by POSTing the token to that RFC 7662 endpoint, which must answer
+        ``{"active": true, "username": USER}``. Password logins keep working.
         """
         reason = _unavailable_reason()
         if reason is not None:
             raise DovecotError(reason)
         if tls and _openssl_binary() is None and not _have_cryptography():
             raise DovecotError("tls=True needs the openssl command line tool or the Python package cryptography")
-        server = cls(base_dir, port if port is not None else free_port(), idle=idle, auto_port=port is None, tls=tls)
+        server = cls(
+            base_dir,
+            port if port is not None else free_port(),
+            idle=idle,
+            auto_port=port is None,
+            tls=tls,
+            oauth2_introspection_url=oauth2_introspection_url,
+        )
         server.add_user(DEFAULT_USER, DEFAULT_PASSWORD)
         try:
             if tls:
@@ -909,7 +938,7 @@ class Dovecot:
             f"listen = {HOST}",
             *self._ssl_config_lines(),
             "disable_plaintext_auth = no",
-            "auth_mechanisms = plain login",
+            "auth_mechanisms = plain login" + (" xoauth2 oauthbearer" if self.oauth2_introspection_url else ""),
             "auth_failure_delay = 0",
             f"default_login_user = {self._login_user}",
             f"default_internal_user = {self._internal_user}",
@@ -933,6 +962,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.passwd_dir}/%u
 }}
+{self._oauth2_passdb()}
 userdb {{
   driver = passwd-file
   args = username_format=%u {self.passwd_dir}/%u
@@ -954,6 +984,25 @@ service anvil {{
 """
         )
         self.config_path.write_text("\n".join(lines))
+
+    def _oauth2_passdb(self) -> str:
+        """Dovecot 2.3's oauth2 passdb in RFC 7662 introspection mode (tried after the passwd-file one)."""
+        if self.oauth2_introspection_url is None:
+            return ""
+        settings = self.base_dir / "dovecot-oauth2.conf.ext"
+        settings.write_text(
+            "\n".join(
+                [
+                    f"introspection_url = {self.oauth2_introspection_url}",
+                    "introspection_mode = post",
+                    "username_attribute = username",
+                    "active_attribute = active",
+                    "active_value = true",
+                    "",
+                ]
+            )
+        )
+        return f"passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {settings}\n}}"
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

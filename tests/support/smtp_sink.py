@@ -4,18 +4,23 @@ reply (550 for good, 451 for now), and take its time over each mail (to kill a s
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import email
 import email.policy
+import json
 import socket
 import ssl
 import threading
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
 
 from tests.support.dovecot import TlsFiles
 
@@ -64,9 +69,65 @@ class _Handler:
         return "250 Message accepted for delivery"
 
 
+@dataclass
+class _OAuthHandler(_Handler):
+    """AUTH XOAUTH2 (as Gmail and Exchange Online speak it) and OAUTHBEARER (RFC 7628), the token checked at
+    an RFC 7662 introspection endpoint."""
+
+    introspection_url: str = ""
+    tokens_refused: int = 0
+    mechanisms: list[str] = field(default_factory=list)  # of the successful logins
+
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "XOAUTH2")
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._bearer(server, args, "OAUTHBEARER")
+
+    async def _bearer(self, server: Any, args: list[str], mechanism: str) -> AuthResult:
+        if len(args) < 2:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 initial response required")
+        try:
+            parts = base64.b64decode(args[1], validate=True).decode().split("\x01")
+        except (ValueError, UnicodeDecodeError):
+            return AuthResult(success=False, handled=False, message="501 5.5.2 cannot decode the response")
+        fields = dict(part.split("=", 1) for part in parts[1:] if "=" in part)
+        if mechanism == "XOAUTH2":
+            user = parts[0].removeprefix("user=")
+        else:  # GS2 header "n,a=USER," (RFC 5801 escapes)
+            authzid = next((item[2:] for item in parts[0].split(",") if item.startswith("a=")), "")
+            user = authzid.replace("=2C", ",").replace("=3D", "=")
+        token = fields.get("auth", "").removeprefix("Bearer ")
+        answer = await asyncio.to_thread(_introspect, self.introspection_url, token)
+        if answer.get("active") is True and answer.get("username") == user:
+            with self.lock:
+                self.mechanisms.append(mechanism)
+            return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+        with self.lock:
+            self.tokens_refused += 1
+        # Like Gmail: the error as a base64 JSON challenge, which the client must acknowledge first.
+        answer_to_challenge = await server.challenge_auth(
+            json.dumps({"status": "invalid_token", "schemes": "bearer", "scope": "mail"})
+        )
+        if answer_to_challenge is MISSING:  # aiosmtpd has answered the client already
+            return AuthResult(success=False, handled=True)
+        expected = b"" if mechanism == "XOAUTH2" else b"\x01"
+        if answer_to_challenge != expected:
+            return AuthResult(success=False, handled=False, message="501 5.5.2 bad answer to the error challenge")
+        return AuthResult(success=False, handled=False)
+
+
+def _introspect(url: str, token: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, urllib.parse.urlencode({"token": token}).encode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = json.load(response)
+    return body if isinstance(body, dict) else {}
+
+
 class SmtpSink:
     """`tls`: None (plain), "implicit" (TLS from the first byte, like port 465) or "starttls" (required
-    before MAIL). `login`: (user, password) that AUTH must give; then mail without AUTH is refused."""
+    before MAIL). `login`: (user, password) that AUTH must give; then mail without AUTH is refused.
+    `xoauth2_introspection_url`: AUTH XOAUTH2 only, its token checked at that endpoint; mail needs AUTH."""
 
     def __init__(
         self,
@@ -75,10 +136,13 @@ class SmtpSink:
         tls: str | None = None,
         tls_files: TlsFiles | None = None,
         login: tuple[str, str] | None = None,
+        xoauth2_introspection_url: str | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port or _free_port()
-        self.handler = _Handler()
+        self.handler = (
+            _OAuthHandler(introspection_url=xoauth2_introspection_url) if xoauth2_introspection_url else _Handler()
+        )
         self.tls = tls
         self.tls_files = tls_files
         self.login = login
@@ -99,6 +163,8 @@ class SmtpSink:
             options.update(
                 authenticator=self._authenticate, auth_required=True, auth_require_tls=self.tls == "starttls"
             )
+        if isinstance(self.handler, _OAuthHandler):
+            options.update(auth_required=True, auth_require_tls=False, auth_exclude_mechanism=["PLAIN", "LOGIN"])
         self._controller = Controller(self.handler, hostname=self.host, port=self.port, **options)
         self._controller.start()
         return self
@@ -124,6 +190,20 @@ class SmtpSink:
     def received(self) -> list[Received]:
         with self.handler.lock:
             return list(self.handler.received)
+
+    @property
+    def tokens_refused(self) -> int:
+        """AUTH XOAUTH2 attempts whose token the introspection endpoint did not accept."""
+        assert isinstance(self.handler, _OAuthHandler), "tokens_refused needs xoauth2_introspection_url"
+        with self.handler.lock:
+            return self.handler.tokens_refused
+
+    @property
+    def oauth_mechanisms(self) -> list[str]:
+        """The SASL mechanism of each successful OAuth2 login."""
+        assert isinstance(self.handler, _OAuthHandler), "oauth_mechanisms needs xoauth2_introspection_url"
+        with self.handler.lock:
+            return list(self.handler.mechanisms)
 
     def clear(self) -> None:
         with self.handler.lock:
