@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailbridge.customers import DirectoryError
 from mailbridge.db import Database
-from mailbridge.logs import setup_logging
+from mailbridge.logs import LogFormat, setup_logging
 from mailbridge.quarantine import list_quarantined
 
 if TYPE_CHECKING:
@@ -63,14 +63,14 @@ def _settings(config: Path | None) -> Settings:
 
 
 @contextmanager
-def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
+def _app(config: Path | None, *, migrate: bool = True, log_format: LogFormat | None = None) -> Iterator[App]:
     # Imported here: the App brings in the whole pipeline (a second of start-up on a busy machine), which
     # commands that only read the database (`report`) do without.
     from mailbridge.app import build_app
     from mailbridge.notify.render import TemplateProblem
 
     settings = _settings(config)
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, log_format or settings.logging.format)
     application = build_app(settings)
     try:
         if migrate:
@@ -89,7 +89,7 @@ def _database(config: Path | None) -> Iterator[tuple[Settings, Database]]:
     """The settings and the database, brought up to date, without the rest of the App: for commands that
     only read."""
     settings = _settings(config)
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     try:
@@ -139,30 +139,38 @@ def _hide_password(url: str) -> str:
 def run(
     config: ConfigOption = None,
     once: Annotated[bool, typer.Option("--once", help="Drain every mailbox once, then exit.")] = False,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option("--log-format", help="text (readable) or json (one object per line); default: logging.format."),
+    ] = None,
 ) -> None:
-    """Run the daemon: fetch every configured mailbox until SIGTERM/SIGINT."""
+    """Run the daemon: fetch every configured mailbox (and take LMTP deliveries) until SIGTERM/SIGINT;
+    SIGHUP reloads the configuration."""
     # Until the event loop takes over SIGTERM, a stop request during start-up simply exits:
-    # nothing has been fetched yet, and the migrations run in a transaction.
+    # nothing has been fetched yet, and the migrations run in a transaction. A reload asked for during
+    # start-up is moot: the configuration is being read anyway.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    with _app(config) as application:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with _app(config, log_format=log_format) as application:
         if not application.settings.mailboxes:
             typer.echo("warning: no mailboxes configured; nothing to fetch", err=True)
         if once:
             asyncio.run(application.run_once())
             return
-        asyncio.run(_run_daemon(application))
+        asyncio.run(_run_daemon(application, config))
 
 
 def _exit_quietly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-async def _run_daemon(application: App) -> None:
+async def _run_daemon(application: App, config: Path | None) -> None:
     from mailbridge.app import install_signal_handlers
+    from mailbridge.service import Notifier, serve
 
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    await application.run(stop)
+    stop, reload = asyncio.Event(), asyncio.Event()
+    install_signal_handlers(stop, reload)
+    await serve(application, stop, reload, lambda: load_settings(config), Notifier.from_environment())
 
 
 @app.command()
@@ -898,10 +906,13 @@ def check_config(
     _say(f"{file}: OK")
     _say(f"  database: {_hide_password(settings.database_url)}")
     _say(f"  storage:  {settings.storage_path}")
+    if settings.lmtp is not None:
+        _say(f"  lmtp:     {settings.lmtp.listen}")
     for box in settings.mailboxes:
-        where = (
-            f"{box.path}"
-            if box.type == "maildir"
-            else f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
-        )
+        if box.type == "maildir":
+            where = f"{box.path}"
+        elif box.type == "lmtp":
+            where = "for " + ", ".join(box.recipients)
+        else:
+            where = f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
         _say(f"  mailbox {box.name}: {box.type} {where}")
