@@ -170,7 +170,7 @@ async def _run_daemon(application: App, config: Path | None) -> None:
 
     stop, reload = asyncio.Event(), asyncio.Event()
     install_signal_handlers(stop, reload)
-    await serve(application, stop, reload, lambda: load_settings(config), Notifier.from_environment())
+    await serve(application, stop, reload, lambda: load_settings(config), Notifier())
 
 
 @app.command()

@@ -239,6 +239,13 @@ class LmtpSettings(_Strict):
     # A delivery not committed by then is answered 451 (the MTA tries again; the retry is recognised).
     answer_within_seconds: float = Field(default=60.0, gt=0)
 
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            raise ValueError("write the mode quoted, e.g. '0660' (YAML reads 0660 as a decimal number)")
+        return value
+
     @model_validator(mode="after")
     def _local_unless_asked(self) -> LmtpSettings:
         address = self.address
@@ -449,7 +456,14 @@ _UNION_HINTS = {
 def format_validation_error(exc: ValidationError, source: str, data: Any = None) -> str:
     lines: list[str] = []
     for err in exc.errors():
-        loc = [p for p in err["loc"] if p not in ("imap", "maildir", "lmtp") and not str(p).startswith("function-")]
+        raw_loc = err["loc"]
+        loc = [
+            p
+            for i, p in enumerate(raw_loc)
+            # the mailbox kind pydantic puts after the list index (mailboxes.0.imap.port); not the lmtp section
+            if not (p in ("imap", "maildir", "lmtp") and i > 0 and isinstance(raw_loc[i - 1], int))
+            and not str(p).startswith("function-")
+        ]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt, or in the wrong section?)"

@@ -33,14 +33,14 @@ class Notifier:
     """sd_notify(3): datagrams to $NOTIFY_SOCKET (sdnotify sends them; an '@' name is an abstract socket).
     Without systemd (no NOTIFY_SOCKET) every call does nothing."""
 
-    def __init__(self, socket_path: str | None, watchdog_usec: str | None, watchdog_pid: str | None) -> None:
-        self.enabled = bool(socket_path)
-        self._systemd = sdnotify.SystemdNotifier() if self.enabled else None
-        self.watchdog_interval = _watchdog_interval(watchdog_usec, watchdog_pid) if self.enabled else None
-
-    @classmethod
-    def from_environment(cls) -> Notifier:
-        return cls(os.environ.get("NOTIFY_SOCKET"), os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID"))
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self._systemd = sdnotify.SystemdNotifier() if self.enabled else None  # it reads NOTIFY_SOCKET
+        self.watchdog_interval = (
+            _watchdog_interval(os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID"))
+            if self.enabled
+            else None
+        )
 
     def send(self, *fields: str) -> None:
         if self._systemd is not None:
