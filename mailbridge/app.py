@@ -296,6 +296,9 @@ class App:
             tasks.append(asyncio.create_task(self._wake_sender(sender, stop), name="outbox"))
         scheduler = self._start_sla_scheduler()
         stopper = asyncio.create_task(stop.wait())
+        loop = asyncio.get_running_loop()
+        grace = self.settings.shutdown_grace_seconds
+        deadline = None  # the whole drain, sender included, fits in the grace period (systemd's stop timeout)
         try:
             if started is not None:
                 await self._until_started(tasks, stopper)
@@ -305,17 +308,18 @@ class App:
             for task in crashed:
                 log.error("task %s crashed", task.get_name(), exc_info=task.exception())
             stop.set()
+            deadline = loop.time() + grace
             # Each watcher finishes the batch in hand (commit + IMAP flags) and returns; past the grace
             # period it is cancelled, and anything not acknowledged on the server is fetched again later.
             pending = [t for t in tasks if not t.done()]
             if pending:
-                _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
+                _, late = await asyncio.wait(pending, timeout=grace)
                 for task in late:
                     log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
                     task.cancel()
                 # A cancelled watcher may still wait for a FETCH in flight; do not wait for it for long.
                 if late:
-                    await asyncio.wait(late, timeout=5)
+                    await asyncio.wait(late, timeout=max(1.0, deadline - loop.time()))
             if crashed:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:
@@ -323,7 +327,7 @@ class App:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             if sender is not None:
-                await sender.stop(self.settings.shutdown_grace_seconds)
+                await sender.stop(grace if deadline is None else max(1.0, deadline - loop.time()))
             await self._close_crm()
 
     async def _until_started(self, tasks: list[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
