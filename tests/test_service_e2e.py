@@ -27,6 +27,7 @@ import yaml
 from tests.imap_env import append_many, imap_box, new_user, sample_mail
 from tests.service_env import NotifySocket, lmtp_client, start_daemon, stop_daemon, transaction, write_config
 from tests.support.dovecot import Dovecot
+from tests.support.smtp_sink import SmtpSink
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +67,12 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_for_first_look(db: Path, mailbox: str) -> None:
+    """Mail a mailbox holds before its first look is a backlog and gets no acknowledgement."""
+    sql = "select count(*) from mailbox_state where initial_done and mailbox = ?"
+    wait_for(lambda: count(db, sql, mailbox) == 1, 30, f"mailbox {mailbox} watched")
+
+
 def test_ready_watchdog_and_stopping_are_told_to_systemd(tmp_path: Path) -> None:
     box = maildir(tmp_path, "support")
     config = write_config(tmp_path, [{"name": "support", "type": "maildir", "path": str(box)}])
@@ -94,10 +101,12 @@ def test_ready_watchdog_and_stopping_are_told_to_systemd(tmp_path: Path) -> None
         notify.close()
 
 
-def test_sighup_reloads_a_valid_configuration_and_keeps_the_old_one_on_error(tmp_path: Path) -> None:
+def test_sighup_reloads_a_valid_configuration_and_keeps_the_old_one_on_error(tmp_path: Path, sink: SmtpSink) -> None:
     first, second = maildir(tmp_path, "first"), maildir(tmp_path, "second")
-    boxes: list[dict[str, Any]] = [{"name": "first", "type": "maildir", "path": str(first)}]
-    config = write_config(tmp_path, boxes)
+    boxes: list[dict[str, Any]] = [
+        {"name": "first", "type": "maildir", "path": str(first), "address": "first@helpdesk.example"}
+    ]
+    config = write_config(tmp_path, boxes, smtp=sink.config())
     original = yaml.safe_load(config.read_text())
     db = tmp_path / "data" / "mailbridge.db"
     notify = NotifySocket(tmp_path)
@@ -105,6 +114,7 @@ def test_sighup_reloads_a_valid_configuration_and_keeps_the_old_one_on_error(tmp
     daemon = start_daemon(config, log, env={"NOTIFY_SOCKET": notify.address})
     try:
         notify.wait_for("READY=1", 60, daemon=daemon)
+        wait_for_first_look(db, "first")
         drop(first, sample_mail())
         wait_for(lambda: len(tickets(db)) == 1, 30, "the first mail stored")
 
@@ -124,17 +134,21 @@ def test_sighup_reloads_a_valid_configuration_and_keeps_the_old_one_on_error(tmp
         wait_for(lambda: log.read_text().count("configuration not reloaded") == 2, 20, "the second refusal")
         assert not any(line == "RELOADING=1" for _, line in notify.fields())
 
-        # A mailbox added, a routing rule, a rate limit changed: applied without a restart. A new data
-        # directory needs one: the old stays, with a warning.
+        # A mailbox added, a routing rule, a template, a rate limit changed: applied without a restart. A new
+        # data directory needs one: the old stays, with a warning.
+        templates = tmp_path / "templates" / "en"
+        templates.mkdir(parents=True)
+        (templates / "ack.subject.txt").write_text("Przyjęliśmy: {{ ticket.reference }}")
         changed = {
             **original,
             "data_dir": str(tmp_path / "elsewhere"),
+            "templates": {"directory": str(templates.parent)},
             "routing": {
                 "rules": [{"name": "invoices", "when": {"text": {"any": ["faktur*"]}}, "then": {"queue": "billing"}}]
             },
             "mailboxes": [
                 {**boxes[0], "rate_limit": {"per_hour": 1}},
-                {"name": "second", "type": "maildir", "path": str(second)},
+                {"name": "second", "type": "maildir", "path": str(second), "address": "second@helpdesk.example"},
             ],
         }
         config.write_text(yaml.safe_dump(changed, allow_unicode=True))
@@ -142,10 +156,27 @@ def test_sighup_reloads_a_valid_configuration_and_keeps_the_old_one_on_error(tmp
         notify.wait_for("RELOADING=1", 20, daemon=daemon)
         notify.wait_for("READY=1", 60, after=1, daemon=daemon)
         assert "data_dir changed; that takes a restart" in log.read_text()
-        drop(second, sample_mail(subject="Faktura do zapłaty"))
-        drop(first, sample_mail(subject="Fakturę proszę"))
+        wait_for_first_look(db, "second")
+        drop(second, sample_mail(subject="Faktura do zapłaty", sender="nowy@example.com"))
+        drop(first, sample_mail(subject="Fakturę proszę", sender="inny@example.com"))
         wait_for(lambda: len(tickets(db)) == 4, 30, "mail in the added mailbox stored")
         assert sorted(tickets(db)[2:]) == [("first", "billing"), ("second", "billing")]
+        wait_for(lambda: len(sink.received) == 4, 30, "four acknowledgements")
+        subjects = [str(r.message["Subject"]) for r in sink.received]
+        assert not subjects[0].startswith("Przyjęliśmy") and not subjects[1].startswith("Przyjęliśmy")
+        assert all(subject.startswith("Przyjęliśmy: [MB-") for subject in subjects[2:]), subjects
+        assert {r.message["From"].addresses[0].addr_spec for r in sink.received[2:]} == {
+            "first@helpdesk.example",
+            "second@helpdesk.example",
+        }
+        # The rate limit is now 1 an hour for this mailbox: the third mail from the first sender (2 answered
+        # before, under the old limit of 3) gets none.
+        drop(first, sample_mail())
+        wait_for(lambda: len(tickets(db)) == 5, 30, "the fifth mail stored")
+        with sqlite3.connect(db, timeout=30) as conn:
+            [(reason,)] = conn.execute("select no_answer_reason from articles order by id desc limit 1").fetchall()
+        assert "rate limit" in reason
+        assert len(sink.received) == 4
         assert not (tmp_path / "elsewhere").exists()
 
         daemon.send_signal(signal.SIGTERM)
