@@ -332,6 +332,8 @@ def test_sigterm_with_a_backlog_and_lmtp_deliveries_in_flight_exits_within_10_s(
         assert count(db, "select count(*) from receipts where mailbox = ?", user.name) == total
 
         text = log.read_text()
+        not_json = [line for line in text.splitlines() if line.strip() and not line.startswith("{")]
+        assert not not_json, "\n".join(not_json[:40])
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
         assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
         assert any(record.get("mailbox") == user.name for record in records)  # the watcher's lines name it
