@@ -95,7 +95,7 @@ class LmtpIntake:
             # One whose DATA is complete is answered after the last commit.
             for session in list(self._connections):
                 if not session.in_data:
-                    session.close()
+                    session.hang_up()
             self._arrived.set()
             await recording
             await self._wait_idle()
@@ -103,7 +103,7 @@ class LmtpIntake:
             recording.cancel()
             server.close()
             for session in list(self._connections):
-                session.close()
+                session.hang_up()
             self._remove_socket_file()
 
     async def deliver(self, raws: Sequence[RawMail]) -> list[Result]:
@@ -259,7 +259,7 @@ class _LmtpSession(LMTP):
         self.intake._closed(self)
         super().connection_lost(error)
 
-    def close(self) -> None:
+    def hang_up(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
