@@ -266,12 +266,6 @@ class App:
         if self.settings.sla.enabled:
             with self.db.unit_of_work() as session:
                 self.sla.planner.start(session, utcnow())
-
-    def check(self) -> None:
-        """What the settings name must be usable (templates, the customer directory): at start-up, and for a
-        new configuration before a reload applies it."""
-        self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
-        _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
         for box in self.settings.mailboxes:
             if box.acknowledge and not self.settings.can_send(box):
                 log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)
@@ -280,6 +274,12 @@ class App:
                 "agents are recognised by their From address alone; set threading.trusted_authserv_ids so that "
                 "only mail that passed DMARC at your own servers can act as an agent"
             )
+
+    def check(self) -> None:
+        """What the settings name must be usable (templates, the customer directory): at start-up, and for a
+        new configuration before a reload applies it."""
+        self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
+        _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
 
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
         """The daemon: every mailbox on its own task until `stop`, then a bounded drain. `started` is called
