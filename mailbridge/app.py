@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from mailbridge.agents import AgentDesk
 from mailbridge.assignment import Assigner
-from mailbridge.config import ImapMailbox, MaildirMailbox, Settings
+from mailbridge.config import ImapMailbox, LmtpMailbox, MaildirMailbox, Settings
 from mailbridge.customers import CustomerDirectory
 from mailbridge.db import Database
 from mailbridge.ingest.files import IMPORT_MAILBOX, read_paths
@@ -26,6 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
+from mailbridge.logs import mailbox_context
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from mailbridge.crm import Crm
+    from mailbridge.ingest.lmtp import LmtpIntake
     from mailbridge.observability.metrics import Metrics
     from mailbridge.observability.server import HttpEndpoint
 
@@ -84,9 +86,9 @@ class IngestSummary:
 
 
 class App:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, db: Database | None = None) -> None:
         self.settings = settings
-        self.db = Database(settings.database_url)
+        self.db = db or Database(settings.database_url)
         self._http_db: Database | None = None
 
     @cached_property
@@ -135,7 +137,8 @@ class App:
         from mailbridge.observability.server import HttpEndpoint
 
         # A connection and thread of its own: a scrape never queues behind the intake's transactions.
-        self._http_db = Database(self.settings.database_url, fsync_each_commit=False)
+        if self._http_db is None:  # kept across reloads, like the database itself
+            self._http_db = Database(self.settings.database_url, fsync_each_commit=False)
         endpoint = HttpEndpoint(
             self.settings.http,
             self.metrics,
@@ -283,13 +286,27 @@ class App:
                 watchers.append(MaildirWatcher(box, self.pipeline, ledger, self.settings.fetch))
         return watchers
 
+    @cached_property
+    def lmtp(self) -> LmtpIntake | None:
+        if self.settings.lmtp is None:
+            return None
+        from mailbridge.ingest.lmtp import LmtpIntake  # aiosmtpd only when LMTP is configured
+
+        return LmtpIntake(
+            self.settings.lmtp,
+            [box for box in self.settings.mailboxes if isinstance(box, LmtpMailbox)],
+            self.pipeline,
+            self.settings.fetch,
+            self.settings.parsing.max_message_bytes,
+            hostname=self.settings.outbox.domain,
+        )
+
     def prepare(self) -> None:
         """Create the data directories and bring the schema up to date (idempotent)."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
         self.db.upgrade()
-        self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
-        _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
+        self.check()
         if self.settings.sla.enabled:
             with self.db.unit_of_work() as session:
                 self.sla.planner.start(session, utcnow())
@@ -302,33 +319,52 @@ class App:
                 "only mail that passed DMARC at your own servers can act as an agent"
             )
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""
+    def check(self) -> None:
+        """What the settings name must be usable (templates, the customer directory): at start-up, and for a
+        new configuration before a reload applies it."""
+        self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
+        _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
+
+    async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
+        """The daemon: every mailbox on its own task until `stop`, then a bounded drain. `started` is called
+        once everything runs (and the LMTP socket takes connections)."""
         http = await self._serve_http()
-        tasks = [asyncio.create_task(w.run(stop), name=f"fetch:{w.name}") for w in self.watchers]
-        log.info("mailbridge running with %d mailbox(es)", len(tasks))
+        tasks = [
+            asyncio.create_task(w.run(stop), name=f"fetch:{w.name}", context=mailbox_context(w.name))
+            for w in self.watchers
+        ]
+        if self.lmtp is not None:
+            tasks.append(asyncio.create_task(self.lmtp.run(stop), name="lmtp"))
+        log.info("mailbridge running with %d mailbox(es)", len(self.settings.mailboxes))
         sender = self._start_sender_process(self.metrics.count_outbox if self.metrics else None)
         if sender is not None:
             tasks.append(asyncio.create_task(self._wake_sender(sender, stop), name="outbox"))
         scheduler = self._start_sla_scheduler()
         stopper = asyncio.create_task(stop.wait())
+        loop = asyncio.get_running_loop()
+        grace = self.settings.shutdown_grace_seconds
+        deadline = None  # the whole drain, sender included, fits in the grace period (systemd's stop timeout)
         try:
+            if started is not None:
+                await self._until_started(tasks, stopper)
+                started()
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             crashed = [t for t in done if t is not stopper and t.exception() is not None]
             for task in crashed:
                 log.error("task %s crashed", task.get_name(), exc_info=task.exception())
             stop.set()
+            deadline = loop.time() + grace
             # Each watcher finishes the batch in hand (commit + IMAP flags) and returns; past the grace
             # period it is cancelled, and anything not acknowledged on the server is fetched again later.
             pending = [t for t in tasks if not t.done()]
             if pending:
-                _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
+                _, late = await asyncio.wait(pending, timeout=grace)
                 for task in late:
                     log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
                     task.cancel()
                 # A cancelled watcher may still wait for a FETCH in flight; do not wait for it for long.
                 if late:
-                    await asyncio.wait(late, timeout=5)
+                    await asyncio.wait(late, timeout=max(1.0, deadline - loop.time()))
             if crashed:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:
@@ -336,10 +372,29 @@ class App:
             if scheduler is not None:
                 scheduler.shutdown(wait=False)
             if sender is not None:
-                await sender.stop(self.settings.shutdown_grace_seconds)
+                await sender.stop(grace if deadline is None else max(1.0, deadline - loop.time()))
             if http is not None:
                 await http.stop()
             await self._close_crm()
+
+    async def _until_started(self, tasks: list[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
+        if self.lmtp is None:
+            return
+        listening = asyncio.create_task(self.lmtp.listening.wait())
+        await asyncio.wait([listening, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take new settings between two runs (nothing in flight): every part built from the settings is
+        built again, from them, on first use. The database stays (a new one needs a restart)."""
+        if "parser" in self.__dict__:
+            self.parser.close()
+        if "sender" in self.__dict__:
+            self.sender.db.close()
+        for name, value in vars(App).items():
+            if isinstance(value, cached_property):
+                self.__dict__.pop(name, None)
+        self.settings = settings
 
     async def run_once(self) -> None:
         """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`)."""
@@ -433,7 +488,9 @@ def build_app(settings: Settings) -> App:
     return App(settings)
 
 
-def install_signal_handlers(stop: asyncio.Event) -> None:
+def install_signal_handlers(stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload.set)

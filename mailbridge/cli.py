@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailbridge.customers import DirectoryError
 from mailbridge.db import Database
-from mailbridge.logs import setup_logging
+from mailbridge.logs import LogFormat, setup_logging
 from mailbridge.quarantine import list_quarantined
 
 if TYPE_CHECKING:
@@ -65,14 +65,14 @@ def _settings(config: Path | None) -> Settings:
 
 
 @contextmanager
-def _app(config: Path | None, *, migrate: bool = True) -> Iterator[App]:
+def _app(config: Path | None, *, migrate: bool = True, log_format: LogFormat | None = None) -> Iterator[App]:
     # Imported here: the App brings in the whole pipeline (a second of start-up on a busy machine), which
     # commands that only read the database (`report`) do without.
     from mailbridge.app import build_app
     from mailbridge.notify.render import TemplateProblem
 
     settings = _settings(config)
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, log_format or settings.logging.format)
     application = build_app(settings)
     try:
         if migrate:
@@ -91,7 +91,7 @@ def _database(config: Path | None) -> Iterator[tuple[Settings, Database]]:
     """The settings and the database, brought up to date, without the rest of the App: for commands that
     only read."""
     settings = _settings(config)
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     try:
@@ -173,12 +173,19 @@ def auth_login(
 def run(
     config: ConfigOption = None,
     once: Annotated[bool, typer.Option("--once", help="Drain every mailbox once, then exit.")] = False,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option("--log-format", help="text (readable) or json (one object per line); default: logging.format."),
+    ] = None,
 ) -> None:
-    """Run the daemon: fetch every configured mailbox until SIGTERM/SIGINT."""
+    """Run the daemon: fetch every configured mailbox (and take LMTP deliveries) until SIGTERM/SIGINT;
+    SIGHUP reloads the configuration."""
     # Until the event loop takes over SIGTERM, a stop request during start-up simply exits:
-    # nothing has been fetched yet, and the migrations run in a transaction.
+    # nothing has been fetched yet, and the migrations run in a transaction. A reload asked for during
+    # start-up is moot: the configuration is being read anyway.
     signal.signal(signal.SIGTERM, _exit_quietly)
-    with _app(config) as application:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with _app(config, log_format=log_format) as application:
         if not application.settings.mailboxes:
             typer.echo("warning: no mailboxes configured; nothing to fetch", err=True)
         if once:
@@ -187,7 +194,7 @@ def run(
         from mailbridge.observability.server import HttpListenError
 
         try:
-            asyncio.run(_run_daemon(application))
+            asyncio.run(_run_daemon(application, config))
         except HttpListenError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -197,12 +204,13 @@ def _exit_quietly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-async def _run_daemon(application: App) -> None:
+async def _run_daemon(application: App, config: Path | None) -> None:
     from mailbridge.app import install_signal_handlers
+    from mailbridge.service import Notifier, serve
 
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    await application.run(stop)
+    stop, reload = asyncio.Event(), asyncio.Event()
+    install_signal_handlers(stop, reload)
+    await serve(application, stop, reload, lambda: load_settings(config), Notifier())
 
 
 @app.command()
@@ -968,12 +976,15 @@ def check_config(
     _say(f"{file}: OK")
     _say(f"  database: {_hide_password(settings.database_url)}")
     _say(f"  storage:  {settings.storage_path}")
+    if settings.lmtp is not None:
+        _say(f"  lmtp:     {settings.lmtp.listen}")
     for box in settings.mailboxes:
-        where = (
-            f"{box.path}"
-            if box.type == "maildir"
-            else f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
-        )
-        if box.type == "imap" and box.oauth2 is not None:
-            where += f", OAuth2 {box.oauth2.provider} {box.oauth2.flow}"
+        if box.type == "maildir":
+            where = f"{box.path}"
+        elif box.type == "lmtp":
+            where = "for " + ", ".join(box.recipients)
+        else:
+            where = f"{box.user}@{box.host}:{box.port}/{box.folder} ({box.security})"
+            if box.oauth2 is not None:
+                where += f", OAuth2 {box.oauth2.provider} {box.oauth2.flow}"
         _say(f"  mailbox {box.name}: {box.type} {where}")

@@ -312,19 +312,81 @@ class MaildirMailbox(_Answering):
     poll_interval: float = Field(default=0.5, gt=0)
 
 
-MailboxConfig = ImapMailbox | MaildirMailbox
+class LmtpMailbox(_Answering):
+    """Mail an MTA hands over over LMTP (`lmtp.listen`) for these recipients: no polling, and the MTA keeps
+    (and retries) every mail until we answer that it is stored."""
+
+    type: Literal["lmtp"]
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.@-]+$")
+    # Addresses (support@example.com) or whole domains (@example.com); default: the mailbox's address.
+    recipients: list[Annotated[str, Field(pattern=r"^([^@\s<>]+)?@[^@\s<>]+$")]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> LmtpMailbox:
+        recipients = [r.lower() for r in self.recipients] or ([self.address.lower()] if self.address else [])
+        if not recipients:
+            raise ValueError("an lmtp mailbox needs recipients (or an address): which mail it takes")
+        object.__setattr__(self, "recipients", recipients)
+        return self
+
+
+MailboxConfig = ImapMailbox | MaildirMailbox | LmtpMailbox
 
 
 def _mailbox_kind(value: Any) -> str:
     # `type` may be left out: a mailbox is IMAP unless it says otherwise.
     kind = value.get("type", "imap") if isinstance(value, dict) else getattr(value, "type", "imap")
-    return kind if kind in ("imap", "maildir") else "imap"
+    return kind if kind in ("imap", "maildir", "lmtp") else "imap"
 
 
 Mailbox = Annotated[
-    Annotated[ImapMailbox, Tag("imap")] | Annotated[MaildirMailbox, Tag("maildir")],
+    Annotated[ImapMailbox, Tag("imap")]
+    | Annotated[MaildirMailbox, Tag("maildir")]
+    | Annotated[LmtpMailbox, Tag("lmtp")],
     Discriminator(_mailbox_kind),
 ]
+
+
+class LmtpSettings(_Strict):
+    """Where mailbridge listens for LMTP (Postfix `mailbox_transport = lmtp:unix:…`, Exim's lmtp transport)."""
+
+    # unix:/run/mailbridge/lmtp.sock, or HOST:PORT (127.0.0.1:2424, [::1]:2424)
+    listen: str = Field(pattern=r"^(unix:/.+|\[[0-9A-Fa-f:.]+\]:\d+|[A-Za-z0-9.-]+:\d+)$")
+    socket_mode: str = Field(default="0660", pattern=r"^0?[0-7]{3}$")  # quoted: YAML reads 0660 as a number
+    # LMTP has no authentication: anyone who can connect can hand in mail as anyone (even forge the
+    # Authentication-Results we trust). A TCP address off this host must be asked for explicitly.
+    allow_remote: bool = False
+    # A delivery not committed by then is answered 451 (the MTA tries again; the retry is recognised).
+    answer_within_seconds: float = Field(default=60.0, gt=0)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any) -> Any:
+        if isinstance(value, int):
+            raise ValueError("write the mode quoted, e.g. '0660' (YAML reads 0660 as a decimal number)")
+        return value
+
+    @model_validator(mode="after")
+    def _local_unless_asked(self) -> LmtpSettings:
+        address = self.address
+        if isinstance(address, tuple) and not self.allow_remote and not _is_loopback(address[0]):
+            raise ValueError(
+                f"listen on {address[0]} would take mail from the network without authentication; "
+                "use a unix socket or a loopback address, or set allow_remote: true"
+            )
+        return self
+
+    @property
+    def address(self) -> Path | tuple[str, int]:
+        """A unix socket's path, or (host, port)."""
+        if self.listen.startswith("unix:"):
+            return Path(self.listen.removeprefix("unix:"))
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def mode(self) -> int:
+        return int(self.socket_mode, 8)
 
 
 def _check_plain_text_is_local(security: str, host: str) -> None:
@@ -424,6 +486,7 @@ class TemplateSettings(_Strict):
 
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # json: one object per line (time, level, logger, message, …)
 
 
 class HttpSettings(_Strict):
@@ -481,6 +544,7 @@ class Settings(_Strict):
     sla: SlaSettings = SlaSettings()
     http: HttpSettings | None = None  # /healthz and /metrics; off unless configured
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
+    lmtp: LmtpSettings | None = None
     mailboxes: list[Mailbox] = Field(default_factory=list)
 
     @field_validator("mailboxes")
@@ -525,10 +589,27 @@ class Settings(_Strict):
                 )
         return self
 
-    def smtp_for(self, box: ImapMailbox | MaildirMailbox) -> SmtpServer | None:
+    @model_validator(mode="after")
+    def _lmtp_wired(self) -> Settings:
+        boxes = [box for box in self.mailboxes if isinstance(box, LmtpMailbox)]
+        if boxes and self.lmtp is None:
+            raise ValueError(f"mailbox {boxes[0].name} is type lmtp, but there is no lmtp section (lmtp.listen)")
+        if self.lmtp is not None and not boxes:
+            raise ValueError("lmtp.listen is set, but no mailbox is type lmtp: nothing would take the mail")
+        owner: dict[str, str] = {}
+        for box in boxes:
+            for recipient in box.recipients:
+                if recipient in owner and owner[recipient] != box.name:
+                    raise ValueError(
+                        f"recipient {recipient} is in the lmtp mailboxes {owner[recipient]} and {box.name}"
+                    )
+                owner[recipient] = box.name
+        return self
+
+    def smtp_for(self, box: MailboxConfig) -> SmtpServer | None:
         return box.smtp or self.smtp
 
-    def can_send(self, box: ImapMailbox | MaildirMailbox) -> bool:
+    def can_send(self, box: MailboxConfig) -> bool:
         """Without an SMTP server (or a delivery directory) a mailbox only takes mail in."""
         return self.outbox.deliver_to_directory is not None or self.smtp_for(box) is not None
 
@@ -557,7 +638,14 @@ _UNION_HINTS = {
 def format_validation_error(exc: ValidationError, source: str, data: Any = None) -> str:
     lines: list[str] = []
     for err in exc.errors():
-        loc = [p for p in err["loc"] if p not in ("imap", "maildir") and not str(p).startswith("function-")]
+        raw_loc = err["loc"]
+        loc = [
+            p
+            for i, p in enumerate(raw_loc)
+            # the mailbox kind pydantic puts after the list index (mailboxes.0.imap.port); not the lmtp section
+            if not (p in ("imap", "maildir", "lmtp") and i > 0 and isinstance(raw_loc[i - 1], int))
+            and not str(p).startswith("function-")
+        ]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (misspelt, or in the wrong section?)"

@@ -1,11 +1,38 @@
-"""Log lines a human can read: one line per event, with the message's facts as key=value pairs."""
+"""Log lines a human can read: one line per event, with the message's facts as key=value pairs; or, for a
+log collector, one JSON object per line (time, level, logger, message, mailbox and the message's facts)."""
 
 from __future__ import annotations
 
+import contextvars
+import enum
 import logging
 import sys
 
+from pythonjsonlogger.json import JsonFormatter
+
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+# The mailbox the current task works for: set on each watcher's task, so every line it logs names it.
+MAILBOX: contextvars.ContextVar[str | None] = contextvars.ContextVar("mailbox", default=None)
+
+
+class LogFormat(enum.StrEnum):
+    text = "text"
+    json = "json"
+
+
+def mailbox_context(name: str) -> contextvars.Context:
+    """A context for a mailbox's task (`asyncio.create_task(..., context=...)`)."""
+    context = contextvars.copy_context()
+    context.run(MAILBOX.set, name)
+    return context
+
+
+class _MailboxField(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "mailbox", None) is None and (mailbox := MAILBOX.get()) is not None:
+            record.mailbox = mailbox
+        return True
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -34,9 +61,20 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-def setup_logging(level: str = "INFO") -> None:
+def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
     handler = _CurrentStderr()
-    handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_MailboxField())
+    if LogFormat(log_format) is LogFormat.json:
+        handler.setFormatter(
+            JsonFormatter(
+                ["levelname", "name", "message"],
+                rename_fields={"levelname": "level", "name": "logger"},
+                timestamp="time",  # ISO 8601, UTC
+                json_ensure_ascii=False,
+            )
+        )
+    else:
+        handler.setFormatter(KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -47,3 +85,5 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("msal").setLevel(logging.WARNING)
     # APScheduler logs each run of the SLA check; the check logs what it did itself.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # aiosmtpd (the LMTP server) logs every connection and recipient at INFO, and the mail's lines at DEBUG.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)

@@ -500,6 +500,7 @@ def _log_result(result: Result) -> None:
         "mail %s",
         result.outcome.value,
         extra={
+            "mailbox": result.raw.mailbox,
             "source": result.raw.source,
             "message_id": result.message_id,
             "ticket": result.ticket,

@@ -76,7 +76,8 @@ def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
                 "reply": r.reply,
                 "article_id": r.article_id,
                 "quarantine_id": r.quarantine_id,
-                "server_done": r.raw.source_key is None,  # nothing to tell a server about a file import
+                # nothing to tell a server about a file import, or an MTA (the LMTP reply after the commit)
+                "server_done": r.raw.source_key is None or r.raw.nothing_to_tell,
             }
             for r in receipts
         ],

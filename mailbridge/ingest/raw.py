@@ -18,3 +18,6 @@ class RawMail:
     uid: int | None = None
     # Why this mail must get no automatic answer whatever it is ("imported with --no-notify", a backlog).
     quiet: str | None = None
+    # Nothing is done at the source after the commit: the LMTP reply that follows it is all the MTA is told
+    # (and a delivery retried after a lost reply finds its receipt).
+    nothing_to_tell: bool = False
