@@ -1,17 +1,83 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mailbridge.config import DATABASE_URL_ENV
 from tests.support.postgres import PostgresCluster
 from tests.support.postgres import unavailable_reason as postgres_unavailable_reason
 from tests.support.smtp_sink import SmtpSink
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT.parent / "shared" / "corpora"
+
+# The whole suite runs on either backend: `pytest --database-backend=postgresql` (or this variable).
+BACKEND_ENV = "MAILBRIDGE_TEST_DATABASE"
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database-backend",
+        choices=BACKENDS,
+        default=None,
+        help=f"the database every test's mailbridge config uses (default: ${BACKEND_ENV}, else sqlite)",
+    )
+
+
+def database_backend_of(config: pytest.Config) -> str:
+    chosen = config.getoption("--database-backend") or os.environ.get(BACKEND_ENV) or "sqlite"
+    if chosen not in BACKENDS:
+        raise pytest.UsageError(f"{BACKEND_ENV}={chosen}: must be one of {', '.join(BACKENDS)}")
+    return str(chosen)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): tests SQLite's own machinery; skipped on --database-backend=postgresql"
+    )
+    if database_backend_of(config) == "postgresql" and (reason := postgres_unavailable_reason()):
+        # Asked for explicitly: a missing server is an error, not a suite of skips that looks green.
+        raise pytest.UsageError(f"--database-backend=postgresql: {reason}")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"database backend: {database_backend_of(config)}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if database_backend_of(config) != "postgresql":
+        return
+    for item in items:
+        if marker := item.get_closest_marker("sqlite_only"):
+            why = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
+
+
+@pytest.fixture(autouse=True)
+def database_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """On PostgreSQL, every test with a temp dir (where its mailbridge config lives) gets a new empty database,
+    passed as MAILBRIDGE_DATABASE_URL: load_settings() and the daemons a test starts all pick it up."""
+    backend = database_backend_of(request.config)
+    if backend != "postgresql" or "tmp_path" not in request.fixturenames:
+        yield backend
+        return
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    url = cluster.create_database()
+    monkeypatch.setenv(DATABASE_URL_ENV, url)
+    yield backend
+    cluster.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def database_url(database_backend: str, tmp_path: Path) -> str:
+    """The database of this test on the chosen backend: the one a config with data_dir tmp_path/data uses
+    (for tests that open a `Database` themselves)."""
+    return os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{tmp_path / 'data' / 'mailbridge.db'}"
 
 
 @pytest.fixture

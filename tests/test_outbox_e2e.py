@@ -9,7 +9,6 @@ import email
 import email.policy
 import re
 import signal
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -24,6 +23,7 @@ from mailbridge.ingest.maildir import ensure_maildir
 from mailbridge.models import Article, OutboxMail, OutboxStatus, Ticket
 from tests.crash_env import start_daemon
 from tests.imap_env import count, imap_box, make_app, new_user, sample_mail, wait_until
+from tests.support import database
 from tests.support.dovecot import Dovecot, generate_tls_files
 from tests.support.smtp_sink import SmtpSink
 
@@ -509,8 +509,7 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
     ids = Counter(r.message_id for r in sink.received)
     repeats = sum(n - 1 for n in ids.values())
     report(f"SIGKILLed the sender {kills} times: {len(sink.received)} mails received, {repeats} repeated")
-    with sqlite3.connect(tmp_path / "data" / "mailbridge.db") as db:
-        rows = db.execute("select message_id, status from outbox").fetchall()
+    rows = database.rows(tmp_path / "data" / "mailbridge.db", "select message_id, status from outbox")
     assert len(ids) == total and {m for m, _ in rows} == set(ids)
     assert {s for _, s in rows} == {"sent"}
     assert repeats <= kills * connections, "only the mails in flight at a kill may arrive twice"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ import pytest
 
 from tests.crash_env import start_daemon
 from tests.imap_env import imap_box, new_user, sample_mail, wait_until, write_config
+from tests.support import database
 from tests.support.dovecot import Dovecot
 from tests.support.smtp_sink import SmtpSink
 
@@ -31,15 +31,14 @@ def _by_subject(sink: SmtpSink, word: str) -> list[str]:
 
 
 def _outbox_sent(db: Path, template: str) -> bool:
-    with sqlite3.connect(db) as connection:
-        rows = connection.execute("select status from outbox where template = ?", (template,)).fetchall()
-    return rows == [("sent",)]
+    return database.rows(db, "select status from outbox where template = :template", template=template) == [("sent",)]
 
 
 def _ticket_created(db: Path) -> float:
-    with sqlite3.connect(db) as connection:
-        (created,) = connection.execute("select created_at from tickets").fetchone()
-    return datetime.fromisoformat(created).replace(tzinfo=UTC).timestamp()
+    created = database.scalar(db, "select created_at from tickets")
+    # SQLite keeps the naive UTC instant as text; PostgreSQL hands back a (naive UTC) datetime.
+    at = created if isinstance(created, datetime) else datetime.fromisoformat(created)
+    return at.replace(tzinfo=UTC).timestamp()
 
 
 @pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
