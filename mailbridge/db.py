@@ -21,7 +21,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration. Checked against Alembic by the tests; lets a current database skip importing
 # Alembic at all (it is a tenth of the daemon's memory).
-SCHEMA_HEAD = "0010"
+SCHEMA_HEAD = "0011"
 WRITE_OPTION = "mailbridge_write"
 
 

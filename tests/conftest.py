@@ -40,6 +40,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "sqlite_only(reason): tests SQLite's own machinery; skipped on --database-backend=postgresql"
     )
+    config.addinivalue_line(
+        "markers", "postgresql_only(reason): a case that cannot arise on SQLite; run with --database-backend=postgresql"
+    )
     if database_backend_of(config) == "postgresql" and (reason := postgres_unavailable_reason()):
         # Asked for explicitly: a missing server is an error, not a suite of skips that looks green.
         raise pytest.UsageError(f"--database-backend=postgresql: {reason}")
@@ -50,12 +53,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if database_backend_of(config) != "postgresql":
-        return
+    other = "postgresql_only" if database_backend_of(config) == "sqlite" else "sqlite_only"
     for item in items:
-        if marker := item.get_closest_marker("sqlite_only"):
+        if marker := item.get_closest_marker(other):
             why = marker.args[0] if marker.args else marker.kwargs.get("reason", "")
-            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {why}"))
+            label = "PostgreSQL" if other == "postgresql_only" else "SQLite"
+            item.add_marker(pytest.mark.skip(reason=f"{label} only: {why}"))
 
 
 @pytest.fixture(autouse=True)
