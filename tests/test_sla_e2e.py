@@ -36,9 +36,9 @@ def _outbox_sent(db: Path, template: str) -> bool:
 
 def _ticket_created(db: Path) -> float:
     created = database.scalar(db, "select created_at from tickets")
-    # SQLite keeps the naive UTC instant as text; PostgreSQL hands back a (naive UTC) datetime.
+    # SQLite keeps the UTC instant as text without a zone; PostgreSQL hands back an aware datetime.
     at = created if isinstance(created, datetime) else datetime.fromisoformat(created)
-    return at.replace(tzinfo=UTC).timestamp()
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 @pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
