@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,6 +75,36 @@ def database_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(DATABASE_URL_ENV, url)
     yield backend
     cluster.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def another_installation(
+    database_backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """For a test with a second installation (another data_dir): settings loaded inside
+    `with another_installation():` get a database of their own on PostgreSQL too (on SQLite, the data_dir
+    gives it one already)."""
+    created: list[str] = []
+
+    @contextlib.contextmanager
+    def own_database() -> Iterator[None]:
+        if database_backend != "postgresql":
+            yield
+            return
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        created.append(url := cluster.create_database())
+        previous = os.environ[DATABASE_URL_ENV]
+        os.environ[DATABASE_URL_ENV] = url
+        try:
+            yield
+        finally:
+            os.environ[DATABASE_URL_ENV] = previous
+
+    yield own_database
+    if created:
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        for url in created:
+            cluster.drop_database(url.rsplit("/", 1)[1])
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import re
 import signal
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -317,7 +318,9 @@ async def test_rate_limit_per_sender(tmp_path: Path, sink: SmtpSink) -> None:
     )
 
 
-async def test_no_notify_import_and_switched_off_mailbox_send_nothing(tmp_path: Path, sink: SmtpSink) -> None:
+async def test_no_notify_import_and_switched_off_mailbox_send_nothing(
+    tmp_path: Path, sink: SmtpSink, another_installation: Callable[[], AbstractContextManager[None]]
+) -> None:
     folder = write_mails(tmp_path / "in", [sample_mail(sender="a@example.com")])
     app = files_app(tmp_path / "quiet", sink)
     try:
@@ -326,7 +329,8 @@ async def test_no_notify_import_and_switched_off_mailbox_send_nothing(tmp_path: 
         assert [a.no_answer_reason for a in _articles(app)] == ["imported with --no-notify"]
     finally:
         app.close()
-    app = files_app(tmp_path / "off", sink, box={"acknowledge": False})
+    with another_installation():
+        app = files_app(tmp_path / "off", sink, box={"acknowledge": False})
     try:
         await app.ingest([folder], mailbox="support")
         await app.sender.deliver_due()
@@ -384,7 +388,9 @@ async def test_bounce_of_our_acknowledgement_marks_it_bounced_on_its_ticket(tmp_
     assert len(sink.received) == 1, "nothing answers a bounce or an auto-reply"
 
 
-async def test_two_instances_do_not_answer_each_others_acknowledgements(tmp_path: Path, sink: SmtpSink) -> None:
+async def test_two_instances_do_not_answer_each_others_acknowledgements(
+    tmp_path: Path, sink: SmtpSink, another_installation: Callable[[], AbstractContextManager[None]]
+) -> None:
     """Instance A (support@a) gets a mail from instance B's address; B then receives A's acknowledgement."""
     a_sink, b_sink = sink, SmtpSink().start()
     try:
@@ -394,12 +400,13 @@ async def test_two_instances_do_not_answer_each_others_acknowledgements(tmp_path
             smtp=a_sink.config(),
             outbox=outbox_settings(domain="a.example"),
         )
-        b = make_app(
-            tmp_path / "b",
-            [{"type": "maildir", "name": "b", "path": str(tmp_path / "b-in"), "address": "help@b.example"}],
-            smtp=b_sink.config(),
-            outbox=outbox_settings(domain="b.example"),
-        )
+        with another_installation():
+            b = make_app(
+                tmp_path / "b",
+                [{"type": "maildir", "name": "b", "path": str(tmp_path / "b-in"), "address": "help@b.example"}],
+                smtp=b_sink.config(),
+                outbox=outbox_settings(domain="b.example"),
+            )
         try:
             first = sample_mail(sender="help@b.example")  # e.g. B's agent forwarded something to A
             await a.ingest([write_mails(tmp_path / "1", [first])], mailbox="a")
