@@ -5,6 +5,7 @@ Everything is validated once, at start-up; a typo or a bad value is an error tha
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -238,13 +239,20 @@ class DatabaseSettings(_Strict):
 
         # The URL may hold a password: the messages never repeat it.
         try:
-            backend = make_url(url).get_backend_name()
+            parsed = make_url(url)
         except ArgumentError:
             raise ValueError(
                 "not a database URL: use sqlite:////path/to/mailbridge.db or postgresql+psycopg://user@host/name"
             ) from None
+        backend = parsed.get_backend_name()
         if backend not in DATABASE_BACKENDS:
             raise ValueError(f"database {backend!r} is not supported: use sqlite or postgresql")
+        if backend == "postgresql":
+            if parsed.drivername == "postgresql":  # SQLAlchemy would pick psycopg2; we ship with psycopg 3
+                parsed = parsed.set(drivername="postgresql+psycopg")
+                url = parsed.render_as_string(hide_password=False)
+            if parsed.drivername == "postgresql+psycopg" and importlib.util.find_spec("psycopg") is None:
+                raise ValueError("PostgreSQL needs psycopg: pip install 'mailbridge[postgresql]'")
         return url
 
 
