@@ -36,8 +36,7 @@ HOUR = 3600.0
 def database(database_url: str) -> Iterator[Database]:
     db = Database(database_url, fsync_each_commit=False)
     db.upgrade()
-    with db.unit_of_work() as session:
-        write_history(session, SlaSettings.model_validate(SLA))
+    write_history(db, SlaSettings.model_validate(SLA))
     yield db
     db.close()
 
@@ -162,8 +161,7 @@ def config_with_history(tmp_path: Path, database_url: str) -> Path:
     path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "storage": {"fsync": False}, "sla": SLA}))
     db = Database(database_url)  # the config's own: data_dir/mailbridge.db, or the run's PostgreSQL database
     db.upgrade()
-    with db.unit_of_work() as session:  # before any command starts the SLA planner's clock today
-        write_history(session, SlaSettings.model_validate(SLA))
+    write_history(db, SlaSettings.model_validate(SLA))  # before any command starts the SLA planner's clock today
     db.close()
     return path
 
