@@ -8,7 +8,7 @@ import os
 import secrets
 import signal
 from collections import Counter
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -29,7 +29,7 @@ from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
-from mailbridge.notify.sender import OutboxSender
+from mailbridge.notify.sender import OutboxSender, OutboxTally
 from mailbridge.notify.sender_process import SenderProcess
 from mailbridge.notify.sla_alerts import SlaAlerts
 from mailbridge.notify.status import StatusMailer
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
     from mailbridge.crm import Crm
+    from mailbridge.observability.metrics import Metrics
+    from mailbridge.observability.server import HttpEndpoint
 
 log = logging.getLogger("mailbridge")
 
@@ -84,6 +86,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.db = Database(settings.database_url)
+        self._http_db: Database | None = None
 
     @cached_property
     def parser(self) -> ParsePool:
@@ -110,7 +113,37 @@ class App:
             self.router,
             Assigner(self.settings.routing.assignment, self.settings.agents),
             self.crm,
+            self.metrics.count_intake if self.metrics else None,
         )
+
+    @cached_property
+    def metrics(self) -> Metrics | None:
+        """The daemon's counters; only with the `http` section (nothing would serve them otherwise)."""
+        if self.settings.http is None:
+            return None
+        from mailbridge.observability.metrics import Metrics
+
+        return Metrics(
+            [box.name for box in self.settings.mailboxes],
+            [box.name for box in self.settings.mailboxes if self.settings.can_send(box)],
+        )
+
+    async def _serve_http(self) -> HttpEndpoint | None:
+        if self.settings.http is None or self.metrics is None:
+            return None
+        from mailbridge.observability.server import HttpEndpoint
+
+        # A connection and thread of its own: a scrape never queues behind the intake's transactions.
+        self._http_db = Database(self.settings.database_url, fsync_each_commit=False)
+        endpoint = HttpEndpoint(
+            self.settings.http,
+            self.metrics,
+            self._http_db,
+            {watcher.name: watcher.ledger.health for watcher in self.watchers},
+            (lambda: crm.failing) if (crm := self.crm) is not None else None,
+        )
+        await endpoint.start()
+        return endpoint
 
     @cached_property
     def crm(self) -> Crm | None:
@@ -198,9 +231,13 @@ class App:
         """One SLA check (the scheduler's job); the sender is woken for the mails it queued."""
         report = CheckReport()
         steps = self.sla.steps(self.db, utcnow(), report)
-        # One job per transaction: the intake's jobs on the same database thread get their turns.
-        while await self.db.run(next, steps, False):
-            pass
+        try:
+            # One job per transaction: the intake's jobs on the same database thread get their turns.
+            while await self.db.run(next, steps, False):
+                pass
+        finally:
+            if self.metrics is not None:  # what the committed steps queued, also when a later one failed
+                self.metrics.count_sla(report)
         if report.mails:
             self.pipeline.outbox_ready.set()
         return report
@@ -261,9 +298,10 @@ class App:
 
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""
+        http = await self._serve_http()
         tasks = [asyncio.create_task(w.run(stop), name=f"fetch:{w.name}") for w in self.watchers]
         log.info("mailbridge running with %d mailbox(es)", len(tasks))
-        sender = self._start_sender_process()
+        sender = self._start_sender_process(self.metrics.count_outbox if self.metrics else None)
         if sender is not None:
             tasks.append(asyncio.create_task(self._wake_sender(sender, stop), name="outbox"))
         scheduler = self._start_sla_scheduler()
@@ -293,6 +331,8 @@ class App:
                 scheduler.shutdown(wait=False)
             if sender is not None:
                 await sender.stop(self.settings.shutdown_grace_seconds)
+            if http is not None:
+                await http.stop()
             await self._close_crm()
 
     async def run_once(self) -> None:
@@ -319,10 +359,10 @@ class App:
             await waking
             await sender.finish()
 
-    def _start_sender_process(self) -> SenderProcess | None:
+    def _start_sender_process(self, on_report: Callable[[OutboxTally], None] | None = None) -> SenderProcess | None:
         if not self.sends_mail:
             return None
-        sender = SenderProcess(self.settings)
+        sender = SenderProcess(self.settings, on_report)
         sender.start()
         return sender
 
@@ -378,6 +418,8 @@ class App:
             self.parser.close()
         if "sender" in self.__dict__:
             self.sender.db.close()
+        if self._http_db is not None:
+            self._http_db.close()
         self.db.close()
 
 

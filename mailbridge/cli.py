@@ -150,7 +150,13 @@ def run(
         if once:
             asyncio.run(application.run_once())
             return
-        asyncio.run(_run_daemon(application))
+        from mailbridge.observability.server import HttpListenError
+
+        try:
+            asyncio.run(_run_daemon(application))
+        except HttpListenError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
 
 
 def _exit_quietly(signum: int, frame: object) -> None:

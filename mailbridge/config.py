@@ -337,6 +337,44 @@ class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class HttpSettings(_Strict):
+    """`mailbridge run` serves /healthz and /metrics here (off unless the section is present)."""
+
+    listen: str = "127.0.0.1:9478"  # HOST:PORT; [::1]:PORT for IPv6. No authentication: keep it local.
+    # A mailbox that cannot connect (or keeps failing) for this long makes /healthz answer 503.
+    mailbox_failing_seconds: float = Field(default=300.0, gt=0)
+    # The oldest unsent mail in the outbox queued longer ago than this: the outbox is stuck.
+    outbox_stuck_seconds: float = Field(default=900.0, gt=0)
+    # The database check (a read on a connection of its own) gives up after this.
+    database_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        _split_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+    @property
+    def local(self) -> bool:
+        return _is_loopback(self.host)
+
+
+def _split_listen(value: str) -> tuple[str, int]:
+    host, colon, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9478 or [::1]:9478")
+    return host, int(port)
+
+
 class Settings(_Strict):
     data_dir: Path = Field(default_factory=lambda: default_data_dir())
     database: DatabaseSettings = DatabaseSettings()
@@ -352,6 +390,7 @@ class Settings(_Strict):
     agents: list[Agent] = Field(default_factory=list)
     routing: RoutingSettings = RoutingSettings()
     sla: SlaSettings = SlaSettings()
+    http: HttpSettings | None = None  # /healthz and /metrics; off unless configured
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     mailboxes: list[Mailbox] = Field(default_factory=list)
 

@@ -56,6 +56,11 @@ class Crm:
         self._outage: _Outage | None = None
         self._paused_until = 0.0  # event-loop time
 
+    @property
+    def failing(self) -> tuple[datetime, str] | None:
+        """Since when and why the CRM fails (until a lookup is answered again); None while it answers."""
+        return (self._outage.since, self._outage.problem) if self._outage is not None else None
+
     def url_for(self, address: str) -> str:
         address = address.strip().lower()
         domain = address.rpartition("@")[2]

@@ -69,6 +69,7 @@ class Pipeline:
         router: Router,
         assigner: Assigner,
         crm: Crm | None = None,
+        recorded: Callable[[Sequence[Result]], None] | None = None,
     ) -> None:
         self.db = db
         self.parser = parser
@@ -79,6 +80,7 @@ class Pipeline:
         self.router = router
         self.assigner = assigner
         self.crm = crm
+        self.recorded = recorded  # told each batch's results after its commit (the daemon's metrics)
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
@@ -116,6 +118,8 @@ class Pipeline:
                     results += await self.db.run(self._record_alone, raw, mail, crm)
         for result in results:
             _log_result(result)
+        if self.recorded is not None:
+            self.recorded(results)
         if any(result.acknowledged for result in results):
             self.outbox_ready.set()
         return results

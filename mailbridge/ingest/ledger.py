@@ -1,12 +1,15 @@
 """What we know about each mailbox between runs: UIDVALIDITY, what was imported, what the server
-still has to be told, and the health that `mailbridge status` shows. Runs in the database thread."""
+still has to be told, and the health that `mailbridge status` shows. Runs in the database thread.
+The connection's state is also kept in memory (`Ledger.health`) for the daemon's /healthz and /metrics,
+which must answer without the database."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 from sqlalchemy import func, select, update
 
@@ -73,10 +76,40 @@ def count_folder(uids: Iterable[int], receipted: Receipted, wanted_up_to_baselin
     return FolderCount(in_folder, waiting, missing, left)
 
 
+@dataclass
+class SourceHealth:
+    """The mailbox's connection as this process last saw it: updated on the event loop, read by /healthz."""
+
+    state: Literal["starting", "connected", "failing", "stopped"] = "starting"
+    since: datetime = field(default_factory=utcnow)
+    error: str | None = None
+    sessions: int = 0  # connections opened; every one after the first is a reconnect
+    failures: int = 0
+
+    def opened(self) -> None:
+        self.sessions += 1
+        self.state, self.since, self.error = "connected", utcnow(), None
+
+    def failed(self, error: str) -> None:
+        self.failures += 1
+        if self.state != "failing":  # "since" is when the trouble began, not the latest retry
+            self.state, self.since = "failing", utcnow()
+        self.error = error
+
+    def working(self) -> None:
+        """A fetch went through: whatever failed before (a refused move) is over."""
+        if self.state == "failing":
+            self.state, self.since, self.error = "connected", utcnow(), None
+
+    def stopped(self) -> None:
+        self.state, self.since = "stopped", utcnow()
+
+
 class Ledger:
     def __init__(self, db: Database, mailbox: str) -> None:
         self.db = db
         self.mailbox = mailbox
+        self.health = SourceHealth()
 
     async def open_folder(self, uidvalidity: int, uidnext: int) -> FolderPlan:
         return await self.db.run(self._open_folder, uidvalidity, uidnext)
@@ -184,10 +217,12 @@ class Ledger:
         await self._update(initial_done=True)
 
     async def connected(self) -> None:
+        self.health.opened()
         await self._update(connected=True, last_error=None)
 
     async def fetched(self, count: FolderCount) -> None:
         """A fetch is done; the folder as the server had it after it."""
+        self.health.working()
         await self._update(
             last_fetch_at=utcnow(),
             messages_in_folder=count.in_folder,
@@ -197,9 +232,11 @@ class Ledger:
         )
 
     async def failed(self, error: str) -> None:
+        self.health.failed(error)
         await self._update(connected=False, last_error=error, last_error_at=utcnow())
 
     async def disconnected(self) -> None:
+        self.health.stopped()
         await self._update(connected=False)
 
     async def _update(self, **values: object) -> None:

@@ -15,7 +15,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,10 @@ from mailbridge.models import OutboxMail, OutboxStatus, db_text, utcnow
 log = logging.getLogger("mailbridge.outbox")
 
 CLAIM_SIZE = 200
+
+# What one commit recorded: (mailbox, "sent" | "retry" | "failed") -> mails. "retry": not sent this time,
+# tried again later; "failed": given up (refused for good, or past its deadline).
+OutboxTally = Counter[tuple[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +161,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class OutboxSender:
-    def __init__(self, db: Database, settings: Settings, ready: asyncio.Event) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        ready: asyncio.Event,
+        recorded: Callable[[OutboxTally], None] | None = None,
+    ) -> None:
         self.db = db
         self.settings: OutboxSettings = settings.outbox
         self.ready = ready
+        self.recorded = recorded  # told what each commit of outcomes recorded (the daemon's metrics)
         self._servers: dict[str, SmtpServer | Path] = {}
         for box in settings.mailboxes:
             route = settings.outbox.deliver_to_directory or settings.smtp_for(box)
@@ -208,7 +220,7 @@ class OutboxSender:
         for mail in due:
             queue.put_nowait(mail)
             self._in_flight.add(mail.id)
-        recorder = _Recorder(self.db, self.settings)
+        recorder = _Recorder(self.db, self.settings, self.recorded)
         committer = asyncio.create_task(recorder.run(), name="outbox-recorder")
         try:
             workers = min(self.settings.connections, len(due))
@@ -302,9 +314,12 @@ class _Result:
 class _Recorder:
     """Group commit: the outcomes of all connections that finish while one commit runs go into the next."""
 
-    def __init__(self, db: Database, settings: OutboxSettings) -> None:
+    def __init__(
+        self, db: Database, settings: OutboxSettings, recorded: Callable[[OutboxTally], None] | None = None
+    ) -> None:
         self.db = db
         self.settings = settings
+        self.recorded = recorded
         self._pending: list[tuple[_Result, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -326,23 +341,28 @@ class _Recorder:
             items, self._pending = self._pending, []
             if items:
                 try:
-                    await self.db.run(self._write, [result for result, _ in items])
+                    tally = await self.db.run(self._write, [result for result, _ in items])
                 except Exception as exc:
                     for _, future in items:
                         future.set_exception(exc)
                 else:
                     for _, future in items:
                         future.set_result(None)
+                    if self.recorded is not None:  # counted once it is committed, never before
+                        self.recorded(tally)
             if self._closed and not self._pending:
                 return
 
-    def _write(self, results: list[_Result]) -> None:
+    def _write(self, results: list[_Result]) -> OutboxTally:
         # One executemany per kind of outcome: this commit is what each connection waits for.
         now = utcnow()
         table = OutboxMail.__table__
         assert isinstance(table, Table)
         sent = [{"b_id": r.mail.id, "b_error": r.error} for r in results if r.sent]
         unsent = [{"b_id": r.mail.id, **self._retry_values(r, now)} for r in results if not r.sent]
+        tally: OutboxTally = Counter((r.mail.mailbox, "sent") for r in results if r.sent)
+        for result, values in zip((r for r in results if not r.sent), unsent, strict=True):
+            tally[(result.mail.mailbox, "failed" if values["b_status"] == OutboxStatus.FAILED else "retry")] += 1
         with self.db.unit_of_work() as session:
             connection = session.connection()  # Core statements: no ORM bookkeeping on this hot path
             if sent:
@@ -369,6 +389,7 @@ class _Recorder:
                     ),
                     unsent,
                 )
+        return tally
 
     def _retry_values(self, result: _Result, now: datetime) -> dict[str, object]:
         mail = result.mail

@@ -6,6 +6,10 @@ The daemon talks to it over a pipe: "wake" after a commit that put mail in the o
 what is due, then exit: `run --once`) or "stop" (finish the mails in hand, then exit). When the daemon
 dies, the pipe breaks and the sender exits at once, as if killed with it: a restarted daemon never runs
 next to an orphaned sender.
+
+With `on_report` (the daemon's /metrics), the sender sends back over the same pipe what each commit of
+outcomes recorded (mails sent, to retry, failed), after that commit: the counters live in the daemon,
+which serves them, and a mail is counted once however often its batch is claimed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import multiprocessing
 import os
 import signal
 import threading
+from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
@@ -24,6 +30,7 @@ from mailbridge.config import Settings
 
 if TYPE_CHECKING:
     from mailbridge.db import Database
+    from mailbridge.notify.sender import OutboxTally
 
 log = logging.getLogger("mailbridge.outbox")
 
@@ -32,15 +39,31 @@ SENDER_NICENESS = 10
 
 
 class SenderProcess:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_report: Callable[[OutboxTally], None] | None = None) -> None:
         context = multiprocessing.get_context("forkserver")  # the daemon has threads: no plain fork
         self._conn, child_end = context.Pipe()
-        self._process = context.Process(target=_main, args=(settings, child_end), name="mailbridge-outbox", daemon=True)
+        self._process = context.Process(
+            target=_main, args=(settings, child_end, on_report is not None), name="mailbridge-outbox", daemon=True
+        )
         self._child_end = child_end
+        self._on_report = on_report
+        self._reader: threading.Thread | None = None
 
     def start(self) -> None:
         self._process.start()
         self._child_end.close()
+        if self._on_report is not None:
+            self._reader = threading.Thread(target=self._read_reports, name="outbox-reports", daemon=True)
+            self._reader.start()
+
+    def _read_reports(self) -> None:
+        assert self._on_report is not None
+        while True:
+            try:
+                tally = self._conn.recv()
+            except (EOFError, OSError):  # the sender has exited
+                return
+            self._on_report(Counter(tally))
 
     def wake(self) -> None:
         self._send(WAKE)
@@ -64,6 +87,8 @@ class SenderProcess:
             log.warning("the outbox sender did not stop in time; killing it (mails in flight are sent again)")
             self._process.kill()
             self._process.join()
+        if self._reader is not None:  # the last reports, then EOF: the sender is gone
+            await asyncio.get_running_loop().run_in_executor(None, self._reader.join, 5)
         self._conn.close()
 
     def _send(self, command: str) -> None:
@@ -71,7 +96,7 @@ class SenderProcess:
             self._conn.send(command)
 
 
-def _main(settings: Settings, conn: Connection) -> None:
+def _main(settings: Settings, conn: Connection, report: bool) -> None:
     # Ctrl-C and systemd's SIGTERM reach the whole process group; the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -86,16 +111,20 @@ def _main(settings: Settings, conn: Connection) -> None:
     log.info("outbox sender running (pid %d)", os.getpid())
     db = Database(settings.database_url, fsync_each_commit=False)
     try:
-        asyncio.run(_serve(db, settings, conn))
+        asyncio.run(_serve(db, settings, conn, report))
     finally:
         db.close()
 
 
-async def _serve(db: Database, settings: Settings, conn: Connection) -> None:
+async def _serve(db: Database, settings: Settings, conn: Connection, report: bool) -> None:
     from mailbridge.notify.sender import OutboxSender
 
+    def send_report(tally: OutboxTally) -> None:
+        with contextlib.suppress(OSError, ValueError):  # the daemon is gone: the pipe reader exits us
+            conn.send(dict(tally))
+
     loop = asyncio.get_running_loop()
-    sender = OutboxSender(db, settings, asyncio.Event())
+    sender = OutboxSender(db, settings, asyncio.Event(), send_report if report else None)
     done = asyncio.Event()
     ending: list[str] = []
 
