@@ -32,7 +32,7 @@ tickets_app = typer.Typer(help="Look at tickets.", no_args_is_help=True)
 quarantine_app = typer.Typer(
     help="Mail that could not be parsed or stored, kept with its raw bytes.", no_args_is_help=True
 )
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema, and the move from SQLite to PostgreSQL.", no_args_is_help=True)
 app.add_typer(tickets_app, name="tickets")
 app.add_typer(quarantine_app, name="quarantine")
 rules_app = typer.Typer(help="Routing rules: explain one mail, test a labelled folder.", no_args_is_help=True)
@@ -960,6 +960,47 @@ def db_upgrade(config: ConfigOption = None) -> None:
     """Apply the database migrations (the daemon also does this at start)."""
     with _app(config) as application:
         _say(f"database at {_hide_password(application.settings.database_url)} is up to date")
+
+
+@db_app.command("migrate-to")
+def db_migrate_to(
+    url: Annotated[str, typer.Argument(help="The empty PostgreSQL database: postgresql+psycopg://user:pw@host/name")],
+    config: ConfigOption = None,
+) -> None:
+    """Copy this installation's SQLite database into an empty PostgreSQL database (stop the daemon first)."""
+    from mailbridge.db_copy import CopyError, check_target_url, copy_database
+
+    settings = _settings(config)
+    setup_logging(settings.logging.level)
+    if not settings.database_url.startswith("sqlite"):
+        typer.echo("error: the configured database is not SQLite: migrate-to copies an SQLite installation", err=True)
+        raise typer.Exit(2)
+    try:
+        check_target_url(url)
+    except CopyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    source, target = Database(settings.database_url), Database(url)
+    _say(f"copying {_hide_password(source.url)}")
+    _say(f"     to {_hide_password(url)}")
+    try:
+        source.upgrade()
+        summary = copy_database(source, target)
+    except CopyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        source.close()
+        target.close()
+    width = max(len(name) for name in summary.rows)
+    for name, rows in summary.rows.items():
+        _say(f"  {name.ljust(width)}  {rows:>9} rows")
+    _say(f"copied {summary.total} rows in {len(summary.rows)} tables; the counts agree on both sides.")
+    _say(
+        f"Raw mails and attachments are files in {settings.storage_path}, not rows: they stay where they are. "
+        "Keep storage.path and data_dir (threading.secret) the same for the PostgreSQL installation."
+    )
+    _say("Next: set database.url (or MAILBRIDGE_DATABASE_URL) to the new URL and start the daemon.")
 
 
 @app.command("check-config")

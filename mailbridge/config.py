@@ -5,6 +5,7 @@ Everything is validated once, at start-up; a typo or a bad value is an error tha
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -34,6 +35,9 @@ from mailbridge.sla.settings import SlaSettings
 
 CONFIG_ENV = "MAILBRIDGE_CONFIG"
 DATA_DIR_ENV = "MAILBRIDGE_DATA_DIR"
+# Overrides database.url: keeps a PostgreSQL DSN with its password out of the YAML file.
+DATABASE_URL_ENV = "MAILBRIDGE_DATABASE_URL"
+DATABASE_BACKENDS = ("sqlite", "postgresql")
 
 
 class ConfigError(Exception):
@@ -404,7 +408,34 @@ def _is_loopback(host: str) -> bool:
 
 
 class DatabaseSettings(_Strict):
-    url: str | None = None  # default: SQLite under data_dir
+    # default: SQLite under data_dir; or postgresql+psycopg://user:password@host:5432/name
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        # The URL may hold a password: the messages never repeat it.
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL: use sqlite:////path/to/mailbridge.db or postgresql+psycopg://user@host/name"
+            ) from None
+        backend = parsed.get_backend_name()
+        if backend not in DATABASE_BACKENDS:
+            raise ValueError(f"database {backend!r} is not supported: use sqlite or postgresql")
+        if backend == "postgresql":
+            if parsed.drivername == "postgresql":  # SQLAlchemy would pick psycopg2; we ship with psycopg 3
+                parsed = parsed.set(drivername="postgresql+psycopg")
+                url = parsed.render_as_string(hide_password=False)
+            if parsed.drivername == "postgresql+psycopg" and importlib.util.find_spec("psycopg") is None:
+                raise ValueError("PostgreSQL needs psycopg: pip install 'mailbridge[postgresql]'")
+        return url
 
 
 class StorageSettings(_Strict):
@@ -681,7 +712,7 @@ def load_settings(path: Path | None = None) -> Settings:
     if path is None and (env := os.environ.get(CONFIG_ENV)):
         path = Path(env)
     if path is None:
-        return Settings()
+        return _validate(_override_from_environment({}), "the default configuration")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -697,10 +728,27 @@ def load_settings(path: Path | None = None) -> Settings:
     base = path.parent.resolve()
     _resolve_relative_paths(data, base)
     _include_rules_file(data, path)
+    return _validate(_override_from_environment(data), str(path))
+
+
+def _validate(data: dict[str, Any], source: str) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path), data)) from None
+        message = format_validation_error(exc, source, data)
+        if os.environ.get(DATABASE_URL_ENV):
+            message = message.replace("  database.url:", f"  database.url (from {DATABASE_URL_ENV}):")
+        raise ConfigError(message) from None
+
+
+def _override_from_environment(data: dict[str, Any]) -> dict[str, Any]:
+    """MAILBRIDGE_DATABASE_URL wins over database.url (an operator keeps the DSN and its password in the
+    service's environment, e.g. a systemd EnvironmentFile, not in the YAML)."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    if url:
+        database = data.get("database")
+        data["database"] = {**(database if isinstance(database, dict) else {}), "url": url}
+    return data
 
 
 def _include_rules_file(data: dict[str, Any], path: Path) -> None:

@@ -21,7 +21,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration. Checked against Alembic by the tests; lets a current database skip importing
 # Alembic at all (it is a tenth of the daemon's memory).
-SCHEMA_HEAD = "0011"
+SCHEMA_HEAD = "0012"
 WRITE_OPTION = "mailbridge_write"
 
 
@@ -49,6 +49,10 @@ class Database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
                 self._writer_lock_path = Path(f"{parsed.database}.writer-lock")
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            # A server restarted or a connection dropped by a firewall while the daemon idled: the pool
+            # notices before handing it out, instead of the next transaction failing.
+            kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", functools.partial(_sqlite_pragmas, full_sync=fsync_each_commit))

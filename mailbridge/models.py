@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    FetchedValue,
     Float,
     ForeignKey,
     Index,
@@ -351,9 +352,15 @@ class TicketEvent(Base):
     old: Mapped[str | None] = mapped_column(Text)
     new: Mapped[str | None] = mapped_column(Text)
     article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+    # PostgreSQL: the transaction that wrote the event (pg_current_xact_id(), a server default), so the SLA
+    # planner reads the history in commit order (migration 0011). NULL on SQLite, where ids are in that order.
+    xact_id: Mapped[int | None] = mapped_column(BigInteger, server_default=FetchedValue())
 
-    # The reports' reopen count: status changes back to open, without reading the rest of the history.
-    __table_args__ = (Index("ix_ticket_events_kind_new_old", "kind", "new", "old", "ticket_id"),)
+    __table_args__ = (
+        # The reports' reopen count: status changes back to open, without reading the rest of the history.
+        Index("ix_ticket_events_kind_new_old", "kind", "new", "old", "ticket_id"),
+        Index("ix_ticket_events_xact_id", "xact_id", "id"),
+    )
 
 
 class SlaTimer(Base):
@@ -383,6 +390,7 @@ class SlaCursor(Base):
     __tablename__ = "sla_cursor"
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     last_event_id: Mapped[int] = mapped_column(Integer, default=0)
+    last_xact_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # PostgreSQL only
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     # A digest of the SLA settings the open tickets are planned under: when the settings change (a
     # restart with other targets, calendar, reminders), every open ticket is planned again, once.

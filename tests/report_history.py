@@ -24,6 +24,7 @@ from datetime import UTC, date, datetime
 
 from sqlalchemy.orm import Session
 
+from mailbridge.db import Database
 from mailbridge.models import Contact, Ticket, TicketEvent
 from mailbridge.sla.planner import SlaPlanner
 from mailbridge.sla.settings import SlaSettings
@@ -68,11 +69,19 @@ TICKETS: dict[int, tuple[datetime, str, str, str | None, datetime | None, list[t
 }
 
 
-def write_history(session: Session, sla: SlaSettings) -> None:
+def write_history(db: Database, sla: SlaSettings) -> None:
     """The tickets and their events as the pipeline and the agents' commands record them, then the SLA
-    planner's deadlines."""
+    planner's deadlines, planned as the daemon plans them: after the history was committed (on PostgreSQL
+    the planner reads only the events of finished transactions)."""
     planner = SlaPlanner(sla)
-    planner.start(session, at(10, 1, 0))  # SLAs on since before the first ticket
+    with db.unit_of_work() as session:
+        planner.start(session, at(10, 1, 0))  # SLAs on since before the first ticket
+        _write_tickets(session)
+    with db.unit_of_work() as session:
+        planner.catch_up(session, NOW)
+
+
+def _write_tickets(session: Session) -> None:
     customer = Contact(address="klient@example.com", name="Klient")
     session.add(customer)
     session.flush()
@@ -106,5 +115,3 @@ def write_history(session: Session, sla: SlaSettings) -> None:
             for when, old, new in changes
         ]
         session.add_all(events)
-    session.flush()
-    planner.catch_up(session, NOW)

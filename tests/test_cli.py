@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from mailbridge.blobstore import BlobStore
 from mailbridge.cli import app
 from tests.imap_env import sample_mail
+from tests.support import database
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures" / "emails"
@@ -239,16 +240,22 @@ def wait_for(predicate: Any, timeout: float) -> None:
 def test_a_mail_that_cannot_be_stored_is_quarantined_and_the_rest_of_its_batch_is_not(
     tmp_path: Path, config_file: Path
 ) -> None:
-    import sqlite3
-
     cli("db", "upgrade", "--config", str(config_file))
-    db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
+    db = tmp_path / "data" / "mailbridge.db"
     # Stands in for any fault of ours while storing one mail (a bug, a constraint nobody foresaw).
-    db.execute(
-        "CREATE TRIGGER poison BEFORE INSERT ON articles WHEN NEW.subject = 'poison' "
-        "BEGIN SELECT RAISE(ABORT, 'poisoned article'); END"
-    )
-    db.commit()
+    if database.is_postgresql():
+        database.execute(
+            db,
+            "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.subject = 'poison' THEN RAISE EXCEPTION 'poisoned article'; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER poison BEFORE INSERT ON articles FOR EACH ROW EXECUTE FUNCTION poison()",
+        )
+    else:
+        database.execute(
+            db,
+            "CREATE TRIGGER poison BEFORE INSERT ON articles WHEN NEW.subject = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned article'); END",
+        )
     for name, subject in (("a", "fine 1"), ("b", "poison"), ("c", "fine 2")):
         (tmp_path / f"{name}.eml").write_bytes(sample_mail(subject))
     (tmp_path / "d.eml").write_bytes((tmp_path / "b.eml").read_bytes())  # the same mail twice in one batch
@@ -259,8 +266,7 @@ def test_a_mail_that_cannot_be_stored_is_quarantined_and_the_rest_of_its_batch_i
     assert item["stage"] == "store" and item["retryable"] and "poisoned article" in item["reason"]
     assert copy["source"].endswith("d.eml") and "poisoned article" in copy["reason"]
 
-    db.execute("DROP TRIGGER poison")  # the fix
-    db.commit()
+    database.execute(db, "DROP TRIGGER poison ON articles" if database.is_postgresql() else "DROP TRIGGER poison")
     retried = cli("quarantine", "retry", "--all-retryable", "--config", str(config_file))
     assert retried.count(": stored: ticket") == 1 and retried.count(": duplicate: ticket") == 1
     assert {t["subject"] for t in cli("tickets", "list", "--json", "--config", str(config_file))} == {
@@ -283,17 +289,15 @@ def test_escape_sequences_from_a_mail_never_reach_the_terminal(tmp_path: Path, c
 
 
 def test_one_contact_per_address_named_by_the_first_mail_that_gives_a_name(tmp_path: Path, config_file: Path) -> None:
-    import sqlite3
-
     (tmp_path / "a.eml").write_bytes(b"From: jan@example.com\nSubject: a\nMessage-ID: <a@x>\n\nno name\n")
     cli("ingest", str(tmp_path / "a.eml"), "--config", str(config_file))
     (tmp_path / "b.eml").write_bytes(b"From: Jan Nowak <JAN@example.com>\nSubject: b\nMessage-ID: <b@x>\n\nhi\n")
     (tmp_path / "c.eml").write_bytes(b"From: Someone Else <jan@example.com>\nSubject: c\nMessage-ID: <c@x>\n\nhi\n")
     cli("ingest", str(tmp_path / "b.eml"), "--config", str(config_file))
     cli("ingest", str(tmp_path / "c.eml"), "--config", str(config_file))
-    db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
-    assert db.execute("select address, name from contacts").fetchall() == [("jan@example.com", "Jan Nowak")]
-    assert db.execute("select count(distinct customer_id) from tickets").fetchone()[0] == 1
+    db = tmp_path / "data" / "mailbridge.db"
+    assert database.rows(db, "select address, name from contacts") == [("jan@example.com", "Jan Nowak")]
+    assert database.scalar(db, "select count(distinct customer_id) from tickets") == 1
 
 
 def test_outbox_commands_and_why_a_mail_got_no_answer(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mailbridge.cli import app
-from mailbridge.config import ConfigError, ImapMailbox, MaildirMailbox, MoveTo, load_settings
+from mailbridge.config import DATABASE_URL_ENV, ConfigError, ImapMailbox, MaildirMailbox, MoveTo, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -36,11 +36,33 @@ def test_the_example_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MAILBRIDGE_CONFIG", raising=False)
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
     monkeypatch.setenv("MAILBRIDGE_DATA_DIR", str(tmp_path))
     settings = load_settings(None)
     assert settings.database_url == f"sqlite:///{tmp_path / 'mailbridge.db'}"
     assert settings.storage_path == tmp_path / "storage"
     assert settings.mailboxes == []
+
+
+def test_the_database_url_from_the_environment_wins_and_its_password_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = write(tmp_path, "database: {url: 'sqlite:////srv/elsewhere.db'}\n")
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://mb:s3cret@db.example:5432/mailbridge")
+    # psycopg 3 is what the postgresql extra installs; SQLAlchemy's default driver would be psycopg2.
+    assert load_settings(config).database_url == "postgresql+psycopg://mb:s3cret@db.example:5432/mailbridge"
+    shown = runner.invoke(app, ["check-config", str(config)])
+    assert shown.exit_code == 0 and "postgresql+psycopg://mb:***@db.example:5432/mailbridge" in shown.output
+    assert "s3cret" not in shown.output
+    for url, expected in (
+        ("mysql://mb:s3cret@db.example/mailbridge", "database 'mysql' is not supported"),
+        ("mb:s3cret at db.example", "not a database URL"),
+    ):
+        monkeypatch.setenv(DATABASE_URL_ENV, url)
+        with pytest.raises(ConfigError) as info:
+            load_settings(config)
+        assert f"database.url (from {DATABASE_URL_ENV}): {expected}" in str(info.value)
+        assert "s3cret" not in str(info.value)
 
 
 def test_mailbox_defaults_and_password_file(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import mailbox
 import os
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -26,6 +25,7 @@ from mailbridge.cli import app
 from mailbridge.ingest.files import NOT_MAIL_SUFFIXES
 from mailbridge.ingest.parse import message_from_bytes as fast_message_from_bytes
 from tests.conftest import CORPORA
+from tests.support import database
 from tests.support.mime import mime_tree
 
 pytestmark = pytest.mark.skipif(not CORPORA.is_dir(), reason="../shared/corpora is not present")
@@ -77,17 +77,17 @@ def test_corpora_every_mail_is_a_ticket_or_quarantined(
     assert summary["read"] == summary["stored"] + summary["replies"] + summary["duplicates"] + summary["quarantined"]
     assert "Traceback" not in proc.stderr
 
-    db = sqlite3.connect(tmp_path / "data" / "mailbridge.db")
-    tickets = db.execute("select count(*) from tickets").fetchone()[0]
+    db = tmp_path / "data" / "mailbridge.db"
+    tickets = database.scalar(db, "select count(*) from tickets")
     assert tickets == summary["stored"]
-    quarantined = db.execute("select source, raw, sha256, reason from quarantine").fetchall()
+    quarantined = database.rows(db, "select source, raw, sha256, reason from quarantine")
     assert len(quarantined) == summary["quarantined"]
     wanted = {hashlib.sha256(m).hexdigest() for m in expected_mails}
     for source, raw, sha, _reason in quarantined:
         assert hashlib.sha256(raw).hexdigest() == sha and sha in wanted, source
     # Every stored mail's raw bytes are in the blob store, byte for byte.
     blobs = tmp_path / "data" / "storage" / "blobs"
-    for (sha,) in db.execute("select raw_sha256 from articles"):
+    for (sha,) in database.rows(db, "select raw_sha256 from articles"):
         assert hashlib.sha256(BlobStore(blobs).path(sha).read_bytes()).hexdigest() == sha
 
     report(f"corpora: {len(files)} files, {summary}")

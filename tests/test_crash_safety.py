@@ -7,7 +7,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from tests.crash_env import start_daemon
 from tests.imap_env import append_many, imap_box, new_user, sample_mail, write_config
+from tests.support import database
 from tests.support.dovecot import Dovecot
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")]
@@ -44,13 +44,7 @@ def start_connected(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def tickets(db: Path) -> int:
-    if not db.exists():
-        return 0
-    with sqlite3.connect(db, timeout=30) as conn:
-        try:
-            return int(conn.execute("select count(*) from tickets").fetchone()[0])
-        except sqlite3.OperationalError:  # schema not created yet
-            return 0
+    return database.count_or_zero(db, "tickets")
 
 
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
@@ -93,13 +87,12 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(15) == 0, log.read_text()[-3000:]
 
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("select count(*) from tickets").fetchone()[0] == TOTAL
-        assert conn.execute("select count(distinct dedup_key) from articles").fetchone()[0] == TOTAL
-        assert conn.execute("select count(*) from receipts").fetchone()[0] == TOTAL
-        assert conn.execute("select count(*) from receipts where server_done = 0").fetchone()[0] == 0
-        assert conn.execute("select count(*) from quarantine").fetchone()[0] == 0
-        stored = {row[0] for row in conn.execute("select raw_sha256 from articles")}
+    assert database.scalar(db, "select count(*) from tickets") == TOTAL
+    assert database.scalar(db, "select count(distinct dedup_key) from articles") == TOTAL
+    assert database.scalar(db, "select count(*) from receipts") == TOTAL
+    assert database.scalar(db, "select count(*) from receipts where not server_done") == 0
+    assert database.scalar(db, "select count(*) from quarantine") == 0
+    stored = {row[0] for row in database.rows(db, "select raw_sha256 from articles")}
     assert server.uids("INBOX", user=user.name) == []
     processed = server.fetch_all("Processed", user=user.name)
     assert len(processed) == TOTAL
@@ -129,10 +122,9 @@ def test_sigterm_during_a_backlog_finishes_the_mail_in_hand_and_exits_0(server: 
     assert daemon.wait(15) == 0, log.read_text()[-3000:]
     stored = tickets(db)
     assert 0 < stored < total, "the signal did not land during the backlog"
-    with sqlite3.connect(db) as conn:
-        # Everything committed was also moved on the server: nothing is left half done.
-        assert conn.execute("select count(*) from receipts where server_done = 0").fetchone()[0] == 0
-        assert conn.execute("select count(*) from mailbox_state where connected").fetchone()[0] == 0
+    # Everything committed was also moved on the server: nothing is left half done.
+    assert database.scalar(db, "select count(*) from receipts where not server_done") == 0
+    assert database.scalar(db, "select count(*) from mailbox_state where connected") == 0
     assert len(server.uids("Processed", user=user.name)) == stored
     assert len(server.uids("INBOX", user=user.name)) == total - stored
     rerun = subprocess.run(
@@ -185,13 +177,12 @@ def test_server_stopped_mid_fetch_and_started_again_loses_and_duplicates_nothing
             daemon.wait(10)
     report(f"server stopped with {at_stop} of {total} stored ({while_down} once it was down); all {total} after it")
 
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("select count(*) from tickets").fetchone()[0] == total
-        assert conn.execute("select count(distinct dedup_key) from articles").fetchone()[0] == total
-        assert conn.execute("select count(*) from receipts").fetchone()[0] == total
-        assert conn.execute("select count(*) from receipts where server_done = 0").fetchone()[0] == 0
-        assert conn.execute("select count(*) from quarantine").fetchone()[0] == 0
-        stored = {row[0] for row in conn.execute("select raw_sha256 from articles")}
+    assert database.scalar(db, "select count(*) from tickets") == total
+    assert database.scalar(db, "select count(distinct dedup_key) from articles") == total
+    assert database.scalar(db, "select count(*) from receipts") == total
+    assert database.scalar(db, "select count(*) from receipts where not server_done") == 0
+    assert database.scalar(db, "select count(*) from quarantine") == 0
+    stored = {row[0] for row in database.rows(db, "select raw_sha256 from articles")}
     assert stored == on_server
     assert server.uids("INBOX", user=user.name) == []
     processed = server.fetch_all("Processed", user=user.name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -19,8 +20,8 @@ def test_schema_head_constant_is_alembics_head() -> None:
     assert ScriptDirectory.from_config(cfg).get_current_head() == SCHEMA_HEAD
 
 
-def test_migrations_create_the_models_schema_and_are_idempotent(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+def test_migrations_create_the_models_schema_and_are_idempotent(database_url: str) -> None:
+    db = Database(database_url)
     db.upgrade()
     db.upgrade()
     assert db.schema_revision() == SCHEMA_HEAD
@@ -30,6 +31,7 @@ def test_migrations_create_the_models_schema_and_are_idempotent(tmp_path: Path) 
     db.close()
 
 
+@pytest.mark.sqlite_only("SQLite's journal mode")
 def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")
     db.upgrade()
@@ -38,15 +40,14 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     db.close()
 
 
-def test_a_write_that_read_first_waits_for_another_writer(tmp_path: Path) -> None:
+def test_a_write_that_read_first_waits_for_another_writer(database_url: str) -> None:
     """Another process commits between this transaction's first read and its first write: it must wait
     and succeed, not fail with 'database is locked' (SQLITE_BUSY_SNAPSHOT)."""
     import threading
 
     from sqlalchemy import text
 
-    url = f"sqlite:///{tmp_path / 'x.db'}"
-    first, second = Database(url), Database(url)
+    first, second = Database(database_url), Database(database_url)
     first.upgrade()
     insert = "INSERT INTO contacts (address, name, created_at) VALUES (:a, '', '2026-01-01')"
     holding = threading.Event()
@@ -107,32 +108,32 @@ async def test_migration_0009_marks_the_replies_among_older_receipts(tmp_path: P
         app.close()
 
 
-def test_tickets_merged_before_0008_redirect_after_the_upgrade(tmp_path: Path) -> None:
+def test_tickets_merged_before_0008_redirect_after_the_upgrade(database_url: str) -> None:
     from alembic import command
     from sqlalchemy import text
 
-    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    db = Database(database_url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     with db.engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "0007")
         connection.execute(
-            text("INSERT INTO contacts (id, address, name, created_at) VALUES (1, 'a@x.example', '', 0)")
+            text("INSERT INTO contacts (id, address, name, created_at) VALUES (1, 'a@x.example', '', '2026-01-01')")
         )
         for ticket, number, linked in ((1, "MB-000001", None), (2, "MB-000002", 1), (3, "MB-000003", 1)):
             connection.execute(
                 text(
                     "INSERT INTO tickets (id, number, status, subject, customer_id, mailbox, created_at, updated_at,"
-                    " tags, linked_ticket_id) VALUES (:id, :number, 'closed', '', 1, 'm', 0, 0, '[]', :linked)"
+                    " tags, linked_ticket_id) VALUES (:id, :number, 'closed', '', 1, 'm', :at, :at, '[]', :linked)"
                 ),
-                {"id": ticket, "number": number, "linked": linked},
+                {"id": ticket, "number": number, "linked": linked, "at": "2026-01-01"},
             )
         # 2 was merged into 1; 3 is only linked to it (a stranger's flagged follow-up, say).
         connection.execute(
             text(
                 "INSERT INTO ticket_events (ticket_id, at, actor, kind, new)"
-                " VALUES (2, 0, 'cli', 'merged_into', 'MB-000001')"
+                " VALUES (2, '2026-01-01', 'cli', 'merged_into', 'MB-000001')"
             )
         )
     db.upgrade()

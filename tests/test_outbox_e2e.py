@@ -9,9 +9,9 @@ import email
 import email.policy
 import re
 import signal
-import sqlite3
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from mailbridge.ingest.maildir import ensure_maildir
 from mailbridge.models import Article, OutboxMail, OutboxStatus, Ticket
 from tests.crash_env import start_daemon
 from tests.imap_env import count, imap_box, make_app, new_user, sample_mail, wait_until
+from tests.support import database
 from tests.support.dovecot import Dovecot, generate_tls_files
 from tests.support.smtp_sink import SmtpSink
 
@@ -317,7 +318,9 @@ async def test_rate_limit_per_sender(tmp_path: Path, sink: SmtpSink) -> None:
     )
 
 
-async def test_no_notify_import_and_switched_off_mailbox_send_nothing(tmp_path: Path, sink: SmtpSink) -> None:
+async def test_no_notify_import_and_switched_off_mailbox_send_nothing(
+    tmp_path: Path, sink: SmtpSink, another_installation: Callable[[], AbstractContextManager[None]]
+) -> None:
     folder = write_mails(tmp_path / "in", [sample_mail(sender="a@example.com")])
     app = files_app(tmp_path / "quiet", sink)
     try:
@@ -326,7 +329,8 @@ async def test_no_notify_import_and_switched_off_mailbox_send_nothing(tmp_path: 
         assert [a.no_answer_reason for a in _articles(app)] == ["imported with --no-notify"]
     finally:
         app.close()
-    app = files_app(tmp_path / "off", sink, box={"acknowledge": False})
+    with another_installation():
+        app = files_app(tmp_path / "off", sink, box={"acknowledge": False})
     try:
         await app.ingest([folder], mailbox="support")
         await app.sender.deliver_due()
@@ -384,7 +388,9 @@ async def test_bounce_of_our_acknowledgement_marks_it_bounced_on_its_ticket(tmp_
     assert len(sink.received) == 1, "nothing answers a bounce or an auto-reply"
 
 
-async def test_two_instances_do_not_answer_each_others_acknowledgements(tmp_path: Path, sink: SmtpSink) -> None:
+async def test_two_instances_do_not_answer_each_others_acknowledgements(
+    tmp_path: Path, sink: SmtpSink, another_installation: Callable[[], AbstractContextManager[None]]
+) -> None:
     """Instance A (support@a) gets a mail from instance B's address; B then receives A's acknowledgement."""
     a_sink, b_sink = sink, SmtpSink().start()
     try:
@@ -394,12 +400,13 @@ async def test_two_instances_do_not_answer_each_others_acknowledgements(tmp_path
             smtp=a_sink.config(),
             outbox=outbox_settings(domain="a.example"),
         )
-        b = make_app(
-            tmp_path / "b",
-            [{"type": "maildir", "name": "b", "path": str(tmp_path / "b-in"), "address": "help@b.example"}],
-            smtp=b_sink.config(),
-            outbox=outbox_settings(domain="b.example"),
-        )
+        with another_installation():
+            b = make_app(
+                tmp_path / "b",
+                [{"type": "maildir", "name": "b", "path": str(tmp_path / "b-in"), "address": "help@b.example"}],
+                smtp=b_sink.config(),
+                outbox=outbox_settings(domain="b.example"),
+            )
         try:
             first = sample_mail(sender="help@b.example")  # e.g. B's agent forwarded something to A
             await a.ingest([write_mails(tmp_path / "1", [first])], mailbox="a")
@@ -509,8 +516,7 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
     ids = Counter(r.message_id for r in sink.received)
     repeats = sum(n - 1 for n in ids.values())
     report(f"SIGKILLed the sender {kills} times: {len(sink.received)} mails received, {repeats} repeated")
-    with sqlite3.connect(tmp_path / "data" / "mailbridge.db") as db:
-        rows = db.execute("select message_id, status from outbox").fetchall()
+    rows = database.rows(tmp_path / "data" / "mailbridge.db", "select message_id, status from outbox")
     assert len(ids) == total and {m for m, _ in rows} == set(ids)
     assert {s for _, s in rows} == {"sent"}
     assert repeats <= kills * connections, "only the mails in flight at a kill may arrive twice"

@@ -33,11 +33,10 @@ HOUR = 3600.0
 
 
 @pytest.fixture
-def database(tmp_path: Path) -> Iterator[Database]:
-    db = Database(f"sqlite:///{tmp_path / 'reports.db'}", fsync_each_commit=False)
+def database(database_url: str) -> Iterator[Database]:
+    db = Database(database_url, fsync_each_commit=False)
     db.upgrade()
-    with db.unit_of_work() as session:
-        write_history(session, SlaSettings.model_validate(SLA))
+    write_history(db, SlaSettings.model_validate(SLA))
     yield db
     db.close()
 
@@ -157,13 +156,12 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def config_with_history(tmp_path: Path) -> Path:
+def config_with_history(tmp_path: Path, database_url: str) -> Path:
     path = tmp_path / "mailbridge.yaml"
     path.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "storage": {"fsync": False}, "sla": SLA}))
-    db = Database(f"sqlite:///{tmp_path / 'data' / 'mailbridge.db'}")
+    db = Database(database_url)  # the config's own: data_dir/mailbridge.db, or the run's PostgreSQL database
     db.upgrade()
-    with db.unit_of_work() as session:  # before any command starts the SLA planner's clock today
-        write_history(session, SlaSettings.model_validate(SLA))
+    write_history(db, SlaSettings.model_validate(SLA))  # before any command starts the SLA planner's clock today
     db.close()
     return path
 

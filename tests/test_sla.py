@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 
 from mailbridge.app import App
 from mailbridge.config import Settings
+from mailbridge.db import Database
 from mailbridge.models import OutboxMail, SlaCursor, SlaTimer, Ticket, TicketEvent, TicketStatus
 from mailbridge.queries import ticket_detail
 from mailbridge.sla.calendar import BusinessCalendar
@@ -490,12 +491,46 @@ def test_reading_the_history_again_changes_nothing_and_sends_nothing_again(app: 
     before = timers()
     assert sum(1 for *_, done in before if done is not None) == 2  # the two reminders
     with app.db.unit_of_work() as session:
-        session.execute(update(SlaCursor).values(last_event_id=0))  # as if the history were new
+        session.execute(update(SlaCursor).values(last_event_id=0, last_xact_id=0))  # as if the history were new
     with time_machine.travel(T0 + timedelta(hours=3, minutes=1), tick=False):
         report = app.sla.run(app.db, datetime.now(UTC))
     assert report.planned_tickets == 2 and report.mails == 0
     assert timers() == before
     assert [t for t, _ in _sla_mails(app)] == ["sla_reminder", "sla_reminder"]
+
+
+@pytest.mark.postgresql_only("SQLite has one writer at a time: its event ids are in commit order")
+def test_an_event_committed_after_a_newer_one_is_still_planned(app: App, tmp_path: Path) -> None:
+    """PostgreSQL numbers an event when it is inserted: a transaction that commits late leaves an event
+    with a smaller id than one the planner has read already. A cursor on the id alone skipped it for ever."""
+    with time_machine.travel(T0, tick=False):
+        _ingest(app, tmp_path, "a")
+        _ingest(app, tmp_path, "b")
+    _check_at(app, T0 + timedelta(minutes=5))
+    with app.db.reader() as session:
+        first, second = session.scalars(select(Ticket.id).order_by(Ticket.id)).all()
+
+    def priority(ticket_id: int, value: str) -> TicketEvent:
+        return TicketEvent(ticket_id=ticket_id, at=T0 + timedelta(minutes=6), actor=OWNER, kind="priority", new=value)
+
+    elsewhere = Database(app.settings.database_url)  # another daemon, or an agent's command
+    try:
+        with elsewhere.unit_of_work() as late:
+            late_event = priority(first, "P1")
+            late.add(late_event)
+            late.flush()  # the smaller id, not yet committed ...
+            with app.db.unit_of_work() as early:
+                early_event = priority(second, "P2")
+                early.add(early_event)  # ... a bigger one, committed at once
+                early.flush()
+            assert early_event.id > late_event.id
+            _check_at(app, T0 + timedelta(minutes=10))  # the planner runs while the first is in flight
+    finally:
+        elsewhere.close()
+    _check_at(app, T0 + timedelta(minutes=15))
+    with app.db.reader() as session:
+        planned = {ticket: value for ticket, value in session.execute(select(Ticket.id, Ticket.sla_priority))}
+    assert planned == {first: "P1", second: "P2"}
 
 
 def test_each_mail_of_a_batch_quotes_its_own_ticket(app: App, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ import pytest
 
 from tests.crash_env import start_daemon
 from tests.imap_env import imap_box, new_user, sample_mail, wait_until, write_config
+from tests.support import database
 from tests.support.dovecot import Dovecot
 from tests.support.smtp_sink import SmtpSink
 
@@ -32,32 +32,27 @@ def _by_subject(sink: SmtpSink, word: str) -> list[str]:
 
 
 def _outbox_status(db: Path, template: str) -> list[tuple[str, int]]:
-    with sqlite3.connect(db) as connection:
-        return connection.execute("select status, attempts from outbox where template = ?", (template,)).fetchall()
+    return database.rows(db, "select status, attempts from outbox where template = :template", template=template)
 
 
 def _sla_history(db: Path) -> list[tuple[str, str | None, str | None]]:
-    with sqlite3.connect(db) as connection:
-        return connection.execute("select kind, old, new from ticket_events where actor = 'sla' order by id").fetchall()
+    return database.rows(db, "select kind, old, new from ticket_events where actor = 'sla' order by id")
 
 
 def _timers(db: Path) -> list[tuple[str, float, bool]]:
-    with sqlite3.connect(db) as connection:
-        rows = connection.execute("select target, share, done_at is not null from sla_timers order by share").fetchall()
+    rows = database.rows(db, "select target, share, done_at is not null from sla_timers order by share")
     return [(target, share, bool(done)) for target, share, done in rows]
 
 
 def _ticket_created(db: Path) -> float:
-    with sqlite3.connect(db) as connection:
-        (created,) = connection.execute("select created_at from tickets").fetchone()
-    return _timestamp(created)
+    return _timestamp(database.scalar(db, "select created_at from tickets"))
 
 
 def _queued(db: Path, template: str) -> float:
     """When the SLA check queued the mail (the instant its timer fired), as a UNIX timestamp."""
-    with sqlite3.connect(db) as connection:
-        (created,) = connection.execute("select created_at from outbox where template = ?", (template,)).fetchone()
-    return _timestamp(created)
+    return _timestamp(
+        database.scalar(db, "select created_at from outbox where template = :template", template=template)
+    )
 
 
 def _checks_started(log: Path, offset: int) -> float:
@@ -69,8 +64,10 @@ def _checks_started(log: Path, offset: int) -> float:
     raise AssertionError("the restarted daemon never started its SLA checks")
 
 
-def _timestamp(stored: str) -> float:
-    return datetime.fromisoformat(stored).replace(tzinfo=UTC).timestamp()
+def _timestamp(stored: str | datetime) -> float:
+    # SQLite keeps the UTC instant as text without a zone; PostgreSQL hands back an aware datetime.
+    at = stored if isinstance(stored, datetime) else datetime.fromisoformat(stored)
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
 
 
 @pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")

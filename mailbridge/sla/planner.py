@@ -10,6 +10,14 @@ Open tickets follow the SLA settings in force: when they change (a restart with 
 calendar, a policy removed), every ticket not closed is planned again, once. A deadline is what the
 policy says now, not what it said when the ticket came in; reminders and escalations already sent are
 not sent again, and one the new plan puts in the past goes out at the next check.
+
+The history is read in commit order, so an event is never left behind the cursor. SQLite has one writer
+at a time, so its ids are in that order. PostgreSQL numbers rows when they are inserted, not when they are
+committed: a transaction that commits late leaves an event with a smaller id than those read already. There
+the cursor is (transaction id, event id), and a read takes only the events of transactions older than every
+transaction still in flight (`pg_snapshot_xmin`): those are finished, and no later transaction can get an
+older id, so nothing can appear behind the cursor any more. An event waits until the transactions started
+before its own have ended (a transaction left open holds the planning back, it does not lose events).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
+from sqlalchemy import BigInteger, Select, Table, Text, bindparam, cast, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from mailbridge.db import chunked
@@ -73,27 +81,18 @@ class SlaPlanner:
         """Plan from the events recorded since the last call, at most `limit` of them (call again while
         it returns `limit`)."""
         cursor = self.start(session, now)
-        rows = (
-            session.connection()
-            .execute(
-                select(TicketEvent.id, TicketEvent.ticket_id, TicketEvent.kind, TicketEvent.actor, TicketEvent.new)
-                .where(TicketEvent.id > cursor.last_event_id)
-                .order_by(TicketEvent.id)
-                .limit(limit)
-            )
-            .all()
-        )
+        rows = session.connection().execute(_events_after(cursor, _is_postgresql(session)).limit(limit)).all()
         if not rows:
             return PlannerReport()
         touched: set[int] = set()
         new_priority: dict[int, str] = {}
-        for _, ticket_id, kind, actor, new in rows:
+        for _, _, ticket_id, kind, actor, new in rows:
             if kind not in _PLANNED_KINDS:
                 continue
             touched.add(ticket_id)
             if kind == "priority" and actor != SLA_ACTOR and new:
                 new_priority[ticket_id] = new
-        cursor.last_event_id = rows[-1][0]
+        cursor.last_event_id, cursor.last_xact_id = rows[-1][0], rows[-1][1] or 0
         report = PlannerReport(events=len(rows))
         self._replan(session, touched, new_priority, cursor.started_at, report)
         return report
@@ -139,7 +138,11 @@ class SlaPlanner:
         if cursor is None:
             # The first start with SLA policies: what happened before is not planned.
             newest = session.scalar(select(func.max(TicketEvent.id))) or 0
-            cursor = SlaCursor(name=_CURSOR, last_event_id=newest, started_at=now, settings_digest=self.digest)
+            # PostgreSQL: the transactions before the oldest one in flight are "before".
+            before = session.scalar(select(_oldest_in_flight() - 1)) if _is_postgresql(session) else 0
+            cursor = SlaCursor(
+                name=_CURSOR, last_event_id=newest, last_xact_id=before, started_at=now, settings_digest=self.digest
+            )
             session.add(cursor)
             session.flush()
         return cursor
@@ -286,3 +289,24 @@ class SlaPlanner:
                 moved,
             )
         return changed
+
+
+def _is_postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _oldest_in_flight() -> Any:
+    """The id of the oldest transaction still in flight (the snapshot's xmin): every older one has ended."""
+    return cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
+
+
+def _events_after(cursor: SlaCursor, postgresql: bool) -> Select[int, int | None, int, str, str, str | None]:
+    e = TicketEvent
+    columns = select(e.id, e.xact_id, e.ticket_id, e.kind, e.actor, e.new)
+    if not postgresql:
+        return columns.where(e.id > cursor.last_event_id).order_by(e.id)
+    # One statement, one snapshot: the horizon and the rows it lets through are seen at the same instant.
+    return columns.where(
+        tuple_(e.xact_id, e.id) > tuple_(cursor.last_xact_id, cursor.last_event_id),
+        e.xact_id < _oldest_in_flight(),
+    ).order_by(e.xact_id, e.id)
