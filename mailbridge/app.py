@@ -26,6 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
+from mailbridge.leases import LeaseKeeper
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -260,9 +261,12 @@ class App:
             )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The daemon: every mailbox on its own task until `stop`, then a bounded drain."""
-        tasks = [asyncio.create_task(w.run(stop), name=f"fetch:{w.name}") for w in self.watchers]
-        log.info("mailbridge running with %d mailbox(es)", len(tasks))
+        """The daemon: the mailboxes this instance holds the lease of, each on its own task, until `stop`,
+        then a bounded drain. With one instance on the database it holds every mailbox."""
+        keeper = self._lease_keeper()
+        self.pipeline.fence = keeper.fence
+        tasks = [asyncio.create_task(keeper.run(stop), name="leases")]
+        log.info("mailbridge running with %d mailbox(es)", len(self.watchers))
         sender = self._start_sender_process()
         if sender is not None:
             tasks.append(asyncio.create_task(self._wake_sender(sender, stop), name="outbox"))
@@ -274,17 +278,12 @@ class App:
             for task in crashed:
                 log.error("task %s crashed", task.get_name(), exc_info=task.exception())
             stop.set()
-            # Each watcher finishes the batch in hand (commit + IMAP flags) and returns; past the grace
-            # period it is cancelled, and anything not acknowledged on the server is fetched again later.
+            # The keeper lets each watcher finish the batch in hand (commit + IMAP flags) within the grace
+            # period, then gives the leases back; anything not acknowledged on the server is fetched again.
             pending = [t for t in tasks if not t.done()]
             if pending:
-                _, late = await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds)
-                for task in late:
-                    log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
-                    task.cancel()
-                # A cancelled watcher may still wait for a FETCH in flight; do not wait for it for long.
-                if late:
-                    await asyncio.wait(late, timeout=5)
+                await asyncio.wait(pending, timeout=self.settings.shutdown_grace_seconds + 10)
+            crashed += [t for t in pending if t.done() and not t.cancelled() and t.exception() is not None]
             if crashed:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:
@@ -294,6 +293,16 @@ class App:
             if sender is not None:
                 await sender.stop(self.settings.shutdown_grace_seconds)
             await self._close_crm()
+            keeper.db.close()
+
+    def _lease_keeper(self) -> LeaseKeeper:
+        # Its own database thread and connection: a renewal must not queue behind the intake's batches.
+        return LeaseKeeper(
+            Database(self.settings.database_url, fsync_each_commit=False),
+            self.settings.instances,
+            {watcher.name: watcher.run for watcher in self.watchers},
+            self.settings.shutdown_grace_seconds,
+        )
 
     async def run_once(self) -> None:
         """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`)."""

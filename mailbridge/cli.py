@@ -287,6 +287,7 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
             rows,
             [
                 "mailbox",
+                "held_by",
                 "connected",
                 "read",
                 "stored",

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
+from mailbridge.leases import LeaseLost
 from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, utcnow
 from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
@@ -80,6 +81,9 @@ class Pipeline:
         self.assigner = assigner
         self.crm = crm
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
+        # Several instances: checks, in the transaction that records a batch, that its mailbox is still
+        # leased to us (raises LeaseLost); None when fetching is not under leases (`run --once`, `ingest`).
+        self.fence: Callable[[Session, Collection[str]], None] | None = None
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
         """Start parsing at once; callers overlap this with recording the previous batch."""
@@ -106,6 +110,8 @@ class Pipeline:
             crm = await self.ask_crm(parsed)
         try:
             results = await self.db.run(self._record_batch, batch, parsed, crm)
+        except LeaseLost:
+            raise  # not this batch's fault: nothing of it may be recorded by us
         except Exception:
             if len(batch) == 1:
                 results = await self.db.run(self._record_alone, batch[0], parsed[0], crm)
@@ -193,6 +199,8 @@ class Pipeline:
         self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure], crm: CrmAnswers
     ) -> list[Result]:
         with self.db.unit_of_work() as session:
+            if self.fence is not None:
+                self.fence(session, {raw.mailbox for raw in batch})
             seen = receipts.known(session, [raw.source_key for raw in batch if raw.source_key])
             stored = tickets.find_articles(session, [p.dedup_key for p in parsed if isinstance(p, ParsedMail)])
             results: list[Result | None] = [None] * len(batch)
@@ -253,6 +261,8 @@ class Pipeline:
         a bare quarantine row (raw bytes, hash, a short reason) so the mailbox is not blocked by it."""
         try:
             return self._record_batch([raw], [parsed], crm)
+        except LeaseLost:
+            raise
         except Exception as exc:
             log.exception("recording %s failed; keeping it in quarantine as it is", raw.source)
             with self.db.unit_of_work() as session:

@@ -26,6 +26,7 @@ from mailbridge.ingest.imap_client import (
 )
 from mailbridge.ingest.ledger import FolderCount, FolderPlan, Ledger, count_folder
 from mailbridge.ingest.raw import BACKLOG, RawMail
+from mailbridge.leases import LeaseLost
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
 
@@ -72,6 +73,9 @@ class ImapWatcher:
                         again = count.waiting > 0 and not again
                         if not again:
                             await conn.wait_for_news(stop, self.box.poll_interval)
+            except LeaseLost as exc:  # another instance fetches this mailbox now
+                log.warning("mailbox %s: %s; stopping", self.name, exc)
+                return
             except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
                 expected = isinstance(exc, ImapError | OSError | TimeoutError | aioimaplib.AioImapException)
                 reason = describe(exc) if expected else f"unexpected error: {describe(exc)}"
