@@ -26,7 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.leases import LeaseKeeper
+from mailbridge.leases import LeaseKeeper, hold_data_dir, instance_name
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -263,6 +263,7 @@ class App:
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon: the mailboxes this instance holds the lease of, each on its own task, until `stop`,
         then a bounded drain. With one instance on the database it holds every mailbox."""
+        data_dir_lock = hold_data_dir(self.settings.data_dir)
         keeper = self._lease_keeper()
         self.pipeline.fence = keeper.fence
         tasks = [asyncio.create_task(keeper.run(stop), name="leases")]
@@ -294,12 +295,14 @@ class App:
                 await sender.stop(self.settings.shutdown_grace_seconds)
             await self._close_crm()
             keeper.db.close()
+            os.close(data_dir_lock)
 
     def _lease_keeper(self) -> LeaseKeeper:
         # Its own database thread and connection: a renewal must not queue behind the intake's batches.
         return LeaseKeeper(
             Database(self.settings.database_url, fsync_each_commit=False),
             self.settings.instances,
+            instance_name(self.settings),
             {watcher.name: watcher.run for watcher in self.watchers},
             self.settings.shutdown_grace_seconds,
         )

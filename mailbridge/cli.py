@@ -159,10 +159,15 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 async def _run_daemon(application: App) -> None:
     from mailbridge.app import install_signal_handlers
+    from mailbridge.leases import InstanceBusy
 
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    await application.run(stop)
+    try:
+        await application.run(stop)
+    except InstanceBusy as exc:
+        typer.echo(f"error: {exc}; give each daemon its own data_dir", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

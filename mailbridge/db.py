@@ -24,6 +24,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # Alembic at all (it is a tenth of the daemon's memory).
 SCHEMA_HEAD = "0011"
 WRITE_OPTION = "mailbridge_write"
+# PostgreSQL: every write transaction holds this advisory lock shared; a reader that takes it exclusively
+# waits until every write transaction begun before it has ended (see `Database.quiet_point`).
+WRITERS_LOCK = 0x6D620001
 
 
 def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
@@ -68,6 +71,7 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.is_postgres = parsed.get_backend_name() == "postgresql"
         kwargs: dict[str, Any] = {}
         self._writer_lock_path: Path | None = None
         if self.is_sqlite:
@@ -91,6 +95,8 @@ class Database:
             # (busy timeout) instead of failing when another process commits between its first read and
             # its first write (SQLITE_BUSY_SNAPSHOT, which the busy timeout does not cover).
             session.connection(execution_options={WRITE_OPTION: True})
+            if self.is_postgres:
+                session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": WRITERS_LOCK})
             yield session
 
     @contextlib.contextmanager
@@ -108,6 +114,17 @@ class Database:
             yield
         finally:
             fcntl.flock(self._writer_lock_fd, fcntl.LOCK_UN)
+
+    def quiet_point(self, read: Callable[[Session], T]) -> T:
+        """`read` at a moment when no write transaction is open. On PostgreSQL several instances write at
+        once, and ids from a sequence are committed out of order: an id read now may have a smaller one
+        still uncommitted beside it. Read here, a highest id has none (every writer that took a smaller
+        one has committed), so a reader that goes by id (the SLA planner's cursor) can skip none. SQLite
+        has one writer at a time, so any moment is one."""
+        with self._sessions() as session:
+            if self.is_postgres:
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITERS_LOCK})
+            return read(session)
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Session]:

@@ -23,21 +23,23 @@ a skew of s seconds takes s seconds off the safety margin.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
 import math
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from mailbridge.config import InstanceSettings
+from mailbridge.config import InstanceSettings, Settings
 from mailbridge.db import Database, claim_rows, insert_missing, share_rows
 from mailbridge.models import Instance, MailboxLease, utcnow
 
@@ -48,8 +50,36 @@ class LeaseLost(Exception):
     """This instance no longer holds the lease of a mailbox: record nothing more from it."""
 
 
-def instance_name(settings: InstanceSettings) -> str:
-    return settings.name or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(2)}"
+class InstanceBusy(Exception):
+    """Another daemon runs on this data directory."""
+
+
+def instance_name(settings: Settings) -> str:
+    """The configured name, or host and data directory: a daemon restarted after a crash has its
+    predecessor's name and takes its leases back at once instead of waiting for them to run out. Only
+    one daemon runs per data directory (`hold_data_dir`), so the name is never used twice at once."""
+    if settings.instances.name:
+        return settings.instances.name
+    name = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
+    if len(name) > 200:
+        name = (
+            f"{socket.gethostname()[:100]}:{hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:16]}"
+        )
+    return name
+
+
+def hold_data_dir(data_dir: Path) -> int:
+    """Lock the data directory for this daemon's lifetime (the kernel drops the lock when it dies)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(data_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise InstanceBusy(f"another `mailbridge run` is using the data directory {data_dir}") from None
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +189,11 @@ class LeaseKeeper:
     """Runs the watchers of the mailboxes this instance holds, and only those, while it holds them."""
 
     def __init__(
-        self, db: Database, settings: InstanceSettings, watchers: dict[str, WatcherRun], grace_seconds: float
+        self, db: Database, settings: InstanceSettings, me: str, watchers: dict[str, WatcherRun], grace_seconds: float
     ) -> None:
         self.db = db  # its own database thread: a renewal must not queue behind the intake's batches
         self.settings = settings
-        self.me = instance_name(settings)
+        self.me = me
         self.watchers = watchers
         self.grace_seconds = grace_seconds
         self._running: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}

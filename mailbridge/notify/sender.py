@@ -175,7 +175,7 @@ class OutboxSender:
         self._server_retry_at: dict[str, float] = {}  # server key -> monotonic time it may be tried again
         self._server_failures: dict[str, int] = {}
         self._in_flight: set[int] = set()
-        self.name = f"{instance_name(settings.instances)}/outbox"
+        self.name = f"{instance_name(settings)}/outbox:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon's sender task: deliver what is due, then wait for new mail, a retry, or stop."""

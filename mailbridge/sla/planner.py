@@ -46,15 +46,17 @@ class SlaPlanner:
         self.calendar: BusinessCalendar = settings.calendar.build()
         self._policies: dict[tuple[str, str | None, str | None], Policy | None] = {}
 
-    def catch_up(self, session: Session, now: datetime, limit: int = 5000) -> PlannerReport:
+    def catch_up(self, session: Session, now: datetime, limit: int = 5000, up_to: int | None = None) -> PlannerReport:
         """Plan from the events recorded since the last call, at most `limit` of them (call again while
-        it returns `limit`)."""
+        it returns `limit`), and none after the event `up_to` (below it every event is committed:
+        `Database.quiet_point`)."""
         cursor = self.start(session, now)
+        newer = TicketEvent.id > cursor.last_event_id
         rows = (
             session.connection()
             .execute(
                 select(TicketEvent.id, TicketEvent.ticket_id, TicketEvent.kind, TicketEvent.actor, TicketEvent.new)
-                .where(TicketEvent.id > cursor.last_event_id)
+                .where(newer if up_to is None else newer & (TicketEvent.id <= up_to))
                 .order_by(TicketEvent.id)
                 .limit(limit)
             )
