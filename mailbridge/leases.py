@@ -90,6 +90,7 @@ class Round:
     excess: frozenset[str]  # held beyond the fair share: to be given back once their watchers stop
     alive: int  # instances alive, this one included
     share: int
+    next_expiry: datetime | None  # the next lease or instance of another one to run out: a takeover then
 
 
 def lease_round(
@@ -145,7 +146,13 @@ def lease_round(
                 .values(holder=me, expires_at=until, acquired_at=now)
             )
             held.update(free)
-    return Round(frozenset(held), excess, alive, share)
+    others = (MailboxLease.holder != me) & (MailboxLease.expires_at > now) & MailboxLease.mailbox.in_(mailboxes)
+    expiries = [
+        session.scalar(select(func.min(MailboxLease.expires_at)).where(others)),
+        session.scalar(select(func.min(Instance.alive_until)).where(Instance.id != me, Instance.alive_until > now)),
+    ]
+    next_expiry = min((at for at in expiries if at is not None), default=None)
+    return Round(frozenset(held), excess, alive, share, next_expiry)
 
 
 def release(session: Session, me: str, mailboxes: Collection[str]) -> None:
@@ -199,6 +206,7 @@ class LeaseKeeper:
         self._running: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self._releasing: set[str] = set()
         self._renewed_at = 0.0  # monotonic time the last successful renewal started
+        self._last: Round | None = None
 
     @property
     def ttl(self) -> timedelta:
@@ -218,7 +226,7 @@ class LeaseKeeper:
                 # Woken early by a watcher that ends: a crash stops the daemon at once, a lease given back
                 # is free for the other instances at once.
                 watching = [task for task, _ in self._running.values()]
-                await _wait(stop, watching, self.settings.renew_seconds)
+                await _wait(stop, watching, self._until_next_round())
         finally:
             await self._stop_all()
             try:
@@ -245,6 +253,7 @@ class LeaseKeeper:
                 self._stop(list(self._running))
             return
         self._renewed_at = started
+        self._last = result
         keep = result.held | result.excess | self._releasing
         lost = [name for name in self._running if name not in keep]
         if lost:
@@ -266,6 +275,20 @@ class LeaseKeeper:
                 event = asyncio.Event()
                 task = asyncio.create_task(self.watchers[name](event), name=f"fetch:{name}")
                 self._running[name] = (task, event)
+
+    def _until_next_round(self) -> float:
+        """Renew every `renew_seconds`; sooner when a lease or an instance runs out before that (its mailboxes
+        are taken over as soon as may be), and every second while this instance holds less than its share
+        (another one gives mailboxes back after its next renewal)."""
+        wait = self.settings.renew_seconds
+        last = self._last
+        if last is None:
+            return wait
+        if len(last.held) + len(self._releasing) < last.share:
+            wait = min(wait, 1.0)
+        if last.next_expiry is not None:
+            wait = min(wait, max((last.next_expiry - utcnow()).total_seconds() + 0.1, 0.1))
+        return wait
 
     def _round(self, releasing: set[str]) -> Round:
         with self.db.unit_of_work() as session:

@@ -88,7 +88,7 @@ async def test_two_daemons_one_killed_every_mail_one_ticket_every_ack_once(
         await wait_until(lambda: len(_safe(db.holders)) == MAILBOXES, timeout=60)
         daemons["b"] = start_daemon(configs["b"], tmp_path / "b.log")
         # The fair share: the first instance gives two mailboxes back, the second takes them.
-        await wait_until(lambda: sorted(Counter(_safe(db.holders).values()).values()) == [2, 2], timeout=60)
+        shared = await wait_until(lambda: sorted(Counter(_safe(db.holders).values()).values()) == [2, 2], timeout=60)
 
         mails = {
             user.name: [sample_mail(sender=f"k{n}.{i}@klient.example") for i in range(PER_MAILBOX)]
@@ -113,14 +113,15 @@ async def test_two_daemons_one_killed_every_mail_one_ticket_every_ack_once(
             thread.join()
 
         await wait_until(lambda: db.scalar("select count(*) from tickets") >= total, timeout=120)
+        all_in = time.monotonic() - killed_at
         await wait_until(lambda: len(sink.received) >= total, timeout=60)
         await asyncio.sleep(2)  # anything sent twice would arrive now
         daemons["b"].send_signal(signal.SIGTERM)
         assert daemons["b"].wait(timeout=30) == 0
         report(
-            f"two daemons, {total} mails in {MAILBOXES} mailboxes: killed one at {tickets_at_kill} tickets, "
-            f"the other took over {', '.join(victims)} {took_over:.0f} s after the kill "
-            f"(fetching them {time.monotonic() - killed_at:.0f} s after the kill in all)"
+            f"two daemons, {total} mails in {MAILBOXES} mailboxes: two each {shared:.0f} s after the second "
+            f"started; killed one at {tickets_at_kill} tickets; the other took over {', '.join(victims)} "
+            f"{took_over:.0f} s after the kill and had every ticket {all_in:.0f} s after it"
         )
 
         assert len(victims) == 2
