@@ -27,6 +27,7 @@ WRITE_OPTION = "mailbridge_write"
 # PostgreSQL: every write transaction holds this advisory lock shared; a reader that takes it exclusively
 # waits until every write transaction begun before it has ended (see `Database.quiet_point`).
 WRITERS_LOCK = 0x6D620001
+MIGRATIONS_LOCK = 0x6D620002
 
 
 def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
@@ -154,6 +155,10 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
+            if self.is_postgres:
+                # Several instances started at once on a new database: one migrates, the others wait for it
+                # (and then find nothing left to do) instead of failing on the tables it creates.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATIONS_LOCK})
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 

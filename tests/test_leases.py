@@ -13,7 +13,7 @@ import time_machine
 from sqlalchemy import insert, select
 
 from mailbridge.config import Settings
-from mailbridge.db import Database
+from mailbridge.db import SCHEMA_HEAD, Database
 from mailbridge.leases import LeaseLost, Round, check_held, lease_round, release
 from mailbridge.models import MailboxLease, OutboxMail
 from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender
@@ -148,3 +148,26 @@ def test_a_claim_given_back_or_run_out_can_be_taken_by_another_sender(db: Databa
         assert two._claim() == []
     with time_machine.travel(datetime.now(UTC) + timedelta(seconds=121), tick=False):
         assert sorted(mail.id for mail in two._claim()) == sorted(mail.id for mail in taken)
+
+
+def test_instances_started_at_once_on_a_new_database_migrate_it_once(postgres_url: str) -> None:
+    errors: list[Exception] = []
+
+    def upgrade() -> None:
+        database = Database(postgres_url)
+        try:
+            database.upgrade()
+        except Exception as exc:  # what a second instance met before: the tables the first one created
+            errors.append(exc)
+        finally:
+            database.close()
+
+    threads = [threading.Thread(target=upgrade) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    database = Database(postgres_url)
+    assert database.schema_revision() == SCHEMA_HEAD
+    database.close()
