@@ -38,9 +38,9 @@ def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
 
 # Claims between instances. The one place where the backends differ: PostgreSQL locks the rows a
 # transaction claims (FOR UPDATE SKIP LOCKED: another instance's claim passes them over instead of waiting)
-# or reads under a fence (FOR SHARE: a claim of that row waits for this commit). SQLAlchemy renders neither
-# on SQLite, where a write transaction holds the one writer lock from its start (BEGIN IMMEDIATE under the
-# writer flock), which makes a select-then-update claim atomic by itself.
+# or reads under a fence (FOR KEY SHARE: a claim of that row skips it until this commit). SQLAlchemy
+# renders neither on SQLite, where a write transaction holds the one writer lock from its start (BEGIN
+# IMMEDIATE under the writer flock), which makes a select-then-update claim atomic by itself.
 SelectT = TypeVar("SelectT", bound=Select)  # any row shape
 
 
@@ -49,7 +49,8 @@ def claim_rows(statement: SelectT) -> SelectT:
 
 
 def share_rows(statement: SelectT) -> SelectT:
-    return statement.with_for_update(read=True)
+    # FOR KEY SHARE: holds off FOR UPDATE (a claim) but not a plain UPDATE (the holder's own renewal).
+    return statement.with_for_update(read=True, key_share=True)
 
 
 def insert_missing(session: Session, model: type[DeclarativeBase], rows: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ rest back (after their watchers have stopped), so a second instance started next
 Renew or stop: the `LeaseKeeper` stops a mailbox's watcher when the renewal says the lease is gone, and
 every watcher when no renewal has succeeded for `lease_seconds - renew_seconds` (the database is out of
 reach); and the transaction that records a batch's receipts checks the lease first (`fence`, locking the
-lease row FOR SHARE on PostgreSQL, so it cannot be taken over until that commit), so a holder that lost
+lease row FOR KEY SHARE on PostgreSQL, so it cannot be taken over until that commit), so a holder that lost
 its lease records nothing more. The unique receipt key and the dedup key stay as the backstop.
 
 Clocks: expiry is compared with each instance's own clock, so the instances' clocks must agree (NTP);
@@ -112,8 +112,8 @@ def lease_round(
     session.flush()
     alive = session.scalar(select(func.count()).select_from(Instance).where(Instance.alive_until > now)) or 1
     insert_missing(session, MailboxLease, [{"mailbox": name} for name in mailboxes])
-    # Our own rows are updated, not claimed: a batch of ours that is being recorded holds one FOR SHARE
-    # (the fence), and the renewal waits for that commit rather than skipping the row.
+    # Our own rows are updated, not claimed: a batch of ours that is being recorded holds one FOR KEY SHARE
+    # (the fence), which a plain UPDATE does not wait for, while a claim (FOR UPDATE) skips the row.
     renewed = set(
         session.scalars(
             update(MailboxLease)

@@ -289,10 +289,10 @@ class Pipeline:
                     stored = self._store_and_answer(session, [mails[i] for i in wave], crm)
                     outcomes.update(zip(wave, stored, strict=True))
                 return outcomes
-        except Exception:
+        except Exception as exc:
             if len(indices) == 1:
                 raise
-            log.warning("storing a batch of %d failed; storing its mails one by one", len(indices))
+            log.warning("storing a batch of %d failed (%s); storing its mails one by one", len(indices), _brief(exc))
         outcomes = {}
         for index in indices:
             try:
@@ -495,6 +495,10 @@ def _seen_before(raw: RawMail, known: receipts.Known) -> Result:
 def _duplicate(raw: RawMail, mail: ParsedMail, stored: tickets.Stored, new: list[receipts.NewReceipt]) -> Result:
     new.append(receipts.NewReceipt(raw, Outcome.DUPLICATE, mail.raw_sha256, mail.message_id, stored.article_id))
     return Result(raw, Outcome.DUPLICATE, stored.ticket, stored.article_id, message_id=mail.message_id)
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def _log_result(result: Result) -> None:
