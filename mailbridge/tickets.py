@@ -185,7 +185,8 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
     if new:
         # Another instance may be adding the same sender right now: its row is kept, ours skipped.
         insert_missing(session, Contact, [{"address": a, "name": names[a], "created_at": now} for a in new])
-        ids.update(session.execute(select(Contact.address, Contact.id).where(Contact.address.in_(new))).tuples())
+        rows_now = session.execute(select(Contact.address, Contact.id).where(Contact.address.in_(new))).all()
+        ids.update({address: contact_id for address, contact_id in rows_now})
     # A contact first seen without a display name gets the one a later mail shows.
     unnamed = [{"b_id": contact_id, "b_name": names[a]} for a, contact_id, name in rows if not name and names[a]]
     if unnamed:
