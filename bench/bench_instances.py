@@ -313,6 +313,8 @@ def latency(
         "append_to_commit_s": percentiles(to_commit),
         "append_to_ack_s": percentiles(to_ack),
     }
+    if offered < 0.9 * rate:
+        log(f"WARNING: the loader reached only {offered:.0f} of {rate:g} mails/s (a busy host): not the target's load")
     log(
         f"latency at {offered:.0f} mails/s, {instances} instance(s): commit p50 {result['append_to_commit_s']['p50']}"
         f" p99 {result['append_to_commit_s']['p99']}; ack p50 {result['append_to_ack_s']['p50']}"

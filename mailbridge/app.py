@@ -251,6 +251,11 @@ class App:
         if self.settings.sla.enabled:
             with self.db.unit_of_work() as session:
                 self.sla.planner.start(session, utcnow())
+        if not self.db.is_sqlite and self.settings.threading.secret is None:
+            log.warning(
+                "threading.secret is not set: this instance signs its Message-IDs with a secret of its own data "
+                "directory; several instances on one database must share one (set threading.secret or secret_file)"
+            )
         for box in self.settings.mailboxes:
             if box.acknowledge and not self.settings.can_send(box):
                 log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)
