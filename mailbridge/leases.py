@@ -207,6 +207,7 @@ class LeaseKeeper:
         self._releasing: set[str] = set()
         self._renewed_at = 0.0  # monotonic time the last successful renewal started
         self._last: Round | None = None
+        self._failed = False
 
     @property
     def ttl(self) -> timedelta:
@@ -249,9 +250,11 @@ class LeaseKeeper:
             result = attempt.result()
         except Exception:
             log.exception("instance %s: renewing the leases failed", self.me)
+            self._failed = True  # tried again in a second, so that the deadline below is met on time
             if time.monotonic() - self._renewed_at > self.settings.lease_seconds - self.settings.renew_seconds:
                 self._stop(list(self._running))
             return
+        self._failed = False
         self._renewed_at = started
         self._last = result
         keep = result.held | result.excess | self._releasing
@@ -282,8 +285,8 @@ class LeaseKeeper:
         (another one gives mailboxes back after its next renewal)."""
         wait = self.settings.renew_seconds
         last = self._last
-        if last is None:
-            return wait
+        if last is None or self._failed:
+            return min(wait, 1.0)
         if len(last.held) + len(self._releasing) < last.share:
             wait = min(wait, 1.0)
         if last.next_expiry is not None:

@@ -6,9 +6,11 @@ mailboxes within a minute (default lease: 30 s, renewed every 10 s)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -111,6 +113,12 @@ async def test_two_daemons_one_killed_every_mail_one_ticket_every_ack_once(
         )
         for thread in appending:
             thread.join()
+        status = subprocess.run(
+            [sys.executable, "-m", "mailbridge", "status", "--json", "--config", str(configs["b"])],
+            capture_output=True,
+            check=False,
+        )
+        assert {row["mailbox"]: row["held_by"] for row in json.loads(status.stdout)} == {u.name: "b" for u in users}
 
         await wait_until(lambda: db.scalar("select count(*) from tickets") >= total, timeout=120)
         all_in = time.monotonic() - killed_at
