@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import time_machine
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
-from mailbridge.config import Settings
+from mailbridge.config import InstanceSettings, Settings
 from mailbridge.db import SCHEMA_HEAD, Database
-from mailbridge.leases import LeaseLost, Round, check_held, lease_round, release
+from mailbridge.leases import LeaseKeeper, LeaseLost, Round, WatcherRun, check_held, lease_round, release
 from mailbridge.models import MailboxLease, OutboxMail
 from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender
 
@@ -171,3 +172,50 @@ def test_instances_started_at_once_on_a_new_database_migrate_it_once(postgres_ur
     database = Database(postgres_url)
     assert database.schema_revision() == SCHEMA_HEAD
     database.close()
+
+
+async def test_the_keeper_stops_a_watcher_whose_lease_was_lost_and_gives_back_the_rest(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'k.db'}", fsync_each_commit=False)
+    db.upgrade()
+    stopped: dict[str, float] = {}
+
+    def watcher(name: str) -> WatcherRun:
+        async def run(stop: asyncio.Event) -> None:
+            await stop.wait()  # a watcher finishes its batch and returns once told to stop
+            stopped[name] = time.monotonic()
+
+        return run
+
+    settings = InstanceSettings(lease_seconds=3, renew_seconds=1)
+    keeper = LeaseKeeper(db, settings, "one", {name: watcher(name) for name in BOXES}, grace_seconds=1)
+    stop = asyncio.Event()
+    running = asyncio.create_task(keeper.run(stop))
+    try:
+        await _until(lambda: len(keeper._running) == len(BOXES))
+        with db.unit_of_work() as session:  # taken over behind its back (as if its lease had run out)
+            session.execute(
+                update(MailboxLease)
+                .where(MailboxLease.mailbox == "a2")
+                .values(holder="two", expires_at=datetime.now(UTC) + timedelta(minutes=1))
+            )
+        await _until(lambda: "a2" in stopped)
+        assert set(stopped) == {"a2"} and set(keeper._running) == {"a1", "a3", "a4"}
+    finally:
+        stop.set()
+        await running
+    assert set(stopped) == set(BOXES)
+    with db.reader() as session:  # a clean stop gives its leases back at once
+        assert dict(session.execute(select(MailboxLease.mailbox, MailboxLease.holder)).all()) == {
+            "a1": None,
+            "a2": "two",
+            "a3": None,
+            "a4": None,
+        }
+    db.close()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time limit"
+        await asyncio.sleep(0.05)
