@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import time_machine
+from pydantic import ValidationError
 from sqlalchemy import insert, select, update
 
 from mailbridge.config import InstanceSettings, Settings
@@ -219,3 +220,8 @@ async def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "not within the time limit"
         await asyncio.sleep(0.05)
+
+
+def test_a_renewal_interval_that_could_lose_the_lease_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="renew_seconds must be at most half of lease_seconds"):
+        Settings.model_validate({"instances": {"lease_seconds": 30, "renew_seconds": 20}})
