@@ -26,7 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.logs import mailbox_context
+from mailbridge.leases import LeaseKeeper, hold_data_dir, instance_name
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -131,9 +131,10 @@ class App:
             [box.name for box in self.settings.mailboxes if self.settings.can_send(box)],
         )
 
-    async def _serve_http(self) -> HttpEndpoint | None:
+    async def _serve_http(self, keeper: LeaseKeeper) -> HttpEndpoint | None:
         if self.settings.http is None or self.metrics is None:
             return None
+        from mailbridge.observability.health import LeasedMailboxes
         from mailbridge.observability.server import HttpEndpoint
 
         # A connection and thread of its own: a scrape never queues behind the intake's transactions.
@@ -143,7 +144,7 @@ class App:
             self.settings.http,
             self.metrics,
             self._http_db,
-            {watcher.name: watcher.ledger.health for watcher in self.watchers},
+            LeasedMailboxes({watcher.name: watcher.ledger.health for watcher in self.watchers}, keeper.running),
             (lambda: crm.failing) if (crm := self.crm) is not None else None,
         )
         await endpoint.start()
@@ -310,6 +311,11 @@ class App:
         if self.settings.sla.enabled:
             with self.db.unit_of_work() as session:
                 self.sla.planner.start(session, utcnow())
+        if not self.db.is_sqlite and self.settings.threading.secret is None:
+            log.warning(
+                "threading.secret is not set: this instance signs its Message-IDs with a secret of its own data "
+                "directory; several instances on one database must share one (set threading.secret or secret_file)"
+            )
         for box in self.settings.mailboxes:
             if box.acknowledge and not self.settings.can_send(box):
                 log.warning("mailbox %s: no smtp configured, so no acknowledgements are sent", box.name)
@@ -326,13 +332,14 @@ class App:
         _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail
 
     async def run(self, stop: asyncio.Event, started: Callable[[], None] | None = None) -> None:
-        """The daemon: every mailbox on its own task until `stop`, then a bounded drain. `started` is called
-        once everything runs (and the LMTP socket takes connections)."""
-        http = await self._serve_http()
-        tasks = [
-            asyncio.create_task(w.run(stop), name=f"fetch:{w.name}", context=mailbox_context(w.name))
-            for w in self.watchers
-        ]
+        """The daemon: the mailboxes this instance holds the lease of, each on its own task, and the LMTP
+        listener, until `stop`, then a bounded drain. With one instance on the database it holds every
+        mailbox. `started` is called once everything runs (and the LMTP socket takes connections)."""
+        data_dir_lock = hold_data_dir(self.settings.data_dir)
+        keeper = self._lease_keeper()
+        self.pipeline.fence = keeper.fence
+        http = await self._serve_http(keeper)
+        tasks = [asyncio.create_task(keeper.run(stop), name="leases")]
         if self.lmtp is not None:
             tasks.append(asyncio.create_task(self.lmtp.run(stop), name="lmtp"))
         log.info("mailbridge running with %d mailbox(es)", len(self.settings.mailboxes))
@@ -354,17 +361,12 @@ class App:
                 log.error("task %s crashed", task.get_name(), exc_info=task.exception())
             stop.set()
             deadline = loop.time() + grace
-            # Each watcher finishes the batch in hand (commit + IMAP flags) and returns; past the grace
-            # period it is cancelled, and anything not acknowledged on the server is fetched again later.
+            # The keeper lets each watcher finish the batch in hand (commit + IMAP flags) within the grace
+            # period, then gives the leases back; anything not acknowledged on the server is fetched again.
             pending = [t for t in tasks if not t.done()]
             if pending:
-                _, late = await asyncio.wait(pending, timeout=grace)
-                for task in late:
-                    log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
-                    task.cancel()
-                # A cancelled watcher may still wait for a FETCH in flight; do not wait for it for long.
-                if late:
-                    await asyncio.wait(late, timeout=max(1.0, deadline - loop.time()))
+                await asyncio.wait(pending, timeout=grace + 10)
+            crashed += [t for t in pending if t.done() and not t.cancelled() and t.exception() is not None]
             if crashed:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
         finally:
@@ -376,6 +378,18 @@ class App:
             if http is not None:
                 await http.stop()
             await self._close_crm()
+            keeper.db.close()
+            os.close(data_dir_lock)
+
+    def _lease_keeper(self) -> LeaseKeeper:
+        # Its own database thread and connection: a renewal must not queue behind the intake's batches.
+        return LeaseKeeper(
+            Database(self.settings.database_url, fsync_each_commit=False),
+            self.settings.instances,
+            instance_name(self.settings),
+            {watcher.name: watcher.run for watcher in self.watchers},
+            self.settings.shutdown_grace_seconds,
+        )
 
     async def _until_started(self, tasks: list[asyncio.Task[None]], stopper: asyncio.Task[bool]) -> None:
         if self.lmtp is None:

@@ -206,11 +206,16 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 async def _run_daemon(application: App, config: Path | None) -> None:
     from mailbridge.app import install_signal_handlers
+    from mailbridge.leases import InstanceBusy
     from mailbridge.service import Notifier, serve
 
     stop, reload = asyncio.Event(), asyncio.Event()
     install_signal_handlers(stop, reload)
-    await serve(application, stop, reload, lambda: load_settings(config), Notifier())
+    try:
+        await serve(application, stop, reload, lambda: load_settings(config), Notifier())
+    except InstanceBusy as exc:
+        typer.echo(f"error: {exc}; give each daemon its own data_dir", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -337,6 +342,7 @@ def status(config: ConfigOption = None, json_out: JsonOption = False) -> None:
             rows,
             [
                 "mailbox",
+                "held_by",
                 "connected",
                 "read",
                 "stored",

@@ -475,11 +475,33 @@ class OutboxSettings(_Strict):
     domain: str = Field(default_factory=lambda: _default_domain(), pattern=r"^[A-Za-z0-9.-]+$")
     # Instead of SMTP, write each outgoing mail as a file here (the demo; or a dry run before going live).
     deliver_to_directory: Path | None = None
+    # A sender claims the mails it is about to deliver for this long; another instance's sender takes a mail
+    # over only after that (its holder died). No mail is started in the second half of its claim, so a send
+    # (at most the SMTP timeout) ends before anyone else may claim the mail.
+    claim_seconds: float = Field(default=120.0, ge=10)
 
 
 def _default_domain() -> str:
     name = socket.getfqdn()
     return name if re.fullmatch(r"[A-Za-z0-9.-]+", name) and "." in name else "mailbridge.invalid"
+
+
+class InstanceSettings(_Strict):
+    """Several daemons on one database: each mailbox is fetched by one of them at a time, under a lease."""
+
+    # How this daemon is named in the leases and in `mailbridge status`; default: host:pid:random.
+    name: str | None = Field(default=None, min_length=1, max_length=120)
+    # A lease not renewed for this long is taken over by another instance (its holder died).
+    lease_seconds: float = Field(default=30.0, ge=3, le=600)
+    renew_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _renew_in_time(self) -> InstanceSettings:
+        if self.renew_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                "renew_seconds must be at most half of lease_seconds (one missed renewal must not lose the lease)"
+            )
+        return self
 
 
 class ThreadingSettings(_Strict):
@@ -576,6 +598,7 @@ class Settings(_Strict):
     http: HttpSettings | None = None  # /healthz and /metrics; off unless configured
     shutdown_grace_seconds: float = Field(default=10.0, gt=0)
     lmtp: LmtpSettings | None = None
+    instances: InstanceSettings = InstanceSettings()
     mailboxes: list[Mailbox] = Field(default_factory=list)
 
     @field_validator("mailboxes")

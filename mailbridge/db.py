@@ -12,23 +12,51 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Select, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration. Checked against Alembic by the tests; lets a current database skip importing
 # Alembic at all (it is a tenth of the daemon's memory).
-SCHEMA_HEAD = "0012"
+SCHEMA_HEAD = "0013"
 WRITE_OPTION = "mailbridge_write"
+MIGRATIONS_LOCK = 0x6D620002
 
 
 def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Long `IN (…)` lists go in pieces: SQLite limits the number of bound parameters per statement."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+# Claims between instances. The one place where the backends differ: PostgreSQL locks the rows a
+# transaction claims (FOR UPDATE SKIP LOCKED: another instance's claim passes them over instead of waiting)
+# or reads under a fence (FOR KEY SHARE: a claim of that row skips it until this commit). SQLAlchemy
+# renders neither on SQLite, where a write transaction holds the one writer lock from its start (BEGIN
+# IMMEDIATE under the writer flock), which makes a select-then-update claim atomic by itself.
+SelectT = TypeVar("SelectT", bound=Select)  # any row shape
+
+
+def claim_rows(statement: SelectT) -> SelectT:
+    return statement.with_for_update(skip_locked=True)
+
+
+def share_rows(statement: SelectT) -> SelectT:
+    # FOR KEY SHARE: holds off FOR UPDATE (a claim) but not a plain UPDATE (the holder's own renewal).
+    return statement.with_for_update(read=True, key_share=True)
+
+
+def insert_missing(session: Session, model: type[DeclarativeBase], rows: list[dict[str, Any]]) -> None:
+    """INSERT … ON CONFLICT DO NOTHING: rows that another instance inserted first are left as they are."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    session.execute(insert(model).on_conflict_do_nothing(), rows)
 
 
 class Database:
@@ -42,6 +70,7 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.is_postgres = parsed.get_backend_name() == "postgresql"
         kwargs: dict[str, Any] = {}
         self._writer_lock_path: Path | None = None
         if self.is_sqlite:
@@ -115,6 +144,10 @@ class Database:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
+            if self.is_postgres:
+                # Several instances started at once on a new database: one migrates, the others wait for it
+                # (and then find nothing left to do) instead of failing on the tables it creates.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATIONS_LOCK})
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 

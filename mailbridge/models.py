@@ -314,6 +314,10 @@ class OutboxMail(Base):
     bounced_at: Mapped[datetime | None] = mapped_column()
     # The bounce (an inbound article) that came back for this mail.
     bounce_article_id: Mapped[int | None] = mapped_column(ForeignKey("articles.id"))
+    # Which sender has taken the mail to deliver it, and until when: another instance's sender claims
+    # only mails without a claim or with one that ran out (its holder died).
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    claimed_until: Mapped[datetime | None] = mapped_column()
 
     __table_args__ = (
         Index("ix_outbox_due", "status", "next_attempt_at"),
@@ -409,3 +413,26 @@ class CrmHealth(Base):
     # New tickets routed by the rules alone and flagged because the CRM could not say who the customer is.
     flagged_tickets: Mapped[int] = mapped_column(BigInteger, default=0)
     last_flagged_at: Mapped[datetime | None] = mapped_column()
+
+
+class Instance(Base):
+    """A running daemon (`mailbridge run`) on this database: it counts towards the fair share of mailboxes
+    while `alive_until` lies ahead, and renews that with its leases."""
+
+    __tablename__ = "instances"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    alive_until: Mapped[datetime] = mapped_column()
+
+
+class MailboxLease(Base):
+    """Which instance fetches a mailbox, and until when: one holder at a time, taken over by another
+    instance once `expires_at` has passed without a renewal (its holder died or lost the database)."""
+
+    __tablename__ = "mailbox_leases"
+    mailbox: Mapped[str] = mapped_column(String(200), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime | None] = mapped_column()
+    acquired_at: Mapped[datetime | None] = mapped_column()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
+from mailbridge.leases import LeaseLost
 from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, utcnow
 from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
@@ -82,6 +83,9 @@ class Pipeline:
         self.crm = crm
         self.recorded = recorded  # told each batch's results after its commit (the daemon's metrics)
         self.outbox_ready = asyncio.Event()  # set after a commit that put mail in the outbox
+        # Several instances: checks, in the transaction that records a batch, that its mailbox is still
+        # leased to us (raises LeaseLost); None when fetching is not under leases (`run --once`, `ingest`).
+        self.fence: Callable[[Session, Collection[str]], None] | None = None
 
     def parse(self, batch: Sequence[RawMail]) -> asyncio.Future[list[ParsedMail | ParseFailure]]:
         """Start parsing at once; callers overlap this with recording the previous batch."""
@@ -108,6 +112,8 @@ class Pipeline:
             crm = await self.ask_crm(parsed)
         try:
             results = await self.db.run(self._record_batch, batch, parsed, crm)
+        except LeaseLost:
+            raise  # not this batch's fault: nothing of it may be recorded by us
         except Exception:
             if len(batch) == 1:
                 results = await self.db.run(self._record_alone, batch[0], parsed[0], crm)
@@ -197,6 +203,8 @@ class Pipeline:
         self, batch: Sequence[RawMail], parsed: Sequence[ParsedMail | ParseFailure], crm: CrmAnswers
     ) -> list[Result]:
         with self.db.unit_of_work() as session:
+            if self.fence is not None:
+                self.fence(session, {raw.mailbox for raw in batch})
             seen = receipts.known(session, [raw.source_key for raw in batch if raw.source_key])
             stored = tickets.find_articles(session, [p.dedup_key for p in parsed if isinstance(p, ParsedMail)])
             results: list[Result | None] = [None] * len(batch)
@@ -257,6 +265,8 @@ class Pipeline:
         a bare quarantine row (raw bytes, hash, a short reason) so the mailbox is not blocked by it."""
         try:
             return self._record_batch([raw], [parsed], crm)
+        except LeaseLost:
+            raise
         except Exception as exc:
             log.exception("recording %s failed; keeping it in quarantine as it is", raw.source)
             with self.db.unit_of_work() as session:
@@ -283,10 +293,10 @@ class Pipeline:
                     stored = self._store_and_answer(session, [mails[i] for i in wave], crm)
                     outcomes.update(zip(wave, stored, strict=True))
                 return outcomes
-        except Exception:
+        except Exception as exc:
             if len(indices) == 1:
                 raise
-            log.warning("storing a batch of %d failed; storing its mails one by one", len(indices))
+            log.warning("storing a batch of %d failed (%s); storing its mails one by one", len(indices), _brief(exc))
         outcomes = {}
         for index in indices:
             try:
@@ -493,6 +503,10 @@ def _seen_before(raw: RawMail, known: receipts.Known) -> Result:
 def _duplicate(raw: RawMail, mail: ParsedMail, stored: tickets.Stored, new: list[receipts.NewReceipt]) -> Result:
     new.append(receipts.NewReceipt(raw, Outcome.DUPLICATE, mail.raw_sha256, mail.message_id, stored.article_id))
     return Result(raw, Outcome.DUPLICATE, stored.ticket, stored.article_id, message_id=mail.message_id)
+
+
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def _log_result(result: Result) -> None:

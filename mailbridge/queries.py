@@ -12,6 +12,7 @@ from mailbridge.config import Settings
 from mailbridge.models import (
     Article,
     CrmHealth,
+    MailboxLease,
     MailboxState,
     OutboxMail,
     OutboxStatus,
@@ -204,6 +205,14 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
         ).all()
     )
     states = {s.mailbox: s for s in session.scalars(select(MailboxState))}
+    now = utcnow()
+    holders = dict(
+        session.execute(
+            select(MailboxLease.mailbox, MailboxLease.holder).where(
+                MailboxLease.holder.is_not(None), MailboxLease.expires_at > now
+            )
+        ).all()
+    )
     configured = [box.name for box in settings.mailboxes]
     names = list(configured)
     names += sorted(n for n in counts if n not in names)  # `ingest` imports and removed mailboxes
@@ -219,6 +228,8 @@ def mailbox_status(session: Session, settings: Settings) -> list[dict[str, Any]]
                 "mailbox": name,
                 "configured": name in configured,
                 "connected": bool(state and state.connected),
+                # The instance (`mailbridge run`) that fetches it now; None when no daemon holds its lease.
+                "held_by": holders.get(name),
                 "last_error": state.last_error if state else None,
                 "last_error_at": _when(state.last_error_at if state else None),
                 "last_fetch_at": _when(state.last_fetch_at if state else None),

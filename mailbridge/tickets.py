@@ -17,7 +17,7 @@ from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from mailbridge.config import TicketSettings
-from mailbridge.db import chunked
+from mailbridge.db import chunked, insert_missing
 from mailbridge.ingest.mail import Address, ParsedMail
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import (
@@ -183,8 +183,10 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
     ids: dict[str, int] = {address: contact_id for address, contact_id, _ in rows}
     new = [a for a in names if a not in ids]
     if new:
-        values = [{"address": a, "name": names[a], "created_at": now} for a in new]
-        ids.update(zip(new, _insert_ids(session, Contact, values), strict=True))
+        # Another instance may be adding the same sender right now: its row is kept, ours skipped.
+        insert_missing(session, Contact, [{"address": a, "name": names[a], "created_at": now} for a in new])
+        rows_now = session.execute(select(Contact.address, Contact.id).where(Contact.address.in_(new))).all()
+        ids.update({address: contact_id for address, contact_id in rows_now})
     # A contact first seen without a display name gets the one a later mail shows.
     unnamed = [{"b_id": contact_id, "b_name": names[a]} for a, contact_id, name in rows if not name and names[a]]
     if unnamed:

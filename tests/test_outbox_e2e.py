@@ -503,7 +503,7 @@ async def test_sigkill_during_sending_repeats_at_most_the_mails_in_flight(
             daemon.send_signal(signal.SIGKILL)
             daemon.wait()
             kills += 1
-            # Its sender process goes with it: a restarted daemon never sends next to an orphan.
+            # Its sender process records the mails in flight and exits: the restart sends next to no orphan.
             await wait_until(lambda: not any(_alive(pid) for pid in _sender_pids(log)), timeout=10)
             continue
         try:

@@ -26,6 +26,7 @@ from mailbridge.ingest.imap_client import (
 )
 from mailbridge.ingest.ledger import FolderCount, FolderPlan, Ledger, count_folder
 from mailbridge.ingest.raw import BACKLOG, RawMail
+from mailbridge.leases import LeaseLost
 from mailbridge.models import Outcome
 from mailbridge.oauth import TokenSource
 from mailbridge.pipeline import Pipeline, Result
@@ -73,12 +74,14 @@ class ImapWatcher:
                     delay = 1.0
                     again = False
                     while not stop.is_set():
-                        count = await self._drain(conn, stop)
+                        count, imported = await self._drain(conn, stop)
                         if stop.is_set():
                             break
                         # Mail that arrived during the drain was announced in its replies, so IDLE would not
-                        # report it again: fetch it now (once; a mail the server cannot deliver waits).
-                        again = count.waiting > 0 and not again
+                        # report it again: fetch it now, and again for as long as mail keeps coming in
+                        # during the drains (a steady stream); a mail the server cannot deliver makes one
+                        # more drain, not a loop, and waits for news.
+                        again = count.waiting > 0 and (imported or not again)
                         if not again and not _renewal_due(conn):
                             await conn.wait_for_news(stop, self._wait_seconds(conn))
                         if _renewal_due(conn):
@@ -86,6 +89,9 @@ class ImapWatcher:
                             # does); start a new one with a fresh token before that.
                             log.info("mailbox %s: renewing the session before its access token expires", self.name)
                             break
+            except LeaseLost as exc:  # another instance fetches this mailbox now
+                log.warning("mailbox %s: %s; stopping", self.name, exc)
+                return
             except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
                 expected = isinstance(exc, ImapError | OSError | TimeoutError | aioimaplib.AioImapException)
                 reason = describe(exc) if expected else f"unexpected error: {describe(exc)}"
@@ -128,7 +134,8 @@ class ImapWatcher:
         finally:
             await conn.close()
 
-    async def _drain(self, conn: ImapConnection, stop: asyncio.Event) -> FolderCount:
+    async def _drain(self, conn: ImapConnection, stop: asyncio.Event) -> tuple[FolderCount, bool]:
+        """One drain; the folder counted after it, and whether it imported anything."""
         status = await conn.select()
         plan = await self.ledger.open_folder(status.uidvalidity, status.uidnext)
         if plan.pending:
@@ -136,13 +143,14 @@ class ImapWatcher:
         todo = await self._initial_uids(conn, plan) if not plan.initial_done else []
         todo += await conn.uids_above(max(plan.high_water, plan.baseline_uid))
         complete = await self._import(conn, plan, sorted(set(todo)), stop) if todo else True
+        progress_made = bool(todo) and complete
         if not plan.initial_done and complete:
             # Only now: the initial set is recomputed (minus what has receipts) until every mail of it is in.
             await self.ledger.initial_import_done()
         after = await conn.select()
         count = await self._count_folder(conn, plan, after.exists)
         await self.ledger.fetched(count)
-        return count
+        return count, progress_made
 
     async def _count_folder(self, conn: ImapConnection, plan: FolderPlan, exists: int) -> FolderCount:
         """The folder as the server has it now, against our receipts: what `mailbridge status` reconciles.

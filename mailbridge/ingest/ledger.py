@@ -80,7 +80,8 @@ def count_folder(uids: Iterable[int], receipted: Receipted, wanted_up_to_baselin
 class SourceHealth:
     """The mailbox's connection as this process last saw it: updated on the event loop, read by /healthz."""
 
-    state: Literal["starting", "connected", "failing", "stopped"] = "starting"
+    # standby: another instance holds the mailbox's lease (see `mailbridge.leases`)
+    state: Literal["starting", "connected", "failing", "stopped", "standby"] = "starting"
     since: datetime = field(default_factory=utcnow)
     error: str | None = None
     sessions: int = 0  # connections opened; every one after the first is a reconnect

@@ -21,6 +21,7 @@ from mailbridge.config import FetchSettings, MaildirMailbox
 from mailbridge.ingest.imap_client import wait_for_stop
 from mailbridge.ingest.ledger import FolderCount, Ledger
 from mailbridge.ingest.raw import BACKLOG, RawMail
+from mailbridge.leases import LeaseLost
 from mailbridge.models import Outcome
 from mailbridge.pipeline import Pipeline, Result
 
@@ -64,6 +65,9 @@ class MaildirWatcher:
                     healthy = True
                 await self.run_once(stop)
                 delay = 1.0
+            except LeaseLost as exc:  # another instance fetches this mailbox now
+                log.warning("maildir %s: %s; stopping", self.name, exc)
+                return
             except Exception as exc:  # this mailbox backs off and retries; the others go on regardless
                 expected = isinstance(exc, OSError)  # permission denied, a file where a folder should be …
                 log.warning("maildir %s: %s; retrying in %.0f s", self.name, exc, delay, exc_info=not expected)

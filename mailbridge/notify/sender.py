@@ -5,6 +5,11 @@ in flight (one per connection), each with its fixed Message-ID.
 Temporary failures (4xx, connection trouble) are retried with exponential backoff until the mail's
 `deliver_until`; permanent ones (5xx) fail the mail at once. A server that cannot be reached is left alone
 until its own backoff ends, so an outage costs one attempt, not one per waiting mail.
+
+Several instances share the outbox: a sender claims the mails it is about to send (`claimed_by`,
+`claimed_until`, taken with FOR UPDATE SKIP LOCKED on PostgreSQL, so two senders never claim one mail),
+starts no mail in the second half of its claim, and gives back what it did not send. Another instance's
+sender takes a claimed mail only once the claim has run out (its holder died mid-way).
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy import Table, bindparam, or_, select, update
 
 from mailbridge.config import OutboxSettings, Settings, SmtpServer
-from mailbridge.db import Database
+from mailbridge.db import Database, claim_rows
+from mailbridge.leases import instance_name
 from mailbridge.models import OutboxMail, OutboxStatus, db_text, utcnow
 from mailbridge.oauth import SASL_ERROR_ACK, OAuthError, TokenSource, TokenSources, sasl_initial_response
 
@@ -49,6 +55,7 @@ class Due:
     raw: bytes
     attempts: int
     deliver_until: datetime
+    send_by: float  # monotonic: not started after this, so it ends before the claim runs out
 
 
 class DeliveryError(Exception):
@@ -216,6 +223,7 @@ class OutboxSender:
         self._server_retry_at: dict[str, float] = {}  # server key -> monotonic time it may be tried again
         self._server_failures: dict[str, int] = {}
         self._in_flight: set[int] = set()
+        self.name = f"{instance_name(settings)}/outbox:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
         """The daemon's sender task: deliver what is due, then wait for new mail, a retry, or stop."""
@@ -265,6 +273,9 @@ class OutboxSender:
             await recorder.close()
             await committer
             self._in_flight.difference_update(mail.id for mail in due)
+            unsent = [mail.id for mail in due if mail.id not in recorder.recorded]
+            if unsent:  # stopped, its server in back-off, or its claim too old: free for any sender now
+                await self.db.run(self._unclaim, unsent)
 
     async def _worker(self, queue: asyncio.Queue[Due], recorder: _Recorder, stop: asyncio.Event | None) -> None:
         transports: dict[str, Transport] = {}
@@ -274,6 +285,8 @@ class OutboxSender:
                 key = self._server_key(mail.mailbox)
                 if key is None or not self._server_ready(mail.mailbox):
                     continue  # its server is in backoff: the mail stays due for later
+                if time.monotonic() > mail.send_by:
+                    continue  # the claim may run out while it is sent: claimed again, by us or another
                 transport = transports.get(key) or transports.setdefault(key, self._transport(mail.mailbox))
                 try:
                     note = await transport.send(mail)
@@ -318,7 +331,9 @@ class OutboxSender:
         log.warning("outgoing mail server %s unavailable (%s); next try in %.0f s", key, error, delay)
 
     def _claim(self) -> list[Due]:
+        """Take due mails nobody else has claimed (or whose claim ran out), for `outbox.claim_seconds`."""
         now = utcnow()
+        claimed_at = time.monotonic()
         columns = (
             OutboxMail.id,
             OutboxMail.mailbox,
@@ -329,19 +344,40 @@ class OutboxSender:
             OutboxMail.attempts,
             OutboxMail.deliver_until,
         )
-        with self.db.reader() as session:
+        send_by = claimed_at + self.settings.claim_seconds / 2
+        with self.db.unit_of_work() as session:
             rows = session.execute(
-                select(*columns)
-                .where(OutboxMail.status == OutboxStatus.PENDING, OutboxMail.next_attempt_at <= now)
-                .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
-                .limit(CLAIM_SIZE + len(self._in_flight))
+                claim_rows(
+                    select(*columns)
+                    .where(
+                        OutboxMail.status == OutboxStatus.PENDING,
+                        OutboxMail.next_attempt_at <= now,
+                        or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until <= now),
+                    )
+                    .order_by(OutboxMail.next_attempt_at, OutboxMail.id)
+                    .limit(CLAIM_SIZE + len(self._in_flight))
+                )
             )
             due = [
-                Due(row_id, mailbox, message_id, sender, list(recipients), raw, attempts, until)
+                Due(row_id, mailbox, message_id, sender, list(recipients), raw, attempts, until, send_by)
                 for row_id, mailbox, message_id, sender, recipients, raw, attempts, until in rows
                 if row_id not in self._in_flight
-            ]
-        return due[:CLAIM_SIZE]
+            ][:CLAIM_SIZE]
+            if due:
+                session.execute(
+                    update(OutboxMail)
+                    .where(OutboxMail.id.in_([mail.id for mail in due]))
+                    .values(claimed_by=self.name, claimed_until=now + timedelta(seconds=self.settings.claim_seconds))
+                )
+        return due
+
+    def _unclaim(self, ids: list[int]) -> None:
+        with self.db.unit_of_work() as session:
+            session.execute(
+                update(OutboxMail)
+                .where(OutboxMail.id.in_(ids), OutboxMail.claimed_by == self.name)
+                .values(claimed_by=None, claimed_until=None)
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,8 +396,9 @@ class _Recorder:
     ) -> None:
         self.db = db
         self.settings = settings
-        self.recorded = recorded
+        self.on_commit = recorded  # the daemon's metrics: what each commit recorded
         self._pending: list[tuple[_Result, asyncio.Future[None]]] = []
+        self.recorded: set[int] = set()  # the mails whose outcome is committed
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -387,10 +424,11 @@ class _Recorder:
                     for _, future in items:
                         future.set_exception(exc)
                 else:
-                    for _, future in items:
+                    for result, future in items:
+                        self.recorded.add(result.mail.id)
                         future.set_result(None)
-                    if self.recorded is not None:  # counted once it is committed, never before
-                        self.recorded(tally)
+                    if self.on_commit is not None:  # counted once it is committed, never before
+                        self.on_commit(tally)
             if self._closed and not self._pending:
                 return
 
@@ -415,6 +453,8 @@ class _Recorder:
                         sent_at=now,
                         attempts=table.c.attempts + 1,
                         last_error=bindparam("b_error"),
+                        claimed_by=None,
+                        claimed_until=None,
                     ),
                     sent,
                 )
@@ -427,6 +467,8 @@ class _Recorder:
                         attempts=table.c.attempts + 1,
                         last_error=bindparam("b_error"),
                         next_attempt_at=bindparam("b_next"),
+                        claimed_by=None,
+                        claimed_until=None,
                     ),
                     unsent,
                 )

@@ -4,8 +4,10 @@ database work for one core (and one GIL), on its own process it uses the second 
 
 The daemon talks to it over a pipe: "wake" after a commit that put mail in the outbox, "finish" (deliver
 what is due, then exit: `run --once`) or "stop" (finish the mails in hand, then exit). When the daemon
-dies, the pipe breaks and the sender exits at once, as if killed with it: a restarted daemon never runs
-next to an orphaned sender.
+dies, the pipe breaks and the sender stops as if told "stop": the mails it is sending are recorded, the
+rest of its claim is given back, and it exits (killed after ORPHAN_SECONDS if that hangs). Dying with the
+daemon instead would leave mails the SMTP server had accepted unrecorded, and another instance (or the
+restarted daemon) would send them again; next to a restarted daemon the claims keep the two apart.
 
 With `on_report` (the daemon's /metrics), the sender sends back over the same pipe what each commit of
 outcomes recorded (mails sent, to retry, failed), after that commit: the counters live in the daemon,
@@ -36,6 +38,7 @@ log = logging.getLogger("mailbridge.outbox")
 
 WAKE, FINISH, STOP = "wake", "finish", "stop"
 SENDER_NICENESS = 10
+ORPHAN_SECONDS = 15.0  # an orphaned sender that has not finished its mails in flight by then is gone anyway
 
 
 class SenderProcess:
@@ -132,8 +135,12 @@ async def _serve(db: Database, settings: Settings, conn: Connection, report: boo
         while True:
             try:
                 command = conn.recv()
-            except (EOFError, OSError):  # the daemon is gone (killed): go with it
-                os._exit(1)
+            except (EOFError, OSError):  # the daemon is gone (killed): finish what is in flight, then go
+                log.warning("the daemon is gone; recording the mails in flight and exiting")
+                deadline = threading.Timer(ORPHAN_SECONDS, os._exit, args=(1,))
+                deadline.daemon = True
+                deadline.start()
+                command = STOP
             if command == WAKE:
                 loop.call_soon_threadsafe(sender.ready.set)
             else:

@@ -4,7 +4,7 @@ the one database read behind it (and behind the outbox gauges)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -102,13 +102,34 @@ def assess(
 
 def _mailbox(settings: HttpSettings, health: SourceHealth, now: datetime) -> dict[str, Any]:
     entry: dict[str, Any] = {"since": _iso(health.since)}
-    if health.state in ("connected", "stopped"):
+    if health.state in ("connected", "stopped", "standby"):
         return {"ok": True, "state": health.state, **entry}
     over = (now - health.since).total_seconds() > settings.mailbox_failing_seconds
     if health.state == "starting":
         return {"ok": not over, "state": "not connected yet" if over else "connecting", **entry}
     # Failing for less than the threshold: the watcher is reconnecting with its back-off.
     return {"ok": not over, "state": "failing" if over else "reconnecting", "error": health.error, **entry}
+
+
+class LeasedMailboxes(Mapping[str, SourceHealth]):
+    """The mailboxes' health as this instance sees it: one it has not started because another instance
+    holds its lease is on standby, not "not connected yet"."""
+
+    def __init__(self, health: Mapping[str, SourceHealth], running: Callable[[], Collection[str]]) -> None:
+        self._health = health
+        self._running = running
+
+    def __getitem__(self, name: str) -> SourceHealth:
+        health = self._health[name]
+        if health.state == "starting" and name not in self._running():
+            return SourceHealth(state="standby", since=health.since)
+        return health
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._health)
+
+    def __len__(self) -> int:
+        return len(self._health)
 
 
 def _iso(moment: datetime) -> str:
