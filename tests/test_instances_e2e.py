@@ -22,6 +22,7 @@ import pytest
 import yaml
 from sqlalchemy import create_engine, text
 
+from mailbridge.config import DATABASE_URL_ENV
 from tests.crash_env import start_daemon
 from tests.imap_env import append_many, imap_box, new_user, sample_mail, wait_until
 from tests.support.dovecot import Dovecot
@@ -78,7 +79,9 @@ async def test_two_daemons_one_killed_every_mail_one_ticket_every_ack_once(
     postgres_url: str,
     sink: SmtpSink,
     report: Callable[[str], None],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(DATABASE_URL_ENV, postgres_url)  # the PostgreSQL pass would give the daemons another one
     server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
     db = Db(postgres_url)
     daemons: dict[str, subprocess.Popen[bytes]] = {}
@@ -118,7 +121,7 @@ async def test_two_daemons_one_killed_every_mail_one_ticket_every_ack_once(
             capture_output=True,
             check=False,
         )
-        assert {row["mailbox"]: row["held_by"] for row in json.loads(status.stdout)} == {u.name: "b" for u in users}
+        assert {row["mailbox"]: row["held_by"] for row in json.loads(status.stdout)["mailboxes"]} == {u.name: "b" for u in users}
 
         await wait_until(lambda: db.scalar("select count(*) from tickets") >= total, timeout=120)
         all_in = time.monotonic() - killed_at
@@ -178,8 +181,13 @@ LEAD = "lead@helpdesk.example"
 
 @pytest.mark.slow
 async def test_two_daemons_send_each_sla_reminder_and_escalation_once(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, postgres_url: str, sink: SmtpSink
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres_url: str,
+    sink: SmtpSink,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(DATABASE_URL_ENV, postgres_url)  # the PostgreSQL pass would give the daemons another one
     """Both daemons check the SLAs every 0.25 s while both create tickets: each ticket gets one reminder
     (75 %) and one escalation (the breach), whichever daemon's check comes first."""
     server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
