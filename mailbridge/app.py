@@ -240,10 +240,13 @@ class App:
                 watchers.append(MaildirWatcher(box, self.pipeline, ledger, self.settings.fetch))
         return watchers
 
-    def prepare(self) -> None:
-        """Create the data directories and bring the schema up to date (idempotent)."""
+    def prepare(self, *, migrate_in_child: bool = False) -> None:
+        """Create the data directories and bring the schema up to date (idempotent). A long-running
+        command migrates in a child process, so that it does not keep Alembic in memory."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
+        if migrate_in_child:
+            self.db.upgrade_in_child()
         self.db.upgrade()
         self.renderer.check(box.language for box in self.settings.mailboxes if self.settings.can_send(box))
         _ = self.router  # a customer directory that cannot be read stops start-up, not the first mail

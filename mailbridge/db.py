@@ -7,6 +7,8 @@ import contextlib
 import fcntl
 import functools
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,12 +25,17 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # Alembic at all (it is a tenth of the daemon's memory).
 SCHEMA_HEAD = "0010"
 WRITE_OPTION = "mailbridge_write"
+_UPGRADE_FROM_STDIN = "import sys; from mailbridge.db import Database; Database(sys.stdin.read()).upgrade()"
 
 
 def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Long `IN (…)` lists go in pieces: SQLite limits the number of bound parameters per statement."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+class MigrationError(Exception):
+    """The schema could not be brought up to date (the message carries the migration's error)."""
 
 
 class Database:
@@ -113,6 +120,25 @@ class Database:
         with self.engine.begin() as connection:
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
+
+    def upgrade_in_child(self) -> None:
+        """`upgrade()` in a short-lived child process. Alembic brings Mako and Pygments along, about
+        13 MiB that a process keeps once it has imported them; a daemon that migrates at its first start
+        should not carry them for the rest of its life (a current schema never imports Alembic)."""
+        if self.schema_revision() == SCHEMA_HEAD:
+            return
+        # The URL goes through stdin (it may hold a password: not in the process list); the child gets
+        # our sys.path, so it imports this very mailbridge however we were started.
+        done = subprocess.run(
+            [sys.executable, "-c", _UPGRADE_FROM_STDIN],
+            input=self.url,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            check=False,
+        )
+        if done.returncode != 0:
+            raise MigrationError(f"upgrading the database schema failed:\n{done.stderr.strip()[-3000:]}")
 
     def close(self) -> None:
         if self._executor is not None:
