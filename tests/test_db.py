@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
@@ -38,7 +37,8 @@ def test_the_daemon_migrates_in_a_child_and_never_imports_alembic(tmp_path: Path
     # A process of its own: this test process has imported Alembic long ago.
     script = (
         "import sys; from mailbridge.db import Database; db = Database(sys.argv[1]); db.upgrade_in_child(); "
-        "db.upgrade(); print(db.schema_revision(), sorted({m.split('.')[0] for m in sys.modules} & {'alembic', 'mako'}))"
+        "db.upgrade(); loaded = {m.split('.')[0] for m in sys.modules}; "
+        "print(db.schema_revision(), sorted(loaded & {'alembic', 'mako'}))"
     )
     url = f"sqlite:///{tmp_path / 'x.db'}"
     out = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, check=True).stdout
