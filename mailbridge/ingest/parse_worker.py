@@ -13,7 +13,6 @@ from typing import Any
 from mailbridge.blobstore import BlobStore
 from mailbridge.ingest.mail import Parsed, ParsedMail, ParseFailure, too_slow
 from mailbridge.ingest.parse import ParseError, parse
-from mailbridge.memory import release_free_memory
 from mailbridge.threading.ticket_refs import TicketRefs
 
 
@@ -74,7 +73,6 @@ def set_up_routing(routing: Any) -> None:
 def parse_chunk(
     raws: Sequence[bytes], blob_root: str, fsync: bool, timeout: float, mailboxes: Sequence[str] | None = None
 ) -> list[Parsed]:
-    release_free_memory()  # the chunk before this one (raw mails, parse trees) is garbage by now
     results: list[Parsed] = []
     for index, raw in enumerate(raws):
         result: Parsed
