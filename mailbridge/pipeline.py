@@ -27,7 +27,6 @@ from mailbridge.db import Database
 from mailbridge.ingest.mail import ParsedMail, ParseFailure
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.memory import release_free_memory
 from mailbridge.models import MailKind, OutboxStatus, Outcome, QuarantinedMail, utcnow
 from mailbridge.notify.acks import Acknowledger, NewTicket
 from mailbridge.quarantine import quarantine
@@ -103,7 +102,6 @@ class Pipeline:
         parsed: Sequence[ParsedMail | ParseFailure],
         crm: CrmAnswers | None = None,
     ) -> list[Result]:
-        release_free_memory()  # what the batch before this one left (raw mails, results) is garbage by now
         if crm is None:  # before the transaction: no network wait while the database is held
             crm = await self.ask_crm(parsed)
         try:

@@ -211,13 +211,3 @@ def test_mime_parser_uses_its_own_feedparser_copy_and_leaves_the_stdlib_alone() 
     ours, stdlib = mime_parser.message_from_bytes(raw), email.message_from_bytes(raw)
     assert [p.get_payload() for p in ours.walk()][1:] == [p.get_payload() for p in stdlib.walk()][1:] == ["hello"]
     assert (ours.preamble, ours.epilogue) == (stdlib.preamble, stdlib.epilogue) == ("pre", "epilogue\n")
-
-
-def test_free_memory_is_released_where_glibc_allows() -> None:
-    import platform
-
-    from mailbridge import memory
-
-    memory.release_free_memory()
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert memory._trim is not None
