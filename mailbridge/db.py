@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
+log = logging.getLogger("mailbridge.db")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration. Checked against Alembic by the tests; lets a current database skip importing
@@ -139,6 +141,7 @@ class Database:
         )
         if done.returncode != 0:
             raise MigrationError(f"upgrading the database schema failed:\n{done.stderr.strip()[-3000:]}")
+        log.info("database schema upgraded to %s (in a child process)", SCHEMA_HEAD)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -14,7 +14,7 @@ import email.feedparser
 import email.message
 import importlib.util
 import re
-from email._policybase import compat32
+from email._policybase import compat32  # as email.parser imports it; email.policy would load the header registry
 from types import ModuleType
 from typing import Any
 
