@@ -302,10 +302,13 @@ class App:
             hostname=self.settings.outbox.domain,
         )
 
-    def prepare(self) -> None:
-        """Create the data directories and bring the schema up to date (idempotent)."""
+    def prepare(self, *, migrate_in_child: bool = False) -> None:
+        """Create the data directories and bring the schema up to date (idempotent). A long-running
+        command migrates in a child process, so that it does not keep Alembic in memory."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
+        if migrate_in_child:
+            self.db.upgrade_in_child()
         self.db.upgrade()
         self.check()
         if self.settings.sla.enabled:

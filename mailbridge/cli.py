@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 
 from mailbridge.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailbridge.customers import DirectoryError
-from mailbridge.db import Database
+from mailbridge.db import Database, MigrationError
 from mailbridge.logs import LogFormat, setup_logging
 from mailbridge.quarantine import list_quarantined
 
@@ -65,7 +65,9 @@ def _settings(config: Path | None) -> Settings:
 
 
 @contextmanager
-def _app(config: Path | None, *, migrate: bool = True, log_format: LogFormat | None = None) -> Iterator[App]:
+def _app(
+    config: Path | None, *, migrate: bool = True, log_format: LogFormat | None = None, long_running: bool = False
+) -> Iterator[App]:
     # Imported here: the App brings in the whole pipeline (a second of start-up on a busy machine), which
     # commands that only read the database (`report`) do without.
     from mailbridge.app import build_app
@@ -77,8 +79,8 @@ def _app(config: Path | None, *, migrate: bool = True, log_format: LogFormat | N
     try:
         if migrate:
             try:
-                application.prepare()
-            except (TemplateProblem, DirectoryError) as exc:
+                application.prepare(migrate_in_child=long_running)
+            except (TemplateProblem, DirectoryError, MigrationError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None
         yield application
@@ -185,7 +187,7 @@ def run(
     # start-up is moot: the configuration is being read anyway.
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    with _app(config, log_format=log_format) as application:
+    with _app(config, log_format=log_format, long_running=True) as application:
         if not application.settings.mailboxes:
             typer.echo("warning: no mailboxes configured; nothing to fetch", err=True)
         if once:
@@ -310,7 +312,7 @@ def ingest(
         if not path.exists():
             typer.echo(f"error: {path}: no such file or directory", err=True)
             raise typer.Exit(2)
-    with _app(config) as application:
+    with _app(config, long_running=True) as application:
         summary = asyncio.run(application.ingest(paths, mailbox, notify))
     if json_out:
         _print_json(summary.as_json())

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
+log = logging.getLogger("mailbridge.db")
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 # The newest migration. Checked against Alembic by the tests; lets a current database skip importing
@@ -25,6 +29,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA_HEAD = "0013"
 WRITE_OPTION = "mailbridge_write"
 MIGRATIONS_LOCK = 0x6D620002
+_UPGRADE_FROM_STDIN = "import sys; from mailbridge.db import Database; Database(sys.stdin.read()).upgrade()"
 
 
 def chunked(values: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
@@ -57,6 +62,10 @@ def insert_missing(session: Session, model: type[DeclarativeBase], rows: list[di
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     session.execute(insert(model).on_conflict_do_nothing(), rows)
+
+
+class MigrationError(Exception):
+    """The schema could not be brought up to date (the message carries the migration's error)."""
 
 
 class Database:
@@ -150,6 +159,26 @@ class Database:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATIONS_LOCK})
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
+
+    def upgrade_in_child(self) -> None:
+        """`upgrade()` in a short-lived child process. Alembic brings Mako and Pygments along, about
+        13 MiB that a process keeps once it has imported them; a daemon that migrates at its first start
+        should not carry them for the rest of its life (a current schema never imports Alembic)."""
+        if self.schema_revision() == SCHEMA_HEAD:
+            return
+        # The URL goes through stdin (it may hold a password: not in the process list); the child gets
+        # our sys.path, so it imports this very mailbridge however we were started.
+        done = subprocess.run(
+            [sys.executable, "-c", _UPGRADE_FROM_STDIN],
+            input=self.url,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            check=False,
+        )
+        if done.returncode != 0:
+            raise MigrationError(f"upgrading the database schema failed:\n{done.stderr.strip()[-3000:]}")
+        log.info("database schema upgraded to %s (in a child process)", SCHEMA_HEAD)
 
     def close(self) -> None:
         if self._executor is not None:

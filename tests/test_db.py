@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from mailbridge.db import MIGRATIONS, SCHEMA_HEAD, Database
+from mailbridge.db import MIGRATIONS, SCHEMA_HEAD, Database, MigrationError
 from mailbridge.models import Base
 
 
@@ -28,6 +30,31 @@ def test_migrations_create_the_models_schema_and_are_idempotent(database_url: st
     with db.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == [], f"models and migrations differ: {diff}"
+    db.close()
+
+
+def test_the_daemon_migrates_in_a_child_and_never_imports_alembic(tmp_path: Path) -> None:
+    # A process of its own: this test process has imported Alembic long ago.
+    script = (
+        "import sys; from mailbridge.db import Database; db = Database(sys.argv[1]); db.upgrade_in_child(); "
+        "db.upgrade(); loaded = {m.split('.')[0] for m in sys.modules}; "
+        "print(db.schema_revision(), sorted(loaded & {'alembic', 'mako'}))"
+    )
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    out = subprocess.run([sys.executable, "-c", script, url], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [SCHEMA_HEAD, "[]"]
+    db = Database(url)
+    with db.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == [], f"models and migrations differ: {diff}"
+    db.close()
+
+
+def test_a_migration_that_fails_in_the_child_says_why(tmp_path: Path) -> None:
+    (tmp_path / "x.db").write_bytes(b"this is not an SQLite database" * 100)
+    db = Database(f"sqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(MigrationError, match="file is not a database"):
+        db.upgrade_in_child()
     db.close()
 
 

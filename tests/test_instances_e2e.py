@@ -121,7 +121,9 @@ async def test_two_daemons_one_killed_every_mail_one_ticket_every_ack_once(
             capture_output=True,
             check=False,
         )
-        assert {row["mailbox"]: row["held_by"] for row in json.loads(status.stdout)["mailboxes"]} == {u.name: "b" for u in users}
+        assert {row["mailbox"]: row["held_by"] for row in json.loads(status.stdout)["mailboxes"]} == {
+            u.name: "b" for u in users
+        }
 
         await wait_until(lambda: db.scalar("select count(*) from tickets") >= total, timeout=120)
         all_in = time.monotonic() - killed_at

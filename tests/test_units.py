@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import re
 
 import pytest
 
@@ -11,6 +12,7 @@ from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.imap import _batches
 from mailbridge.ingest.imap_client import _search_uids, imap_utf7, uid_set
 from mailbridge.ingest.ledger import FolderCount, Receipted, count_folder
+from mailbridge.ingest.mime_parser import BoundaryLine, compile_pattern
 from mailbridge.ingest.parse import decode_header_value, decode_text, dedup_key, parse, safe_filename
 
 
@@ -167,3 +169,45 @@ def test_folder_count_of_the_mail_there_before_the_first_run() -> None:
 
 def test_folder_count_of_an_empty_folder() -> None:
     assert count_folder([], _receipted(set(), high_water=40), set()) == FolderCount(0, 0, 0, 0)
+
+
+BOUNDARY_SEPARATORS = [
+    "--simple",
+    "--=_Part_0_1234.5678",
+    "--(a)[b]{c}?*+|^$.&~# \t\\x\\\\y",  # every character re.escape escapes, a backslash pair
+    "--_973899884_21582011171913502220_",
+]
+
+
+@pytest.mark.parametrize("separator", BOUNDARY_SEPARATORS)
+def test_boundary_matcher_answers_as_the_feed_parsers_regex(separator: str) -> None:
+    stdlib = re.compile("(?P<sep>" + re.escape(separator) + r")(?P<end>--)?(?P<ws>[ \t]*)(?P<linesep>\r\n|\r|\n)?$")
+    ours = compile_pattern(stdlib.pattern)
+    assert isinstance(ours, BoundaryLine)
+    assert ours.separator == separator
+    tails = ["", "\n", "\r\n", "\r", "--", "--\n", "--\r\n", "  \t\r\n", "-- \n", "x\n", "--x\n", " x", "\n\n", "---\n"]
+    for line in [separator + tail for tail in tails] + [separator[:-1] + "\n", "prefix" + separator + "\n", ""]:
+        expected, got = stdlib.match(line), ours.match(line)
+        assert (got is None) == (expected is None), repr(line)
+        if expected is not None and got is not None:
+            assert [got.group(g) for g in ("end", "ws", "linesep")] == [
+                expected.group(g) for g in ("end", "ws", "linesep")
+            ], repr(line)
+            assert got.end() == expected.end()
+
+
+def test_mime_parser_uses_its_own_feedparser_copy_and_leaves_the_stdlib_alone() -> None:
+    import email.feedparser
+
+    from mailbridge.ingest import mime_parser
+
+    assert mime_parser._feedparser is not email.feedparser  # the fast path is in use
+    assert vars(email.feedparser)["re"] is re
+    assert compile_pattern("a+b") == re.compile("a+b")  # any other pattern: plain re
+    raw = (
+        b'Content-Type: multipart/mixed; boundary="(b+)"\n\npre\n--(b+)\nContent-Type: text/plain\n\nhello\n'
+        b"--(b+)--\nepilogue\n"
+    )
+    ours, stdlib = mime_parser.message_from_bytes(raw), email.message_from_bytes(raw)
+    assert [p.get_payload() for p in ours.walk()][1:] == [p.get_payload() for p in stdlib.walk()][1:] == ["hello"]
+    assert (ours.preamble, ours.epilogue) == (stdlib.preamble, stdlib.epilogue) == ("pre", "epilogue\n")

@@ -27,6 +27,7 @@ from mailparser.utils import get_addresses
 
 from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.mail import Address, ParsedMail, Part
+from mailbridge.ingest.mime_parser import message_from_bytes as read_mime
 from mailbridge.ingest.reports import read_report
 from mailbridge.threading.reply_text import new_text
 from mailbridge.threading.ticket_refs import TicketRefs
@@ -184,7 +185,7 @@ def message_from_bytes(raw: bytes) -> email.message.Message:
     The token holds a NUL byte, so a mail that has one is parsed the plain way; so is any mail where a
     token did not come back exactly once (it landed somewhere other than a payload)."""
     if b"\x00" in raw:
-        return email.message_from_bytes(raw)
+        return read_mime(raw)
     runs: list[bytes] = []
 
     def stash(match: re.Match[bytes]) -> bytes:
@@ -192,7 +193,7 @@ def message_from_bytes(raw: bytes) -> email.message.Message:
         return b"\x00mb%d\x00" % (len(runs) - 1)
 
     shortened = _BASE64_RUN.sub(stash, raw)
-    message = email.message_from_bytes(shortened)
+    message = read_mime(shortened)
     if not runs:
         return message
     restored = 0
@@ -212,7 +213,7 @@ def message_from_bytes(raw: bytes) -> email.message.Message:
             if value and "\x00" in value:
                 setattr(part, edge, _RUN_TOKEN.sub(unstash, value))
     if restored != len(runs) or any("\x00" in str(value) for value in message.values()):
-        return email.message_from_bytes(raw)
+        return read_mime(raw)
     return message
 
 
