@@ -90,6 +90,7 @@ class App:
         self.settings = settings
         self.db = db or Database(settings.database_url)
         self._http_db: Database | None = None
+        self._data_dir_lock: int | None = None  # `run`'s lock on the data directory (one daemon per data_dir)
 
     @cached_property
     def parser(self) -> ParsePool:
@@ -338,10 +339,15 @@ class App:
         """The daemon: the mailboxes this instance holds the lease of, each on its own task, and the LMTP
         listener, until `stop`, then a bounded drain. With one instance on the database it holds every
         mailbox. `started` is called once everything runs (and the LMTP socket takes connections)."""
-        data_dir_lock = hold_data_dir(self.settings.data_dir)
+        if self._data_dir_lock is None:  # held until close(): across reloads, which keep data_dir
+            self._data_dir_lock = hold_data_dir(self.settings.data_dir)
         keeper = self._lease_keeper()
         self.pipeline.fence = keeper.fence
-        http = await self._serve_http(keeper)
+        try:
+            http = await self._serve_http(keeper)
+        except BaseException:
+            keeper.db.close()
+            raise
         tasks = [asyncio.create_task(keeper.run(stop), name="leases")]
         if self.lmtp is not None:
             tasks.append(asyncio.create_task(self.lmtp.run(stop), name="lmtp"))
@@ -368,7 +374,12 @@ class App:
             # period, then gives the leases back; anything not acknowledged on the server is fetched again.
             pending = [t for t in tasks if not t.done()]
             if pending:
-                await asyncio.wait(pending, timeout=grace + 10)
+                _, late = await asyncio.wait(pending, timeout=grace + 10)
+                for task in late:  # nothing of this run may outlive it (a reload closes what it uses)
+                    log.warning("%s did not stop within the grace period; cancelling it", task.get_name())
+                    task.cancel()
+                if late:
+                    await asyncio.wait(late, timeout=5)
             crashed += [t for t in pending if t.done() and not t.cancelled() and t.exception() is not None]
             if crashed:
                 raise RuntimeError(f"{len(crashed)} task(s) crashed; see the log")
@@ -382,7 +393,6 @@ class App:
                 await http.stop()
             await self._close_crm()
             keeper.db.close()
-            os.close(data_dir_lock)
 
     def _lease_keeper(self) -> LeaseKeeper:
         # Its own database thread and connection: a renewal must not queue behind the intake's batches.
@@ -498,6 +508,9 @@ class App:
             self.sender.db.close()
         if self._http_db is not None:
             self._http_db.close()
+        if self._data_dir_lock is not None:
+            os.close(self._data_dir_lock)
+            self._data_dir_lock = None
         self.db.close()
 
 

@@ -64,6 +64,13 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _with_log_format(settings: Settings, log_format: LogFormat | None) -> Settings:
+    """The settings with `--log-format` in them, so that the sender's process and a reload log alike."""
+    if log_format is None:
+        return settings
+    return settings.model_copy(update={"logging": settings.logging.model_copy(update={"format": log_format})})
+
+
 @contextmanager
 def _app(
     config: Path | None, *, migrate: bool = True, log_format: LogFormat | None = None, long_running: bool = False
@@ -73,8 +80,8 @@ def _app(
     from mailbridge.app import build_app
     from mailbridge.notify.render import TemplateProblem
 
-    settings = _settings(config)
-    setup_logging(settings.logging.level, log_format or settings.logging.format)
+    settings = _with_log_format(_settings(config), log_format)
+    setup_logging(settings.logging.level, settings.logging.format)
     application = build_app(settings)
     try:
         if migrate:
@@ -196,7 +203,7 @@ def run(
         from mailbridge.observability.server import HttpListenError
 
         try:
-            asyncio.run(_run_daemon(application, config))
+            asyncio.run(_run_daemon(application, lambda: _with_log_format(load_settings(config), log_format)))
         except HttpListenError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -206,7 +213,7 @@ def _exit_quietly(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-async def _run_daemon(application: App, config: Path | None) -> None:
+async def _run_daemon(application: App, reload_settings: Callable[[], Settings]) -> None:
     from mailbridge.app import install_signal_handlers
     from mailbridge.leases import InstanceBusy
     from mailbridge.service import Notifier, serve
@@ -214,7 +221,7 @@ async def _run_daemon(application: App, config: Path | None) -> None:
     stop, reload = asyncio.Event(), asyncio.Event()
     install_signal_handlers(stop, reload)
     try:
-        await serve(application, stop, reload, lambda: load_settings(config), Notifier())
+        await serve(application, stop, reload, reload_settings, Notifier())
     except InstanceBusy as exc:
         typer.echo(f"error: {exc}; give each daemon its own data_dir", err=True)
         raise typer.Exit(2) from None

@@ -270,6 +270,8 @@ class Pipeline:
         except Exception as exc:
             log.exception("recording %s failed; keeping it in quarantine as it is", raw.source)
             with self.db.unit_of_work() as session:
+                if self.fence is not None:
+                    self.fence(session, {raw.mailbox})
                 new: list[receipts.NewReceipt] = []
                 result = self._quarantine(session, raw, "store", f"{type(exc).__name__}: {exc}"[:2000], True, new)
                 receipts.add(session, new)

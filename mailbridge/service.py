@@ -22,11 +22,14 @@ import sdnotify
 
 from mailbridge.app import App
 from mailbridge.config import ConfigError, Settings
+from mailbridge.logs import setup_logging
 
 log = logging.getLogger("mailbridge.service")
 
 # Where the data is: changed only by a restart (a reload keeps the old values and says so).
-RESTART_ONLY = ("data_dir", "database", "storage")
+# What a reload keeps as it was: the data and where it lives, and the listening sockets (a new address that
+# cannot be bound would otherwise end the daemon after the old one was already closed).
+RESTART_ONLY = ("data_dir", "database", "storage", "http", "lmtp")
 
 
 class Notifier:
@@ -99,8 +102,11 @@ async def serve(
             log.info("reloading the configuration: stopping the mailboxes to start them with it")
             generation.set()
             await running
+            if stop.is_set():  # SIGTERM while the old run drained: stop, do not start the new one
+                notifier.stopping()
+                return
             app.reconfigure(settings)
-            logging.getLogger().setLevel(settings.logging.level)
+            setup_logging(settings.logging.level, settings.logging.format)
             app.prepare()
             log.info("configuration reloaded")
     finally:

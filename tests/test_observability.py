@@ -24,7 +24,7 @@ from mailbridge.ingest.ledger import SourceHealth
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.sender import OutboxSender, OutboxTally
-from mailbridge.observability.health import OutboxSnapshot, Probe, assess
+from mailbridge.observability.health import LeasedMailboxes, OutboxSnapshot, Probe, assess
 from mailbridge.observability.metrics import Metrics
 from mailbridge.pipeline import Result
 from mailbridge.routing_rules import CrmSettings
@@ -177,6 +177,27 @@ def test_a_mailbox_that_never_connects_is_unhealthy_after_the_threshold() -> Non
     assert not healthy and body["problems"] == [
         f"mailbox a: not connected yet since {body['checks']['mailboxes']['a']['since']}: no session"
     ]
+
+
+def test_a_mailbox_another_instance_holds_is_on_standby_not_down() -> None:
+    # Two instances on four mailboxes: each runs two; the other two must not read as failing or down here.
+    long_ago = utcnow() - timedelta(seconds=600)
+    health = {name: SourceHealth(since=long_ago) for name in ("a", "b")}
+    health["a"].opened()
+    running: set[str] = {"a"}
+    mailboxes = LeasedMailboxes(health, lambda: running)
+    healthy, body = assess(THRESHOLDS, mailboxes, healthy_probe(), None)
+    assert healthy, body["problems"]
+    assert body["checks"]["mailboxes"]["b"]["state"] == "standby"
+    metrics = Metrics(["a", "b"], [])
+    metrics.state.mailboxes = mailboxes
+    assert per_box(metrics, "mailbridge_mailbox_up", "a") == 1.0
+    assert ("mailbridge_mailbox_up", (("mailbox", "b"),)) not in samples(metrics)
+    # Once this instance takes b's lease and has not connected yet, it is its own again (and not up).
+    running.add("b")
+    assert per_box(metrics, "mailbridge_mailbox_up", "b") == 0.0
+    healthy, body = assess(THRESHOLDS, mailboxes, healthy_probe(), None)
+    assert not healthy and body["checks"]["mailboxes"]["b"]["state"] == "not connected yet"
 
 
 def test_an_unanswering_database_and_a_stuck_outbox_are_named() -> None:

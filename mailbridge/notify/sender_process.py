@@ -110,7 +110,7 @@ def _main(settings: Settings, conn: Connection, report: bool) -> None:
     from mailbridge.db import Database
     from mailbridge.logs import setup_logging
 
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     log.info("outbox sender running (pid %d)", os.getpid())
     db = Database(settings.database_url, fsync_each_commit=False)
     try:

@@ -153,6 +153,8 @@ class StateCollector:
             "mailbridge_mailbox_failures", "Connection or command failures of the mailbox", labels=["mailbox"]
         )
         for name, health in self.mailboxes.items():
+            if health.state == "standby":  # another instance holds its lease: not ours to report
+                continue
             up.add_metric([name], 1.0 if health.state == "connected" else 0.0)
             reconnects.add_metric([name], max(0, health.sessions - 1))
             failures.add_metric([name], health.failures)
