@@ -478,7 +478,7 @@ class OutboxSettings(_Strict):
     # A sender claims the mails it is about to deliver for this long; another instance's sender takes a mail
     # over only after that (its holder died). No mail is started in the second half of its claim, so a send
     # (at most the SMTP timeout) ends before anyone else may claim the mail.
-    claim_seconds: float = Field(default=120.0, ge=10)
+    claim_seconds: float = Field(default=120.0, ge=30)  # half of it to start a send, the rest to finish it
 
 
 def _default_domain() -> str:

@@ -16,13 +16,15 @@ import time_machine
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from mailbridge import receipts
 from mailbridge.config import ConfigError, HttpSettings, load_settings
 from mailbridge.crm import Crm
 from mailbridge.ingest.ledger import SourceHealth
 from mailbridge.ingest.raw import RawMail
-from mailbridge.models import Outcome, utcnow
+from mailbridge.models import OutboxMail, OutboxStatus, Outcome, utcnow
+from mailbridge.notify import sender as sender_module
 from mailbridge.notify.sender import OutboxSender, OutboxTally
 from mailbridge.observability.health import LeasedMailboxes, OutboxSnapshot, Probe, assess
 from mailbridge.observability.metrics import Metrics
@@ -308,3 +310,38 @@ async def test_the_crm_reports_since_when_it_fails_until_it_answers_again(tmp_pa
         assert crm.failing is None
     finally:
         await crm.aclose()
+
+
+async def test_a_send_that_would_outlast_its_claim_is_cut_off_and_retried(
+    tmp_path: Path, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another instance may claim the mail once the claim runs out: a send still going then could go twice.
+    # Here the claim leaves ~1.5 s for the send and the server takes 3 s to answer the mail's data.
+    monkeypatch.setattr(sender_module, "CLAIM_MARGIN_SECONDS", 28.5)
+    sink.handler.delay = 3.0
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    (inbox / "a.eml").write_bytes(sample_mail(sender="customer@example.com"))
+    box = {"type": "maildir", "name": "support", "path": str(tmp_path / "maildir"), "address": "s@helpdesk.example"}
+    outbox = {"first_retry_seconds": 0.1, "max_retry_seconds": 1, "claim_seconds": 30}
+    app = make_app(tmp_path, [box], smtp=sink.config(), outbox=outbox)
+    tallies: list[OutboxTally] = []
+    try:
+        await app.ingest([inbox], mailbox="support")
+        sender = OutboxSender(app.sender.db, app.settings, asyncio.Event(), tallies.append)
+        await sender.deliver_due()
+        assert sum(tallies, OutboxTally()) == {("support", "retry"): 1}
+        with app.db.reader() as session:
+            (mail,) = session.scalars(select(OutboxMail)).all()
+            assert (mail.status, mail.attempts) == (OutboxStatus.PENDING, 1)
+            assert mail.claimed_by is None and "claim ran out" in (mail.last_error or "")
+        sink.handler.delay = 0.0
+        await asyncio.sleep(0.2)
+        await sender.deliver_due()
+        with app.db.reader() as session:
+            (mail,) = session.scalars(select(OutboxMail)).all()
+            assert mail.status == OutboxStatus.SENT
+    finally:
+        app.close()
+    # The cut-off one may have reached the server as well (as a mail in flight at a crash): same Message-ID.
+    assert 1 <= len(sink.received) <= 2 and len({r.message_id for r in sink.received}) == 1

@@ -39,6 +39,10 @@ from mailbridge.oauth import SASL_ERROR_ACK, OAuthError, TokenSource, TokenSourc
 log = logging.getLogger("mailbridge.outbox")
 
 CLAIM_SIZE = 200
+# A send must be over, and its outcome committed, this long before its claim runs out and another sender
+# may claim the mail: a send cut off at that point is recorded for a retry (at most it repeats, as a crash
+# in flight does).
+CLAIM_MARGIN_SECONDS = 5.0
 
 # What one commit recorded: (mailbox, "sent" | "retry" | "failed") -> mails. "retry": not sent this time,
 # tried again later; "failed": given up (refused for good, or past its deadline).
@@ -288,8 +292,17 @@ class OutboxSender:
                 if time.monotonic() > mail.send_by:
                     continue  # the claim may run out while it is sent: claimed again, by us or another
                 transport = transports.get(key) or transports.setdefault(key, self._transport(mail.mailbox))
+                # Each SMTP step has its own timeout, so a slow server can stretch one send past the claim.
+                claim_left = mail.send_by + self.settings.claim_seconds / 2 - CLAIM_MARGIN_SECONDS - time.monotonic()
                 try:
-                    note = await transport.send(mail)
+                    async with asyncio.timeout(max(claim_left, 0.0)):
+                        note = await transport.send(mail)
+                except TimeoutError:
+                    transports.pop(key, None)
+                    await transport.close()
+                    error = "not sent before its claim ran out; tried again later"
+                    await recorder.record(_Result(mail, sent=False, error=error, permanent=False))
+                    continue
                 except DeliveryError as exc:
                     if exc.server_trouble:
                         self._server_down(key, str(exc))
