@@ -62,6 +62,10 @@ def copy_database(
     copied: dict[str, int] = {}
     with source.reader() as reading, target.engine.begin() as writing:
         read = reading.connection()
+        # The target was empty before its upgrade: whatever is in it now the migrations seeded (e.g. the
+        # crm_health row), and the source has its own version of those rows.
+        for table in reversed(tables):
+            writing.execute(table.delete())
         for table in tables:
             copied[table.name] = _copy_table(read, writing, table, functools.partial(progress, table.name))
         for table in tables:

@@ -246,9 +246,20 @@ async def test_a_token_the_servers_stopped_accepting_is_renewed_once(
     user = new_user(dovecot)
     cache = tmp_path / "google.json"
     google_consent(oauth, user, cache)
+    # SMTP with a token cache of its own: with the mailbox's, the outbox's process would read the token that
+    # the IMAP login had just renewed, and the renewal at the SMTP server would go untested.
+    smtp_cache = tmp_path / "google-smtp.json"
+    google_consent(oauth, user, smtp_cache)
     oauth.set_lifetimes(3600, valid_seconds=1.0)
     sink = SmtpSink(xoauth2_introspection_url=oauth.introspection_url).start()
-    smtp = {"host": sink.host, "port": sink.port, "security": "none", "timeout": 5, "auth": "oauth2"}
+    smtp = {
+        "host": sink.host,
+        "port": sink.port,
+        "security": "none",
+        "timeout": 5,
+        "user": user.name,
+        "oauth2": google(oauth, smtp_cache, mechanism=mechanism),
+    }
     box = oauth_box(
         dovecot,
         user,
