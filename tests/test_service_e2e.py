@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import smtplib
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,9 +22,11 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from tests.imap_env import append_many, imap_box, new_user, sample_mail
 from tests.service_env import NotifySocket, lmtp_client, start_daemon, stop_daemon, transaction, write_config
+from tests.support import database
 from tests.support.dovecot import Dovecot
 from tests.support.smtp_sink import SmtpSink
 
@@ -46,18 +47,19 @@ def drop(box: Path, raw: bytes) -> None:
 
 
 def tickets(db: Path) -> list[tuple[str, str | None]]:
-    with sqlite3.connect(db, timeout=30) as conn:
-        return conn.execute("select mailbox, queue from tickets order by id").fetchall()
+    try:
+        return database.rows(db, "select mailbox, queue from tickets order by id")
+    except (OperationalError, ProgrammingError):  # schema not created yet
+        return []
 
 
-def count(db: Path, sql: str, *args: Any) -> int:
-    if not db.exists():
+def count(db: Path, sql: str, **params: Any) -> int:
+    if not database.is_postgresql() and not db.exists():
         return 0
-    with sqlite3.connect(db, timeout=30) as conn:
-        try:
-            return int(conn.execute(sql, args).fetchone()[0])
-        except sqlite3.OperationalError:  # schema not created yet
-            return 0
+    try:
+        return int(database.scalar(db, sql, **params))
+    except (OperationalError, ProgrammingError):  # schema not created yet
+        return 0
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -69,8 +71,8 @@ def wait_for(predicate: Any, timeout: float, what: str) -> None:
 
 def wait_for_first_look(db: Path, mailbox: str) -> None:
     """Mail a mailbox holds before its first look is a backlog and gets no acknowledgement."""
-    sql = "select count(*) from mailbox_state where initial_done and mailbox = ?"
-    wait_for(lambda: count(db, sql, mailbox) == 1, 30, f"mailbox {mailbox} watched")
+    sql = "select count(*) from mailbox_state where initial_done and mailbox = :mailbox"
+    wait_for(lambda: count(db, sql, mailbox=mailbox) == 1, 30, f"mailbox {mailbox} watched")
 
 
 def test_ready_watchdog_and_stopping_are_told_to_systemd(tmp_path: Path) -> None:
@@ -173,8 +175,7 @@ def test_sighup_reloads_a_valid_configuration_and_keeps_the_old_one_on_error(tmp
         # before, under the old limit of 3) gets none.
         drop(first, sample_mail())
         wait_for(lambda: len(tickets(db)) == 5, 30, "the fifth mail stored")
-        with sqlite3.connect(db, timeout=30) as conn:
-            [(reason,)] = conn.execute("select no_answer_reason from articles order by id desc limit 1").fetchall()
+        [(reason,)] = database.rows(db, "select no_answer_reason from articles order by id desc limit 1")
         assert "rate limit" in reason
         assert len(sink.received) == 4
         assert not (tmp_path / "elsewhere").exists()
@@ -310,14 +311,13 @@ def test_sigterm_with_a_backlog_and_lmtp_deliveries_in_flight_exits_within_10_s(
         assert took < 10, f"SIGTERM to exit took {took:.1f} s"
         assert "STOPPING=1" in [line for _, line in notify.fields()]
 
-        imported = count(db, "select count(*) from receipts where mailbox = ?", user.name)
+        imported = count(db, "select count(*) from receipts where mailbox = :mailbox", mailbox=user.name)
         assert 0 < imported < total, "the signal did not land during the backlog"
-        assert count(db, "select count(*) from receipts where server_done = 0") == 0
+        assert count(db, "select count(*) from receipts where not server_done") == 0
         assert len(server.uids("Processed", user=user.name)) == imported
-        with sqlite3.connect(db) as conn:
-            stored = {
-                row[0].strip("<>") for row in conn.execute("select message_id from receipts where mailbox = 'lmtp'")
-            }
+        stored = {
+            row[0].strip("<>") for row in database.rows(db, "select message_id from receipts where mailbox = 'lmtp'")
+        }
         accepted = [message_id for message_id, codes in answered if codes == [250]]
         assert accepted and set(accepted) <= stored  # every 250 was committed
         assert all(codes in ([250], [451]) for _, codes in answered), answered
@@ -329,7 +329,7 @@ def test_sigterm_with_a_backlog_and_lmtp_deliveries_in_flight_exits_within_10_s(
             timeout=120,
         )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
-        assert count(db, "select count(*) from receipts where mailbox = ?", user.name) == total
+        assert count(db, "select count(*) from receipts where mailbox = :mailbox", mailbox=user.name) == total
 
         text = log.read_text()
         not_json = [line for line in text.splitlines() if line.strip() and not line.startswith("{")]

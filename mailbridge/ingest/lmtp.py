@@ -71,6 +71,7 @@ class LmtpIntake:
         self.max_message_bytes = max_message_bytes
         self.hostname = hostname
         self.listening = asyncio.Event()  # set once the socket accepts connections
+        self.draining = False  # set at `stop`: each connection is closed once its DATA is answered
         self._queue: deque[RawMail] = deque()
         self._pending: dict[str, asyncio.Future[Result]] = {}  # source key -> its outcome, once committed
         self._arrived = asyncio.Event()
@@ -91,6 +92,7 @@ class LmtpIntake:
                 recording.result()  # a crash of ours: let the daemon see it
             server.close()
             self._remove_socket_file()
+            self.draining = True
             # A connection between transactions, or still in MAIL/RCPT, is closed: the MTA tries again later.
             # One whose DATA is complete is answered after the last commit.
             for session in list(self._connections):
@@ -271,6 +273,8 @@ class _LmtpSession(LMTP):
         finally:
             self.in_data = False
             self._data_recipients = 0
+            if self.intake.draining:  # answered; no further transaction on this connection: we are stopping
+                self.hang_up()
             self.intake._update_idle()
 
     async def push(self, status: AnyStr) -> None:
