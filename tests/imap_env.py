@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
@@ -65,8 +66,21 @@ def write_config(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> Pat
         "mailboxes": boxes,
         **top,
     }
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
     return path
+
+
+@contextlib.asynccontextmanager
+async def daemon(app: App) -> AsyncIterator[asyncio.Event]:
+    """`app.run` on this loop until the block ends (then stopped, drained and closed)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        app.close()
 
 
 def make_app(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> App:

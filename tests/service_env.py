@@ -14,9 +14,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 
 class NotifySocket:
@@ -94,21 +91,6 @@ def stop_daemon(daemon: subprocess.Popen[bytes]) -> None:
     if daemon.poll() is None:
         daemon.kill()
         daemon.wait(10)
-
-
-def write_config(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> Path:
-    path = tmp_path / "mailbridge.yaml"
-    data = {
-        "data_dir": str(tmp_path / "data"),
-        "storage": {"fsync": False},
-        "parsing": {"workers": 2},
-        "fetch": {"reconnect_max_seconds": 1},
-        "shutdown_grace_seconds": 5,
-        "mailboxes": boxes,
-        **top,
-    }
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
-    return path
 
 
 @dataclass

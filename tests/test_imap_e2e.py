@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import hashlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from mailbridge.app import App
 from mailbridge.blobstore import BlobStore
-from tests.imap_env import append_many, count, make_app, new_user, sample_mail, wait_until
+from tests.imap_env import append_many, count, daemon, make_app, new_user, sample_mail, wait_until
 from tests.support.dovecot import Dovecot
 
 pytestmark = pytest.mark.skipif(not Dovecot.available(), reason="dovecot is not installed")
@@ -33,18 +32,6 @@ def server_without_idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Do
     dovecot = Dovecot.start(tmp_path_factory.mktemp("dovecot-noidle"), idle=False)
     yield dovecot
     dovecot.stop()
-
-
-@contextlib.asynccontextmanager
-async def daemon(app: App) -> AsyncIterator[asyncio.Event]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop))
-    try:
-        yield stop
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        app.close()
 
 
 async def test_every_mail_becomes_one_ticket_and_is_moved(server: Dovecot, tmp_path: Path) -> None:

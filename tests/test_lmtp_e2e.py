@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.imap_env import sample_mail
+from tests.imap_env import sample_mail, write_config
 from tests.service_env import (
     NotifySocket,
     deliver,
@@ -22,7 +22,6 @@ from tests.service_env import (
     start_daemon,
     stop_daemon,
     transaction,
-    write_config,
 )
 from tests.support import database
 from tests.support.smtp_sink import SmtpSink

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from mailbridge.app import App
 from mailbridge.cli import app as cli
 from mailbridge.config import ConfigError, OAuth2Settings, load_settings
 from mailbridge.logs import setup_logging
@@ -30,7 +28,7 @@ from mailbridge.oauth import (
     device_login,
     sasl_initial_response,
 )
-from tests.imap_env import count, make_app, new_user, sample_mail, wait_until, write_config
+from tests.imap_env import count, daemon, make_app, new_user, sample_mail, wait_until, write_config
 from tests.support.dovecot import Dovecot, MailUser
 from tests.support.oauth_server import OAuthServer
 from tests.support.smtp_sink import SmtpSink
@@ -124,18 +122,6 @@ def google_consent(oauth: OAuthServer, user: MailUser, cache: Path) -> str:
     cache.write_text(json.dumps({"refresh_token": refresh}))
     cache.chmod(0o600)
     return refresh
-
-
-@contextlib.asynccontextmanager
-async def daemon(app: App) -> AsyncIterator[asyncio.Event]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(app.run(stop))
-    try:
-        yield stop
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-        app.close()
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from tests.imap_env import append_many, imap_box, new_user, sample_mail
-from tests.service_env import NotifySocket, lmtp_client, start_daemon, stop_daemon, transaction, write_config
+from tests.imap_env import append_many, imap_box, new_user, sample_mail, write_config
+from tests.service_env import NotifySocket, lmtp_client, start_daemon, stop_daemon, transaction
 from tests.support import database
 from tests.support.dovecot import Dovecot
 from tests.support.smtp_sink import SmtpSink
