@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy import select
 
 from mailbridge.app import App, build_app
 from mailbridge.config import load_settings
+from mailbridge.models import Article, Ticket, TicketEvent
 from tests.support.dovecot import Dovecot, MailUser
 
 _counter = itertools.count(1)
@@ -87,6 +89,33 @@ def make_app(tmp_path: Path, boxes: list[dict[str, Any]], **top: Any) -> App:
     app = build_app(load_settings(write_config(tmp_path, boxes, **top)))
     app.prepare()
     return app
+
+
+async def deliver(app: App, tmp_path: Path, *mails: bytes) -> dict[str, int]:
+    """Ingest `mails` into the mailbox "support" through the real pipeline, then send what it queued."""
+    folder = tmp_path / f"in-{next(_counter)}"
+    folder.mkdir()
+    for index, raw in enumerate(mails):
+        (folder / f"{index}.eml").write_bytes(raw)
+    summary = await app.ingest([folder], mailbox="support")
+    await app.sender.deliver_due()
+    return summary.as_json()
+
+
+def tickets(app: App) -> list[Ticket]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
+
+
+def articles(app: App, ticket_id: int) -> list[Article]:
+    with app.db.reader() as session:
+        return list(session.scalars(select(Article).where(Article.ticket_id == ticket_id).order_by(Article.id)))
+
+
+def history(app: App, ticket_id: int) -> list[tuple[str, str | None, str | None]]:
+    with app.db.reader() as session:
+        events = session.scalars(select(TicketEvent).where(TicketEvent.ticket_id == ticket_id).order_by(TicketEvent.id))
+        return [(e.kind, e.old, e.new) for e in events]
 
 
 def new_user(server: Dovecot, prefix: str = "box") -> MailUser:

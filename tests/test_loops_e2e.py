@@ -6,7 +6,6 @@ are built from what the sink received."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Iterator
 from email.utils import make_msgid
 from pathlib import Path
@@ -16,8 +15,8 @@ from sqlalchemy import select
 
 from mailbridge.app import App
 from mailbridge.lifecycle import change_status
-from mailbridge.models import Article, OutboxMail, QuarantinedMail, Ticket, TicketEvent, utcnow
-from tests.imap_env import make_app, sample_mail
+from mailbridge.models import OutboxMail, QuarantinedMail, Ticket, utcnow
+from tests.imap_env import articles, deliver, history, make_app, sample_mail, tickets
 from tests.support.smtp_sink import Received, SmtpSink
 from tests.test_threading_e2e import reply
 
@@ -25,7 +24,6 @@ SUPPORT = "support@helpdesk.example"
 CUSTOMER = "anna.nowak@klient.example"
 AGENT = "agata@helpdesk.example"
 FIRST_RESPONSE_SECONDS = 1
-_batches = itertools.count(1)
 
 
 @pytest.fixture
@@ -43,16 +41,6 @@ def app(tmp_path: Path, sink: SmtpSink) -> Iterator[App]:
     application.close()
 
 
-async def deliver(app: App, tmp_path: Path, *mails: bytes) -> dict[str, int]:
-    folder = tmp_path / f"in-{next(_batches)}"
-    folder.mkdir()
-    for index, raw in enumerate(mails):
-        (folder / f"{index}.eml").write_bytes(raw)
-    summary = await app.ingest([folder], mailbox="support")
-    await app.sender.deliver_due()
-    return summary.as_json()
-
-
 def out_of_office(sender: str, answering: Received | None, body: str = "I am out of the office until Monday.") -> bytes:
     """What Exchange sends back (RFC 3834 headers), in reply to `answering` (or to nothing we know)."""
     subject = f"Automatic reply: {answering.message['Subject']}" if answering else "Automatic reply: Holiday"
@@ -65,22 +53,6 @@ def out_of_office(sender: str, answering: Received | None, body: str = "I am out
         "Auto-Submitted: auto-replied\r\nX-Auto-Response-Suppress: All\r\n\r\n"
         f"{body}\r\n"
     ).encode()
-
-
-def tickets(app: App) -> list[Ticket]:
-    with app.db.reader() as session:
-        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
-
-
-def articles(app: App, ticket_id: int) -> list[Article]:
-    with app.db.reader() as session:
-        return list(session.scalars(select(Article).where(Article.ticket_id == ticket_id).order_by(Article.id)))
-
-
-def history(app: App, ticket_id: int) -> list[tuple[str, str | None, str | None]]:
-    with app.db.reader() as session:
-        events = session.scalars(select(TicketEvent).where(TicketEvent.ticket_id == ticket_id).order_by(TicketEvent.id))
-        return [(e.kind, e.old, e.new) for e in events]
 
 
 async def sla_reminder(app: App, sink: SmtpSink) -> Received:

@@ -6,7 +6,6 @@ Outlook, Gmail and Thunderbird build them."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from datetime import timedelta
 from email.utils import make_msgid
@@ -17,11 +16,10 @@ import pytest
 from sqlalchemy import select, update
 
 from mailbridge.app import App
-from mailbridge.models import Article, Ticket, TicketEvent
-from tests.imap_env import make_app, sample_mail
+from mailbridge.models import Ticket, TicketEvent
+from tests.imap_env import articles, deliver, make_app, sample_mail, tickets
 from tests.support.smtp_sink import Received, SmtpSink
 
-_batches = itertools.count(1)
 SUPPORT = "support@helpdesk.example"
 CUSTOMER = "anna.nowak@klient.example"
 ATTACKER = "mallory@evil.example"
@@ -39,16 +37,6 @@ def app(tmp_path: Path, sink: SmtpSink) -> Iterator[App]:
     )
     yield application
     application.close()
-
-
-async def deliver(app: App, tmp_path: Path, *mails: bytes) -> dict[str, int]:
-    folder = tmp_path / f"in-{next(_batches)}"
-    folder.mkdir()
-    for index, raw in enumerate(mails):
-        (folder / f"{index}.eml").write_bytes(raw)
-    summary = await app.ingest([folder], mailbox="support")
-    await app.sender.deliver_due()
-    return summary.as_json()
 
 
 def reply(
@@ -80,16 +68,6 @@ def reply(
 
 def message_id_of(raw: bytes) -> str:
     return str(email_message(raw)["Message-ID"])
-
-
-def tickets(app: App) -> list[Ticket]:
-    with app.db.reader() as session:
-        return list(session.scalars(select(Ticket).order_by(Ticket.id)))
-
-
-def articles(app: App, ticket_id: int) -> list[Article]:
-    with app.db.reader() as session:
-        return list(session.scalars(select(Article).where(Article.ticket_id == ticket_id).order_by(Article.id)))
 
 
 async def opened_ticket(app: App, tmp_path: Path, sink: SmtpSink) -> Received:
