@@ -100,6 +100,7 @@ async def serve(
                 return
             notifier.reloading()
             log.info("reloading the configuration: stopping the mailboxes to start them with it")
+            app.hand_over(settings)
             generation.set()
             await running
             if stop.is_set():  # SIGTERM while the old run drained: stop, do not start the new one
