@@ -26,7 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.leases import LeaseKeeper, OneRunLeases, hold_data_dir, instance_name
+from mailbridge.leases import LeaseKeeper, OneRunLeases, hold_data_dir, instance_name, leave
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -429,6 +429,16 @@ class App:
             for box in settings.mailboxes
             if box.name in keeper.watchers and before.get(box.name) == _mail_source(box)
         )
+
+    async def leave(self) -> None:
+        """Give back every lease of this instance and say it is gone (a stop that came while a reload kept them)."""
+        me = instance_name(self.settings)
+
+        def leaving() -> None:
+            with self.db.unit_of_work() as session:
+                leave(session, me)
+
+        await self.db.run(leaving)
 
     def reconfigure(self, settings: Settings) -> None:
         """Take new settings between two runs (nothing in flight): every part built from the settings is
