@@ -413,3 +413,58 @@ async def test_run_once_leaves_the_mailboxes_a_running_daemon_holds_to_it(
             daemon.kill()
             daemon.wait()
         db.engine.dispose()
+
+
+async def test_two_daemons_on_one_host_fetch_a_shared_maildir_one_at_a_time(
+    tmp_path: Path, postgres_url: str, sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Maildir mailbox is leased like an IMAP one: two instances that see the same directory (one host, or
+    shared storage) take turns at it, so no file is read or moved by both; a stopped holder's turn passes on."""
+    monkeypatch.setenv(DATABASE_URL_ENV, postgres_url)
+    db = Db(postgres_url)
+    box = tmp_path / "maildirs" / "local"
+    for sub in ("new", "cur", "tmp"):
+        (box / sub).mkdir(parents=True)
+    boxes = [{"name": "local", "type": "maildir", "path": str(box), "address": "local@helpdesk.example"}]
+    daemons = {
+        name: start_daemon(_config(tmp_path, name, boxes, postgres_url, sink), tmp_path / f"{name}.log")
+        for name in ("a", "b")
+    }
+    try:
+        await wait_until(lambda: len(_safe(lambda: db.rows("select id from instances")) or []) == 2, timeout=60)
+        # Files written before the mailbox's first look are a backlog (no acknowledgement): wait for it.
+        first_look = "select count(*) from mailbox_state where initial_done"
+        await wait_until(lambda: (_safe(lambda: db.scalar(first_look)) or 0) == 1, timeout=60)
+        mails = [sample_mail(sender=f"k{i}@klient.example") for i in range(100)]
+        for n, raw in enumerate(mails):
+            (box / "tmp" / f"{n}.test").write_bytes(raw)
+            (box / "tmp" / f"{n}.test").rename(box / "new" / f"{n}.test")
+        await wait_until(lambda: db.scalar("select count(*) from tickets") == 100, timeout=90)
+        [holder] = set(db.holders().values())
+        other = "b" if holder == "a" else "a"
+        daemons[holder].send_signal(signal.SIGTERM)
+        assert daemons[holder].wait(timeout=30) == 0
+        await wait_until(lambda: db.holders() == {"local": other}, timeout=30)  # given back at the stop: at once
+        more = [sample_mail(sender=f"later{i}@klient.example") for i in range(20)]
+        for n, raw in enumerate(more, start=len(mails)):
+            (box / "tmp" / f"{n}.test").write_bytes(raw)
+            (box / "tmp" / f"{n}.test").rename(box / "new" / f"{n}.test")
+        await wait_until(lambda: db.scalar("select count(*) from tickets") == 120, timeout=60)
+        await wait_until(lambda: len(sink.received) >= 120, timeout=60)
+        await asyncio.sleep(2)  # anything sent twice would arrive now
+        daemons[other].send_signal(signal.SIGTERM)
+        assert daemons[other].wait(timeout=30) == 0
+
+        assert db.rows("select outcome, count(*) from receipts group by outcome") == [("stored", 120)]
+        assert list((box / "new").iterdir()) == [] and list((box / "cur").iterdir()) == []
+        processed = [*(box / ".Processed" / "cur").iterdir(), *(box / ".Processed" / "new").iterdir()]
+        assert len(processed) == 120, "every file moved once, by the instance that stored it"
+        assert len({r.message_id for r in sink.received}) == len(sink.received) == 120
+        for name in ("a", "b"):
+            assert " ERROR " not in (tmp_path / f"{name}.log").read_text()
+    finally:
+        for daemon in daemons.values():
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+        db.engine.dispose()
