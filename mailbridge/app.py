@@ -26,7 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.leases import LeaseKeeper, OneRunLeases, hold_data_dir, instance_name, leave
+from mailbridge.leases import LeaseKeeper, LeaseLost, OneRunLeases, hold_data_dir, instance_name, leave
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -484,10 +484,16 @@ class App:
         return busy
 
     async def _drain_once(self, watchers: list[Watcher]) -> None:
+        async def drain(watcher: Watcher) -> None:
+            try:
+                await watcher.run_once()
+            except LeaseLost as exc:  # not renewed in time and taken over: what it had fetched is theirs now
+                log.warning("mailbox %s: %s; left to the instance that took it", watcher.name, exc)
+
         sender = self._start_sender_process()
         if sender is None:
             try:
-                await asyncio.gather(*(w.run_once() for w in watchers))
+                await asyncio.gather(*(drain(w) for w in watchers))
             finally:
                 await self._close_crm()
             if self.settings.sla.enabled:
@@ -497,7 +503,7 @@ class App:
         drained = asyncio.Event()
         waking = asyncio.create_task(self._wake_sender(sender, drained), name="outbox")
         try:
-            await asyncio.gather(*(w.run_once() for w in watchers))
+            await asyncio.gather(*(drain(w) for w in watchers))
             if self.settings.sla.enabled:
                 await self.check_sla()
         finally:
