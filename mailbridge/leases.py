@@ -16,6 +16,10 @@ reach); and the transaction that records a batch's receipts checks the lease fir
 lease row FOR KEY SHARE on PostgreSQL, so it cannot be taken over until that commit), so a holder that lost
 its lease records nothing more. The unique receipt key and the dedup key stay as the backstop.
 
+A reload (SIGHUP) keeps the leases of the mailboxes that stay (`hand_over`): another instance cannot take
+them while the daemon restarts inside its process. `mailbridge run --once` takes the free leases for its run
+(`OneRunLeases`) and leaves the mailboxes a live instance holds to it; it is not an instance (no fair share).
+
 Clocks: expiry is compared with each instance's own clock, so the instances' clocks must agree (NTP);
 a skew of s seconds takes s seconds off the safety margin.
 """
@@ -341,7 +345,8 @@ class LeaseKeeper:
         finally:
             await self._stop_all()
             try:
-                await self.db.run(self._leave, self.keep_at_stop)
+                keep = None if self.keep_at_stop is None else self.keep_at_stop - self._releasing
+                await self.db.run(self._leave, keep)
             except Exception:
                 log.exception("could not give back the leases; they run out in %g s", self.settings.lease_seconds)
 
@@ -414,7 +419,7 @@ class LeaseKeeper:
             if keep is None:
                 leave(session, self.me)
             else:
-                hand_over(session, self.me, keep - self._releasing, utcnow(), self.ttl)
+                hand_over(session, self.me, keep, utcnow(), self.ttl)
 
     def _stop(self, names: Sequence[str]) -> None:
         for name in names:
