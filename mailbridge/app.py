@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from mailbridge.agents import AgentDesk
 from mailbridge.assignment import Assigner
-from mailbridge.config import ImapMailbox, LmtpMailbox, MaildirMailbox, Settings
+from mailbridge.config import ImapMailbox, LmtpMailbox, MailboxConfig, MaildirMailbox, Settings
 from mailbridge.customers import CustomerDirectory
 from mailbridge.db import Database
 from mailbridge.ingest.files import IMPORT_MAILBOX, read_paths
@@ -26,7 +26,7 @@ from mailbridge.ingest.ledger import Ledger
 from mailbridge.ingest.maildir import MaildirWatcher
 from mailbridge.ingest.parse_pool import ParsePool
 from mailbridge.ingest.raw import RawMail
-from mailbridge.leases import LeaseKeeper, hold_data_dir, instance_name
+from mailbridge.leases import LeaseKeeper, LeaseLost, OneRunLeases, hold_data_dir, instance_name, leave
 from mailbridge.models import Outcome, utcnow
 from mailbridge.notify.acks import Acknowledger
 from mailbridge.notify.render import Renderer
@@ -91,6 +91,7 @@ class App:
         self.db = db or Database(settings.database_url)
         self._http_db: Database | None = None
         self._data_dir_lock: int | None = None  # `run`'s lock on the data directory (one daemon per data_dir)
+        self._keeper: LeaseKeeper | None = None  # the running daemon's leases
 
     @cached_property
     def parser(self) -> ParsePool:
@@ -127,7 +128,11 @@ class App:
             return None
         from mailbridge.observability.metrics import Metrics
 
-        return Metrics(
+        return Metrics(*self._metric_mailboxes())
+
+    def _metric_mailboxes(self) -> tuple[list[str], list[str]]:
+        """Every mailbox, and those that send mail."""
+        return (
             [box.name for box in self.settings.mailboxes],
             [box.name for box in self.settings.mailboxes if self.settings.can_send(box)],
         )
@@ -341,7 +346,7 @@ class App:
         mailbox. `started` is called once everything runs (and the LMTP socket takes connections)."""
         if self._data_dir_lock is None:  # held until close(): across reloads, which keep data_dir
             self._data_dir_lock = hold_data_dir(self.settings.data_dir)
-        keeper = self._lease_keeper()
+        keeper = self._keeper = self._lease_keeper()
         self.pipeline.fence = keeper.fence
         try:
             http = await self._serve_http(keeper)
@@ -411,24 +416,84 @@ class App:
         await asyncio.wait([listening, stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         listening.cancel()
 
+    def hand_over(self, settings: Settings) -> None:
+        """A reload is about to stop this run and start one with `settings`: the leases of the mailboxes that
+        stay, fetching from the same place, are kept across it (another instance cannot take them meanwhile);
+        the others are given back."""
+        keeper = self._keeper
+        if keeper is None or instance_name(settings) != keeper.me:  # a new name: a new instance
+            return
+        before = {box.name: _mail_source(box) for box in self.settings.mailboxes}
+        keeper.keep_at_stop = frozenset(
+            box.name
+            for box in settings.mailboxes
+            if box.name in keeper.watchers and before.get(box.name) == _mail_source(box)
+        )
+
+    async def leave(self) -> None:
+        """Give back every lease of this instance and say it is gone (a stop that came while a reload kept them)."""
+        me = instance_name(self.settings)
+
+        def leaving() -> None:
+            with self.db.unit_of_work() as session:
+                leave(session, me)
+
+        await self.db.run(leaving)
+
     def reconfigure(self, settings: Settings) -> None:
         """Take new settings between two runs (nothing in flight): every part built from the settings is
-        built again, from them, on first use. The database stays (a new one needs a restart)."""
+        built again, from them, on first use. The database stays (a new one needs a restart), and so do the
+        metrics, whose counters go on counting (the `http` section, too, needs a restart)."""
         if "parser" in self.__dict__:
             self.parser.close()
         if "sender" in self.__dict__:
             self.sender.db.close()
+        metrics: Metrics | None = self.__dict__.get("metrics")
         for name, value in vars(App).items():
             if isinstance(value, cached_property):
                 self.__dict__.pop(name, None)
         self.settings = settings
+        if metrics is not None:
+            metrics.configure(*self._metric_mailboxes())
+            self.__dict__["metrics"] = metrics
 
-    async def run_once(self) -> None:
-        """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`)."""
+    async def run_once(self) -> dict[str, str]:
+        """Drain every mailbox once, deliver what is due in the outbox, and return (`mailbridge run --once`).
+        A mailbox whose lease a running daemon holds is left to it: the result names those, with their holder."""
+        leases = OneRunLeases(
+            Database(self.settings.database_url, fsync_each_commit=False),
+            self.settings.instances,
+            f"{instance_name(self.settings)}:once:{os.getpid()}",  # never a daemon's name, even on its data_dir
+        )
+        try:
+            busy = await leases.take([watcher.name for watcher in self.watchers])
+            for name, holder in sorted(busy.items()):
+                log.warning("mailbox %s: skipped, instance %s is fetching it", name, holder)
+            self.pipeline.fence = leases.fence
+            done = asyncio.Event()
+            renewing = asyncio.create_task(leases.renew_until(done), name="leases")
+            try:
+                await self._drain_once([w for w in self.watchers if w.name in leases.held])
+            finally:
+                done.set()
+                await renewing
+                self.pipeline.fence = None
+                await leases.release()
+        finally:
+            leases.db.close()
+        return busy
+
+    async def _drain_once(self, watchers: list[Watcher]) -> None:
+        async def drain(watcher: Watcher) -> None:
+            try:
+                await watcher.run_once()
+            except LeaseLost as exc:  # not renewed in time and taken over: what it had fetched is theirs now
+                log.warning("mailbox %s: %s; left to the instance that took it", watcher.name, exc)
+
         sender = self._start_sender_process()
         if sender is None:
             try:
-                await asyncio.gather(*(w.run_once() for w in self.watchers))
+                await asyncio.gather(*(drain(w) for w in watchers))
             finally:
                 await self._close_crm()
             if self.settings.sla.enabled:
@@ -438,7 +503,7 @@ class App:
         drained = asyncio.Event()
         waking = asyncio.create_task(self._wake_sender(sender, drained), name="outbox")
         try:
-            await asyncio.gather(*(w.run_once() for w in self.watchers))
+            await asyncio.gather(*(drain(w) for w in watchers))
             if self.settings.sla.enabled:
                 await self.check_sla()
         finally:
@@ -512,6 +577,15 @@ class App:
             os.close(self._data_dir_lock)
             self._data_dir_lock = None
         self.db.close()
+
+
+def _mail_source(box: MailboxConfig) -> tuple[object, ...]:
+    """Where a mailbox's mail comes from: a reload that changes it gives the mailbox's lease back."""
+    if isinstance(box, ImapMailbox):
+        return ("imap", box.host, box.port, box.user, box.folder)
+    if isinstance(box, MaildirMailbox):
+        return ("maildir", box.path)
+    return ("lmtp",)
 
 
 def build_app(settings: Settings) -> App:

@@ -198,7 +198,9 @@ def run(
         if not application.settings.mailboxes:
             typer.echo("warning: no mailboxes configured; nothing to fetch", err=True)
         if once:
-            asyncio.run(application.run_once())
+            busy = asyncio.run(application.run_once())
+            for name, holder in sorted(busy.items()):
+                typer.echo(f"mailbox {name}: skipped, instance {holder} is fetching it", err=True)
             return
         from mailbridge.observability.server import HttpListenError
 

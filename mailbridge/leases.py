@@ -16,6 +16,10 @@ reach); and the transaction that records a batch's receipts checks the lease fir
 lease row FOR KEY SHARE on PostgreSQL, so it cannot be taken over until that commit), so a holder that lost
 its lease records nothing more. The unique receipt key and the dedup key stay as the backstop.
 
+A reload (SIGHUP) keeps the leases of the mailboxes that stay (`hand_over`): another instance cannot take
+them while the daemon restarts inside its process. `mailbridge run --once` takes the free leases for its run
+(`OneRunLeases`) and leaves the mailboxes a live instance holds to it; it is not an instance (no fair share).
+
 Clocks: expiry is compared with each instance's own clock, so the instances' clocks must agree (NTP);
 a skew of s seconds takes s seconds off the safety margin.
 """
@@ -23,6 +27,7 @@ a skew of s seconds takes s seconds off the safety margin.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -172,6 +177,20 @@ def leave(session: Session, me: str) -> None:
     session.execute(delete(Instance).where(Instance.id == me))
 
 
+def hand_over(session: Session, me: str, keep: Collection[str], now: datetime, ttl: timedelta) -> None:
+    """A reload: every lease but `keep` is given back; those are renewed for the next run, which renews them
+    again at its first round, and this instance stays alive, so no other instance takes them in between."""
+    held = session.scalars(select(MailboxLease.mailbox).where(MailboxLease.holder == me)).all()
+    release(session, me, [name for name in held if name not in keep])
+    if keep:
+        session.execute(
+            update(MailboxLease)
+            .where(MailboxLease.mailbox.in_(list(keep)), MailboxLease.holder == me)
+            .values(expires_at=now + ttl)
+        )
+    session.execute(update(Instance).where(Instance.id == me).values(alive_until=now + ttl))
+
+
 def check_held(session: Session, me: str, mailboxes: Collection[str], now: datetime) -> None:
     """The fence, in the transaction that records receipts: raises LeaseLost unless every one of these
     mailboxes is leased to us and the lease has not run out."""
@@ -187,6 +206,93 @@ def check_held(session: Session, me: str, mailboxes: Collection[str], now: datet
     lost = sorted(name for name in mailboxes if rows.get(name) != me)
     if lost:
         raise LeaseLost(f"no longer holding the lease of mailbox(es) {', '.join(lost)}")
+
+
+def take_free(
+    session: Session, me: str, mailboxes: Sequence[str], now: datetime, ttl: timedelta
+) -> tuple[list[str], dict[str, str]]:
+    """Take every free (or run out) lease of these mailboxes, without a fair share: the mailboxes taken, and
+    those another holder keeps, with its name."""
+    insert_missing(session, MailboxLease, [{"mailbox": name} for name in mailboxes])
+    free = list(
+        session.scalars(
+            claim_rows(
+                select(MailboxLease.mailbox).where(
+                    MailboxLease.mailbox.in_(mailboxes),
+                    (MailboxLease.holder.is_(None)) | (MailboxLease.expires_at <= now) | (MailboxLease.holder == me),
+                )
+            )
+        )
+    )
+    if free:
+        session.execute(
+            update(MailboxLease)
+            .where(MailboxLease.mailbox.in_(free))
+            .values(holder=me, expires_at=now + ttl, acquired_at=now)
+        )
+    held = session.execute(
+        select(MailboxLease.mailbox, MailboxLease.holder).where(
+            MailboxLease.mailbox.in_(mailboxes), MailboxLease.mailbox.not_in(free)
+        )
+    ).all()
+    # A row skipped because another transaction had it locked is held: its holder is renewing or fencing it.
+    return sorted(free), {name: holder or "another instance" for name, holder in held}
+
+
+class OneRunLeases:
+    """The leases of `mailbridge run --once` next to running daemons: it fetches only the mailboxes whose lease
+    is free, holds them for its run (renewed every `renew_seconds`) and gives them back at the end. It takes
+    no part in the fair share and does not count as an instance: a daemon started meanwhile takes the
+    mailboxes once they are given back."""
+
+    def __init__(self, db: Database, settings: InstanceSettings, me: str) -> None:
+        self.db = db  # its own database thread, like the keeper's
+        self.settings = settings
+        self.me = me
+        self.held: list[str] = []
+
+    @property
+    def ttl(self) -> timedelta:
+        return timedelta(seconds=self.settings.lease_seconds)
+
+    async def take(self, mailboxes: Sequence[str]) -> dict[str, str]:
+        """Take the free leases (`held`); the mailboxes left out, with the instance that holds each."""
+        self.held, busy = await self.db.run(self._take, mailboxes)
+        return busy
+
+    def fence(self, session: Session, mailboxes: Collection[str]) -> None:
+        leased = [name for name in mailboxes if name in self.held]
+        if leased:
+            check_held(session, self.me, leased, utcnow())
+
+    async def renew_until(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.settings.renew_seconds)
+            if not done.is_set():
+                try:
+                    await self.db.run(self._renew)
+                except Exception:  # the fence stops the batches if the leases run out meanwhile
+                    log.exception("run --once: renewing the leases failed")
+
+    async def release(self) -> None:
+        await self.db.run(self._release)
+
+    def _take(self, mailboxes: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        with self.db.unit_of_work() as session:
+            return take_free(session, self.me, mailboxes, utcnow(), self.ttl)
+
+    def _renew(self) -> None:
+        with self.db.unit_of_work() as session:
+            session.execute(
+                update(MailboxLease)
+                .where(MailboxLease.mailbox.in_(self.held), MailboxLease.holder == self.me)
+                .values(expires_at=utcnow() + self.ttl)
+            )
+
+    def _release(self) -> None:
+        with self.db.unit_of_work() as session:
+            release(session, self.me, self.held)
 
 
 # A watcher: given the event that stops it, fetches one mailbox until then.
@@ -209,6 +315,9 @@ class LeaseKeeper:
         self._renewed_at = 0.0  # monotonic time the last successful renewal started
         self._last: Round | None = None
         self._failed = False
+        # Set by a reload before it stops this run: the leases the next run goes on holding (None: a stop,
+        # which gives every lease back).
+        self.keep_at_stop: frozenset[str] | None = None
 
     @property
     def ttl(self) -> timedelta:
@@ -236,7 +345,8 @@ class LeaseKeeper:
         finally:
             await self._stop_all()
             try:
-                await self.db.run(self._leave)
+                keep = None if self.keep_at_stop is None else self.keep_at_stop - self._releasing
+                await self.db.run(self._leave, keep)
             except Exception:
                 log.exception("could not give back the leases; they run out in %g s", self.settings.lease_seconds)
 
@@ -304,9 +414,12 @@ class LeaseKeeper:
         with self.db.unit_of_work() as session:
             return lease_round(session, self.me, list(self.watchers), releasing, utcnow(), self.ttl)
 
-    def _leave(self) -> None:
+    def _leave(self, keep: frozenset[str] | None) -> None:
         with self.db.unit_of_work() as session:
-            leave(session, self.me)
+            if keep is None:
+                leave(session, self.me)
+            else:
+                hand_over(session, self.me, keep, utcnow(), self.ttl)
 
     def _stop(self, names: Sequence[str]) -> None:
         for name in names:

@@ -5,8 +5,10 @@ A reload validates the new file first (the settings, then what they name: templa
 directory, the routing rules); on any error it is logged and the running configuration stays. A valid one
 is applied like a short, in-process restart: the mailboxes finish the batch in hand and stop, the LMTP
 socket is closed after answering what it holds, the outbox sender finishes its mails, and everything is
-started again from the new settings. Only where the data lives (data_dir, database, storage) needs a real
-restart: those keys keep their old values, with a warning.
+started again from the new settings. Two things outlive a reload: the leases of the mailboxes that stay
+(another instance cannot take them in between; a removed mailbox's lease is given back) and the metrics'
+counters (a Prometheus counter never goes back within a process). Only where the data lives (data_dir,
+database, storage) needs a real restart: those keys keep their old values, with a warning.
 """
 
 from __future__ import annotations
@@ -100,10 +102,12 @@ async def serve(
                 return
             notifier.reloading()
             log.info("reloading the configuration: stopping the mailboxes to start them with it")
+            app.hand_over(settings)
             generation.set()
             await running
             if stop.is_set():  # SIGTERM while the old run drained: stop, do not start the new one
                 notifier.stopping()
+                await app.leave()  # the leases kept for the new run are given back at once
                 return
             app.reconfigure(settings)
             setup_logging(settings.logging.level, settings.logging.format)

@@ -14,11 +14,22 @@ import time_machine
 from pydantic import ValidationError
 from sqlalchemy import insert, select, update
 
+from mailbridge.app import App
 from mailbridge.config import InstanceSettings, Settings
 from mailbridge.db import SCHEMA_HEAD, Database
-from mailbridge.leases import LeaseKeeper, LeaseLost, Round, WatcherRun, check_held, lease_round, release
-from mailbridge.models import MailboxLease, OutboxMail
+from mailbridge.leases import (
+    LeaseKeeper,
+    LeaseLost,
+    Round,
+    WatcherRun,
+    check_held,
+    instance_name,
+    lease_round,
+    release,
+)
+from mailbridge.models import Instance, MailboxLease, OutboxMail
 from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender
+from tests.imap_env import make_app
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 TTL = timedelta(seconds=30)
@@ -225,3 +236,28 @@ async def _until(condition: Callable[[], bool], timeout: float = 10) -> None:
 def test_a_renewal_interval_that_could_lose_the_lease_is_refused_at_start() -> None:
     with pytest.raises(ValidationError, match="renew_seconds must be at most half of lease_seconds"):
         Settings.model_validate({"instances": {"lease_seconds": 30, "renew_seconds": 20}})
+
+
+def _holders(app: App) -> tuple[dict[str, str | None], list[str]]:
+    with app.db.reader() as session:
+        leases = dict(session.execute(select(MailboxLease.mailbox, MailboxLease.holder)).all())
+        return leases, list(session.scalars(select(Instance.id)))
+
+
+async def test_a_reload_keeps_the_leases_that_stay_and_a_stop_in_between_gives_them_back(tmp_path: Path) -> None:
+    """What `serve` does at a reload (hand_over, then the run stops) and at a SIGTERM during its drain (leave)."""
+    boxes = [{"name": name, "type": "maildir", "path": str(tmp_path / name)} for name in ("kept", "removed")]
+    app = make_app(tmp_path, boxes)
+    me = instance_name(app.settings)
+    try:
+        generation = asyncio.Event()
+        running = asyncio.create_task(app.run(generation))
+        await _until(lambda: _holders(app) == ({"kept": me, "removed": me}, [me]))
+        app.hand_over(app.settings.model_copy(update={"mailboxes": app.settings.mailboxes[:1]}))
+        generation.set()
+        await running
+        assert _holders(app) == ({"kept": me, "removed": None}, [me])  # still alive, for the next run
+        await app.leave()
+        assert _holders(app) == ({"kept": None, "removed": None}, [])
+    finally:
+        app.close()

@@ -293,8 +293,8 @@ def test_sla_reminders_and_breaches_are_counted_by_the_daemons_check(tmp_path: P
         app.close()
     assert app.metrics is not None
     found = samples(app.metrics)
-    assert found[("mailbridge_sla_reminders_total", ())] == 1
-    assert found[("mailbridge_sla_breaches_total", ())] == 1
+    assert found[("mailbridge_sla_reminders_total", (("mailbox", "support"),))] == 1
+    assert found[("mailbridge_sla_breaches_total", (("mailbox", "support"),))] == 1
 
 
 async def test_the_crm_reports_since_when_it_fails_until_it_answers_again(tmp_path: Path) -> None:

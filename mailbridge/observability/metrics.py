@@ -92,20 +92,31 @@ class Metrics:
             [*by_box, "outcome"],
             registry=registry,
         )
-        self.sla_reminders = Counter("mailbridge_sla_reminders", "SLA reminders queued", registry=registry)
-        self.sla_breaches = Counter(
-            "mailbridge_sla_breaches", "SLA targets breached (escalations queued)", registry=registry
+        self.sla_reminders = Counter(
+            "mailbridge_sla_reminders", "SLA reminders queued, by the mailbox of the ticket", by_box, registry=registry
         )
+        self.sla_breaches = Counter(
+            "mailbridge_sla_breaches",
+            "SLA targets breached (escalations queued), by the mailbox of the ticket",
+            by_box,
+            registry=registry,
+        )
+        self.state = StateCollector(sending)
+        registry.register(self.state)
+        self.configure(mailboxes, sending)
+
+    def configure(self, mailboxes: Sequence[str], sending: Sequence[str]) -> None:
+        """The configured mailboxes: at start, and again after a reload, which keeps the counters (a
+        Prometheus counter only ever grows within a process); a removed mailbox's series stay as they were."""
         for box in mailboxes:  # every series from the start, so a rate() sees the first mail
             self.fetched.labels(box)
-            for counter in self.intake.values():
+            for counter in (*self.intake.values(), self.sla_reminders, self.sla_breaches):
                 counter.labels(box)
         for box in sending:
             self.sent.labels(box)
             for outcome in ("retry", "failed"):
                 self.smtp_failures.labels(box, outcome)
-        self.state = StateCollector(sending)
-        registry.register(self.state)
+        self.state.sending = sending
 
     def count_intake(self, results: Iterable[Result]) -> None:
         """One committed batch (its mails come from one mailbox, but nothing here relies on it)."""
@@ -128,8 +139,10 @@ class Metrics:
                 self.smtp_failures.labels(mailbox, outcome).inc(count)
 
     def count_sla(self, report: CheckReport) -> None:
-        self.sla_reminders.inc(report.reminders)
-        self.sla_breaches.inc(report.escalations)
+        for mailbox, count in report.reminders_by_mailbox.items():
+            self.sla_reminders.labels(mailbox).inc(count)
+        for mailbox, count in report.escalations_by_mailbox.items():
+            self.sla_breaches.labels(mailbox).inc(count)
 
 
 class StateCollector:

@@ -10,8 +10,9 @@ restart neither forgets nor repeats one.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +45,9 @@ class CheckReport:
     moved: int = 0  # of those, the tickets whose policy, deadlines or reminders changed
     without_policy: int = 0  # ... to which no target applies any more
     unreachable: int = 0  # ... whose target lies beyond the calendar's horizon (no deadline)
+    # The reminders and escalations again, by the mailbox of their ticket (the metrics are per mailbox).
+    reminders_by_mailbox: Counter[str] = field(default_factory=Counter)
+    escalations_by_mailbox: Counter[str] = field(default_factory=Counter)
 
     @property
     def mails(self) -> int:
@@ -86,6 +90,8 @@ class SlaCheck:
             report.reminders += fired.reminders
             report.escalations += fired.escalations
             report.skipped += fired.skipped
+            report.reminders_by_mailbox.update(fired.reminders_by_mailbox)
+            report.escalations_by_mailbox.update(fired.escalations_by_mailbox)
             yield True
             if fired.reminders + fired.escalations + fired.skipped < _FIRE_BATCH:
                 break
@@ -167,11 +173,13 @@ class SlaCheck:
             done.append({"timer_id": timer_id, "outcome": outcome})
             if alert.share >= BREACH:
                 report.escalations += 1
+                report.escalations_by_mailbox[alert.ticket.mailbox] += 1
                 # As committed now: another instance may have changed it since the due timers were read.
                 set_committed_value(alert.ticket, "priority", priorities.get(alert.ticket.id, alert.ticket.priority))
                 events += self._breached(alert.ticket, alert.target, now, raised)
             else:
                 report.reminders += 1
+                report.reminders_by_mailbox[alert.ticket.mailbox] += 1
                 events.append(_event(alert.ticket.id, now, "sla_reminder", None, alert.target))
         timers = SlaTimer.__table__
         assert isinstance(timers, Table)
