@@ -489,7 +489,8 @@ def _default_domain() -> str:
 class InstanceSettings(_Strict):
     """Several daemons on one database: each mailbox is fetched by one of them at a time, under a lease."""
 
-    # How this daemon is named in the leases and in `mailbridge status`; default: host:pid:random.
+    # How this daemon is named in the leases and in `mailbridge status`; default: host:data directory
+    # (one daemon per data directory, so a restarted daemon takes its leases back at once).
     name: str | None = Field(default=None, min_length=1, max_length=120)
     # A lease not renewed for this long is taken over by another instance (its holder died).
     lease_seconds: float = Field(default=30.0, ge=3, le=600)
