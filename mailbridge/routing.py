@@ -214,13 +214,32 @@ class Router:
 
     def _decide(self, rules: Sequence[_CompiledRule], matched: tuple[RuleMatch, ...]) -> Decision:
         settings = self.settings
+        # One pass over the matching rules (there can be dozens): the first queue wins, the first priority
+        # and owner count, tags and queues in order without repeats, every later queue that differs conflicts.
+        winner: _CompiledRule | None = None
+        priority = owner = None
+        tags_in_order: dict[str, None] = {}
+        queues: dict[str, None] = {}
+        triage: list[str] = []
+        conflicting: list[_CompiledRule] = []
+        for rule in rules:
+            if rule.queue:
+                if winner is None:
+                    winner = rule
+                elif rule.queue != winner.queue:
+                    conflicting.append(rule)
+                queues[rule.queue] = None
+            if rule.priority and priority is None:
+                priority = rule.priority
+            if rule.owner and owner is None:
+                owner = rule.owner
+            for tag in rule.tags:
+                tags_in_order[tag] = None
+            if rule.triage:
+                triage.append(rule.name)
         names = tuple(rule.name for rule in rules)
-        winner = next((rule for rule in rules if rule.queue), None)
+        tags = tuple(tags_in_order)
         queue = winner.queue if winner else None
-        priority = next((rule.priority for rule in rules if rule.priority), None)
-        owner = next((rule.owner for rule in rules if rule.owner), None)
-        tags = tuple(dict.fromkeys(tag for rule in rules for tag in rule.tags))
-        triage = [rule.name for rule in rules if rule.triage]
         if winner is None and not triage:
             if settings.default_queue:  # no rule names a queue: the default one
                 return Decision(settings.default_queue, priority, owner, tags, 1.0, matched=matched, rule_names=names)
@@ -235,8 +254,7 @@ class Router:
                 rule_names=names,
             )
         confidence = winner.confidence if winner else 0.0
-        candidates = tuple(dict.fromkeys(rule.queue for rule in rules if rule.queue))
-        conflicting = [rule for rule in rules if rule.queue and rule.queue != queue]
+        candidates = tuple(queues)
         for other in conflicting:
             confidence *= 1 - other.confidence / 2
         why: list[str] = []
@@ -442,6 +460,10 @@ class _Gates:
                 shortest = self.shortest[field_name] = min(len(b) for b in by_beginning)
                 for beginning, indexes in sorted(by_beginning.items()):
                     self.prefix[field_name].setdefault(beginning[:shortest], []).append((beginning, indexes))
+        # What each word of a mail gates, remembered per field: mail reuses its words (a language has few
+        # common ones, a help desk's mail even fewer), so after the first mails most words are a set lookup.
+        self._seen: dict[str, set[str]] = {f: set() for f in self.FIELDS}  # words whose rules are known
+        self._gating: dict[str, dict[str, frozenset[int]]] = {f: {} for f in self.FIELDS}  # those that pick rules
 
     @classmethod
     def gate(cls, texts: Sequence[_TextCondition]) -> tuple[_TextCondition, tuple[_Keyword, ...]] | None:
@@ -460,22 +482,36 @@ class _Gates:
                         return condition, (with_words[0],)
         return None
 
+    SEEN_LIMIT = 100_000  # words remembered per field: a worker's memory stays bounded whatever the mail
+
     def candidates(self, view: _MailView) -> set[int]:
         found = set(self.always)
         for field_name in self.FIELDS:
-            exact, prefix = self.exact[field_name], self.prefix[field_name]
-            if not exact and not prefix:
+            if not self.exact[field_name] and not self.prefix[field_name]:
                 continue
             unique = view.words(field_name).unique
-            for word in exact.keys() & unique:
-                found |= exact[word]
-            if prefix:
-                shortest = self.shortest[field_name]
-                for word in unique:
-                    for beginning, indexes in prefix.get(word[:shortest], ()):
-                        if word.startswith(beginning):
-                            found |= indexes
+            seen, gating = self._seen[field_name], self._gating[field_name]
+            for word in unique - seen:
+                rules = self._rules_of(field_name, word)
+                if len(seen) < self.SEEN_LIMIT:
+                    seen.add(word)
+                    if rules:
+                        gating[word] = rules
+                elif rules:  # not remembered: counted here
+                    found |= rules
+            for word in unique & gating.keys():
+                found |= gating[word]
         return found
+
+    def _rules_of(self, field_name: str, word: str) -> frozenset[int]:
+        """The rules this word of the field picks: as a keyword, or by one of its word beginnings."""
+        rules = set(self.exact[field_name].get(word, ()))
+        prefix = self.prefix[field_name]
+        if prefix:
+            for beginning, indexes in prefix.get(word[: self.shortest[field_name]], ()):
+                if word.startswith(beginning):
+                    rules |= indexes
+        return frozenset(rules)
 
 
 def _keywords_hold(
