@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -121,10 +122,13 @@ def test_the_workers_decision_without_explanations_is_the_explained_one() -> Non
         mail("Nic", "zupełnie nic"),
     ]
     routing = router(*rules, default_queue="general")
+    # What a parser worker routes with: the rules compiled by the daemon, without the settings (pickled).
+    worker = Router(pickle.loads(pickle.dumps(routing.rule_set.for_workers())))
     for routed in mails:
         for mailbox in ("support", "sales"):
             explained = routing.by_rules(routed, mailbox)
             assert routing.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
+            assert worker.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
     assert {m.rule.name for m in routing.by_rules(mails[2], "support").matched} == {"both", "pattern", "header", "vip"}
     assert {m.rule.name for m in routing.by_rules(mails[1], "support").matched} == {"words", "pair", "sender"}
 
