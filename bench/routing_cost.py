@@ -7,6 +7,8 @@ rules file and customer directory), over the first M mails of the benchmark corp
 
 * the parser workers' share: `Router.by_rules(..., explain=False)` per mail (CPU ms; median and range of
   the rounds), the rules matching a mail, and the decision's pickled size (it travels to the main process);
+  what a worker gets at its start (the compiled `RuleSet.for_workers()`, pickled) and what unpickling it
+  and indexing the rules costs (every recycled worker does it);
 * the main process's share: loading the customer directory (CPU s, and the RSS it adds) and
   `Router.with_customer` per mail.
 
@@ -40,7 +42,7 @@ import run_bench  # noqa: E402
 from mailbridge.customers import CustomerDirectory  # noqa: E402
 from mailbridge.ingest.mail import ParsedMail  # noqa: E402
 from mailbridge.ingest.parse import parse  # noqa: E402
-from mailbridge.routing import Router  # noqa: E402
+from mailbridge.routing import Router, RuleSet  # noqa: E402
 from mailbridge.routing_rules import RoutingSettings, Rule  # noqa: E402
 
 
@@ -64,6 +66,10 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
+def router_settings(rules: list[Rule], config: dict[str, Any]) -> RoutingSettings:
+    return RoutingSettings(rules=rules, default_queue=config["default_queue"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=2000, help="corpus size N (generated if missing)")
@@ -82,7 +88,7 @@ def main() -> int:
             directory.mkdir()
             config = run_bench.routing_config(directory, sparse=variant == "sparse")
             rules = [Rule.model_validate(r) for r in yaml.safe_load(Path(config["rules_file"]).read_text())]
-            router = Router(RoutingSettings(rules=rules, default_queue=config["default_queue"]))
+            router = Router(router_settings(rules, config))
             decisions = [router.by_rules(m, "support", explain=False) for m in mails]
             workers = cpu_per_mail_ms(
                 args.rounds, lambda r=router: [r.by_rules(m, "support", explain=False) for m in mails], len(mails)
@@ -90,10 +96,13 @@ def main() -> int:
             matched = statistics.mean(len(d.rule_names) for d in decisions)
             triage = sum(d.queue == "triage" for d in decisions) / len(decisions)
             size = statistics.mean(len(pickle.dumps(d, pickle.HIGHEST_PROTOCOL)) for d in decisions)
+            shipped = pickle.dumps(RuleSet.of(router_settings(rules, config)).for_workers())
+            starts = cpu_per_mail_ms(args.rounds, lambda s=shipped: Router(pickle.loads(s)), 1)
             print(
                 f"routing={variant}: {len(rules)} rules, {matched:.1f} matching a mail, {triage:.0%} to triage; "
                 f"by_rules {spread(workers)} CPU ms per mail (median (min-max) of {args.rounds} rounds, "
-                f"{len(mails)} mails); decision {size:.0f} bytes pickled"
+                f"{len(mails)} mails); decision {size:.0f} bytes pickled; a worker's rules {len(shipped):,} bytes "
+                f"pickled, {spread(starts, '{:.1f}')} CPU ms to unpickle and index"
             )
         gc.collect()
         before = rss_mib()

@@ -37,7 +37,7 @@ from mailbridge.notify.status import StatusMailer
 from mailbridge.notify.writer import MailWriter
 from mailbridge.oauth import TokenSources
 from mailbridge.pipeline import Pipeline, Result
-from mailbridge.routing import Router
+from mailbridge.routing import Router, RuleSet
 from mailbridge.sla.check import CheckReport, SlaCheck
 from mailbridge.sla.planner import SlaPlanner
 from mailbridge.threading.resolve import Threader
@@ -102,7 +102,8 @@ class App:
             blob_root=self.settings.storage_path / "blobs",
             fsync=self.settings.storage.fsync,
             max_message_bytes=self.settings.parsing.max_message_bytes,
-            routing=self.settings.routing,
+            # The rules compiled here, as plain data: the workers route without the configuration's models.
+            routing=RuleSet.of(self.settings.routing).for_workers() if self.settings.routing.rules else None,
             ticket_refs=TicketRefs(self.settings.tickets),
         )
 

@@ -742,7 +742,7 @@ def load_settings(path: Path | None = None) -> Settings:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -753,6 +753,12 @@ def load_settings(path: Path | None = None) -> Settings:
     _resolve_relative_paths(data, base)
     _include_rules_file(data, path)
     return _validate(_override_from_environment(data), str(path))
+
+
+def _load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, parsed by libyaml where PyYAML has it: the same data (the constructor is the same),
+    eight times faster, which a rules file of a few hundred rules notices at every start."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _validate(data: dict[str, Any], source: str) -> Settings:
@@ -782,7 +788,7 @@ def _include_rules_file(data: dict[str, Any], path: Path) -> None:
         return
     rules_path = Path(routing["rules_file"])
     try:
-        extra = yaml.safe_load(rules_path.read_text(encoding="utf-8")) or []
+        extra = _load_yaml(rules_path.read_text(encoding="utf-8")) or []
     except OSError as exc:
         raise ConfigError(f"{path}: routing.rules_file {rules_path} cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:

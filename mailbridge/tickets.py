@@ -95,7 +95,10 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
         _insert_ids(
             session,
             Ticket,
-            [
+            # Routing leaves priority, owner, organisation, tier or the triage reason empty on some tickets
+            # and not on others; each column given here has no default, so NULL is what leaving it out means.
+            render_nulls=True,
+            rows=[
                 {
                     "status": TicketStatus.NEW,
                     "subject": db_text(item.mail.subject),
@@ -198,9 +201,17 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
     return ids
 
 
-def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """INSERT many rows and return their ids in the rows' order (one statement where the driver allows)."""
-    result = session.execute(insert(table).returning(table.id, sort_by_parameter_order=True), rows)
+def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]], render_nulls: bool = False) -> list[int]:
+    """INSERT many rows and return their ids in the rows' order (one statement where the driver allows).
+
+    The ORM leaves a None out of the INSERT (so that a column default applies) and runs the rows in groups of
+    equal columns, each group compiled and executed on its own. `render_nulls` sends None as NULL instead: one
+    group, for rows whose None values are all in columns without a default."""
+    result = session.execute(
+        insert(table).returning(table.id, sort_by_parameter_order=True),
+        rows,
+        execution_options={"render_nulls": render_nulls},
+    )
     return list(result.scalars())
 
 

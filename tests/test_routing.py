@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -121,12 +122,42 @@ def test_the_workers_decision_without_explanations_is_the_explained_one() -> Non
         mail("Nic", "zupełnie nic"),
     ]
     routing = router(*rules, default_queue="general")
+    # What a parser worker routes with: the rules compiled by the daemon, without the settings (pickled).
+    worker = Router(pickle.loads(pickle.dumps(routing.rule_set.for_workers())))
     for routed in mails:
         for mailbox in ("support", "sales"):
             explained = routing.by_rules(routed, mailbox)
             assert routing.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
+            assert worker.by_rules(routed, mailbox, explain=False) == replace(explained, matched=())
     assert {m.rule.name for m in routing.by_rules(mails[2], "support").matched} == {"both", "pattern", "header", "vip"}
     assert {m.rule.name for m in routing.by_rules(mails[1], "support").matched} == {"words", "pair", "sender"}
+
+
+def test_the_gates_decide_the_same_with_their_words_remembered_or_not() -> None:
+    # The gates remember what each word picks; a word seen before, one seen first, and one the full memory
+    # no longer keeps must pick the same rules.
+    rules = [
+        {"name": "exact", "when": {"text": {"any": ["faktura", "umowa ramowa"]}}, "then": {"queue": "a"}},
+        {"name": "beginning", "when": {"text": {"any": ["faktur*", "rachun*"]}}, "then": {"queue": "b"}},
+        {"name": "short", "when": {"subject": {"any": ["vpn*"]}}, "then": {"tags": ["net"]}},
+        {"name": "all", "when": {"body": {"all": ["serwer*", "awaria"]}}, "then": {"priority": "P1"}},
+    ]
+    mails = [
+        mail("Faktura 12/2026", "rachunki i faktury"),
+        mail("VPNy nie działają", "awaria, serwery stoją; umowa ramowa"),
+        mail("fakturowanie", "nic innego"),
+        mail("Pytanie", "zupełnie nic"),
+    ]
+    fresh = [router(*rules, default_queue="general").by_rules(m, "support", explain=False) for m in mails]
+    remembering = router(*rules, default_queue="general")
+    forgetting = router(*rules, default_queue="general")
+    forgetting._gates.SEEN_LIMIT = 3
+    for _ in range(2):  # the second time round, the words are remembered (as far as the limit lets them)
+        assert [remembering.by_rules(m, "support", explain=False) for m in mails] == fresh
+        assert [forgetting.by_rules(m, "support", explain=False) for m in mails] == fresh
+    assert len(forgetting._gates._seen["text"]) == 3
+    assert [d.queue for d in fresh] == ["triage", "a", "b", "general"]
+    assert [d.rule_names for d in fresh] == [("exact", "beginning"), ("exact", "short", "all"), ("beginning",), ()]
 
 
 def test_first_queue_wins_later_matches_fill_in_and_conflicts_send_to_triage() -> None:

@@ -17,13 +17,14 @@ import signal
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pebble import ProcessExpired, ProcessPool
 
 from mailbridge.ingest.mail import Parsed, ParseFailure, too_slow
 
 if TYPE_CHECKING:
+    from mailbridge.routing import RuleSet
     from mailbridge.threading.ticket_refs import TicketRefs
 
 CHUNK = 25  # mails per task: amortises the task overhead and the syncfs; batches still spread over workers
@@ -31,7 +32,7 @@ MAX_TASKS_PER_WORKER = 40
 WORKER_MODULE = "mailbridge.ingest.parse_worker"
 
 
-def _init_worker(routing: Any = None, ticket_refs: TicketRefs | None = None) -> None:
+def _init_worker(routing: RuleSet | None = None, ticket_refs: TicketRefs | None = None) -> None:
     from mailbridge.ingest.parse_worker import ignore_stop_signals, set_up_routing, set_up_ticket_refs
 
     ignore_stop_signals()
@@ -61,7 +62,7 @@ class ParsePool:
         blob_root: Path,
         fsync: bool,
         max_message_bytes: int,
-        routing: Any = None,  # RoutingSettings: the workers route what they parse
+        routing: RuleSet | None = None,  # the workers route what they parse (`RuleSet.for_workers`)
         ticket_refs: TicketRefs | None = None,  # mail naming one of our tickets is a reply: its new text is found
     ) -> None:
         self.workers = workers
@@ -71,8 +72,8 @@ class ParsePool:
         self._fsync = fsync
         # forkserver: the daemon has threads (the database thread) and a running loop; forking it is unsafe.
         context = multiprocessing.get_context("forkserver")
-        # Routing rules, if any, are compiled on the workers; their modules (pydantic) are preloaded once in
-        # the forkserver instead of imported again by every recycled worker.
+        # The routing module (light: no pydantic) is preloaded once in the forkserver instead of imported
+        # again by every recycled worker.
         routing = routing if routing is not None and routing.rules else None
         context.set_forkserver_preload([WORKER_MODULE, *(["mailbridge.routing"] if routing else [])])
         # Recycling workers now and then caps their memory high-water mark (CPython keeps freed arenas).

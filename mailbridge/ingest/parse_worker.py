@@ -8,12 +8,15 @@ import signal
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailbridge.blobstore import BlobStore
 from mailbridge.ingest.mail import Parsed, ParsedMail, ParseFailure, too_slow
 from mailbridge.ingest.parse import ParseError, parse
 from mailbridge.threading.ticket_refs import TicketRefs
+
+if TYPE_CHECKING:
+    from mailbridge.routing import RuleSet
 
 
 class StashError(Exception):
@@ -61,8 +64,9 @@ def parse_and_stash(raw: bytes, blob_root: str) -> ParsedMail:
 _router: Any = None  # this worker's routing rules (set up by the pool's initializer)
 
 
-def set_up_routing(routing: Any) -> None:
-    """Compile the routing rules once per worker: routing is CPU work too, and runs beside parsing."""
+def set_up_routing(routing: RuleSet | None) -> None:
+    """The routing rules, compiled by the daemon, for this worker: routing is CPU work too, and runs beside
+    parsing."""
     global _router
     if routing is not None and routing.rules:
         from mailbridge.routing import Router
