@@ -172,8 +172,31 @@ def _read_headers(raw: bytes, defects: list[str]) -> _HeaderView | None:
 
 # Eight or more lines made only of base64 characters: an encoded attachment. A MIME boundary starts
 # with "--" and a header line holds a colon, so no such run can contain either.
-_BASE64_RUN = re.compile(rb"^(?:[A-Za-z0-9+/=]{40,}\r?\n){7,}[A-Za-z0-9+/=]{40,}(?=\r?\n)", re.MULTILINE)
+# Written for the regex engine's speed, the same runs as `^(?:L\r?\n){7,}L(?=\r?\n)` in MULTILINE mode
+# (L = 40 or more base64 characters): the possessive `{40,}+` never backtracks into a line (no base64
+# character can end one), which the plain form did at every position of a line when the line end did not
+# follow at once (broken "\r\r\n" line ends: 0.66 -> 0.15 ms per bench mail; 0.16 -> 0.15 with CRLF); and
+# a search for a literal "\n" visits only line starts. The first line of the mail has no "\n" before it.
+_BASE64_LINE = rb"[A-Za-z0-9+/=]{40,}+"
+_BASE64_LINES = _BASE64_LINE + rb"(?:\r?\n" + _BASE64_LINE + rb"){7,}"
+_BASE64_RUN_AT_START = re.compile(_BASE64_LINES + rb"(?=\r?\n)")
+_BASE64_RUN = re.compile(rb"\n(" + _BASE64_LINES + rb")(?=\r?\n)")
 _RUN_TOKEN = re.compile("\x00mb([0-9]+)\x00")
+
+
+def shorten_base64_runs(raw: bytes) -> tuple[bytes, list[bytes]]:
+    """Each run of base64 lines replaced by the token line "\\x00mb<index>\\x00"; the runs, by index."""
+    runs: list[bytes] = []
+
+    def token(run: bytes) -> bytes:
+        runs.append(run)
+        return b"\x00mb%d\x00" % (len(runs) - 1)
+
+    shortened = raw
+    at_start = _BASE64_RUN_AT_START.match(raw)
+    if at_start is not None:
+        shortened = token(at_start.group()) + raw[at_start.end() :]
+    return _BASE64_RUN.sub(lambda match: b"\n" + token(match.group(1)), shortened), runs
 
 
 def message_from_bytes(raw: bytes) -> email.message.Message:
@@ -186,13 +209,7 @@ def message_from_bytes(raw: bytes) -> email.message.Message:
     token did not come back exactly once (it landed somewhere other than a payload)."""
     if b"\x00" in raw:
         return read_mime(raw)
-    runs: list[bytes] = []
-
-    def stash(match: re.Match[bytes]) -> bytes:
-        runs.append(match.group())
-        return b"\x00mb%d\x00" % (len(runs) - 1)
-
-    shortened = _BASE64_RUN.sub(stash, raw)
+    shortened, runs = shorten_base64_runs(raw)
     message = read_mime(shortened)
     if not runs:
         return message
