@@ -148,14 +148,20 @@ class _HeaderView:
         return _date(result.value)
 
 
-@functools.lru_cache(maxsize=4096)
 def _read_addresses(text: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """mail-parser's reading of an address header: (name, address) pairs and its diagnostics' reasons.
     Remembered per worker (~0.15 ms a header): most mails of a help desk go to the same few addresses, and
-    customers write again from theirs."""
+    customers write again from theirs. A long list of recipients is read every time (the cache stays small)."""
+    return _read_short_addresses(text) if len(text) <= 1000 else _read_any_addresses(text)
+
+
+def _read_any_addresses(text: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     diagnostics: list[dict[str, Any]] = []
     pairs = get_addresses(text, defects=diagnostics, decode_names=True)
     return tuple(pairs), tuple(d.get("reason") for d in diagnostics)
+
+
+_read_short_addresses = functools.lru_cache(maxsize=4096)(_read_any_addresses)
 
 
 def _looks_like_a_reply(
