@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import email
+import random
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from mailbridge.ingest.parse import message_from_bytes, parse
+from mailbridge.ingest.parse import message_from_bytes, parse, shorten_base64_runs
 from tests.support.mime import mime_tree
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "emails"
@@ -108,3 +110,44 @@ def test_fixtures_fast_mime_reading_gives_the_stdlib_tree() -> None:
     for case in CASES:
         raw = (FIXTURES / f"{case}.eml").read_bytes()
         assert mime_tree(message_from_bytes(raw)) == mime_tree(email.message_from_bytes(raw)), case
+
+
+# The definition of a base64 run, written plainly (the shortcut's regex is written for speed).
+_PLAIN_BASE64_RUN = re.compile(rb"^(?:[A-Za-z0-9+/=]{40,}\r?\n){7,}[A-Za-z0-9+/=]{40,}(?=\r?\n)", re.MULTILINE)
+
+
+def _random_lines(rng: random.Random) -> bytes:
+    """Runs of base64-like lines of the lengths around the limit, broken up by blank lines, lines that go on
+    after their base64 characters, stray CRs and text, with LF, CRLF, CR CR LF or no line end."""
+    lines = []
+    eol = rng.choice([b"\n", b"\r\n"])
+    for _ in range(rng.randint(0, 20)):
+        kind = rng.random()
+        if kind < 0.8:
+            line = bytes(rng.choice(b"Ab0+/=") for _ in range(rng.choice([39, 40, 41, 76, 76, 76])))
+        elif kind < 0.85:
+            line = bytes(rng.choice(b"Ab0+/=") for _ in range(45)) + rng.choice([b" x", b"\r", b"-"])
+        elif kind < 0.9:
+            line = b""
+        else:
+            line = bytes(rng.choice(b"ABCab09+/=- :\r\n") for _ in range(rng.randint(0, 60)))
+        lines.append(line + (eol if rng.random() < 0.9 else rng.choice([b"\n", b"\r\n", b"\r\r\n", b""])))
+    return b"".join(lines)
+
+
+def test_fast_mime_reading_finds_the_base64_runs_of_the_plain_definition() -> None:
+    rng = random.Random(20261201)
+    with_runs = at_start = 0
+    for _ in range(3000):
+        raw = _random_lines(rng)
+        plain_runs: list[bytes] = []
+
+        def plain_token(match: re.Match[bytes], runs: list[bytes] = plain_runs) -> bytes:
+            runs.append(match.group())
+            return b"\x00mb%d\x00" % (len(runs) - 1)
+
+        assert shorten_base64_runs(raw) == (_PLAIN_BASE64_RUN.sub(plain_token, raw), plain_runs), raw
+        with_runs += bool(plain_runs)
+        at_start += bool(plain_runs) and raw.startswith(plain_runs[0])
+    assert with_runs > 150  # the generator does make runs, at the start of the input too
+    assert at_start > 30

@@ -211,3 +211,20 @@ def test_mime_parser_uses_its_own_feedparser_copy_and_leaves_the_stdlib_alone() 
     ours, stdlib = mime_parser.message_from_bytes(raw), email.message_from_bytes(raw)
     assert [p.get_payload() for p in ours.walk()][1:] == [p.get_payload() for p in stdlib.walk()][1:] == ["hello"]
     assert (ours.preamble, ours.epilogue) == (stdlib.preamble, stdlib.epilogue) == ("pre", "epilogue\n")
+
+
+def test_an_address_header_read_again_gives_the_same_addresses_and_defects() -> None:
+    """Address headers are remembered per worker; a mail whose header was seen before must still get
+    that header's defects, and nothing of the previous mail."""
+    headers = b'From: Anna anna@x.example, <bob@y.example\r\nTo: "Support <support@x.example>\r\n'
+    first = parse(headers + b"Subject: one\r\n\r\nbody\r\n")
+    second = parse(headers + b"Subject: two\r\n\r\nbody\r\n")
+    assert first.sender is not None and first.sender.address == "anna@x.example"
+    assert first.defects == (
+        "AddressHeaderDefect: from: invalid-or-ambiguous-address",
+        "AddressHeaderDefect: from: unclosed-delimiter",
+        "AddressHeaderDefect: to: unclosed-delimiter",
+    )
+    assert (second.sender, second.to, second.defects) == (first.sender, first.to, first.defects)
+    clean = parse(b"From: anna@x.example\r\nTo: support@x.example\r\nSubject: three\r\n\r\nbody\r\n")
+    assert clean.defects == ()
