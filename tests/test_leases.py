@@ -28,7 +28,7 @@ from mailbridge.leases import (
     release,
 )
 from mailbridge.models import Instance, MailboxLease, OutboxMail
-from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender
+from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender, _Recorder, _Result
 from tests.imap_env import make_app
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -161,6 +161,50 @@ def test_a_claim_given_back_or_run_out_can_be_taken_by_another_sender(db: Databa
         assert two._claim() == []
     with time_machine.travel(datetime.now(UTC) + timedelta(seconds=121), tick=False):
         assert sorted(mail.id for mail in two._claim()) == sorted(mail.id for mail in taken)
+
+
+def test_a_late_outcome_never_undoes_the_work_of_the_sender_that_took_the_claim_over(
+    db: Database, tmp_path: Path
+) -> None:
+    """Sender "one" claims three mails, and its commit of their outcomes comes after its claim ran out and
+    "two" claimed them. Its "retry" must not clear two's claim or put a sent mail back in the queue; its
+    "sent" stands (the server accepted the mail: it must never go out again)."""
+    _outbox(db, 3)
+    one, two = _sender(db, tmp_path, "one"), _sender(db, tmp_path, "two")
+    first, second, third = sorted(one._claim(), key=lambda mail: mail.id)
+    with time_machine.travel(datetime.now(UTC) + timedelta(seconds=121), tick=False):
+        assert sorted(mail.id for mail in two._claim()) == [first.id, second.id, third.id]
+    late, current = _Recorder(db, one.settings, one.name), _Recorder(db, two.settings, two.name)
+    assert current._write([_Result(first, sent=True)]) == {("a1", "sent"): 1}
+
+    tally = late._write(
+        [
+            _Result(first, sent=False, error="deferred: 451 try later"),  # two has sent it meanwhile
+            _Result(second, sent=False, error="deferred: 451 try later"),  # two holds it, not sent yet
+            _Result(third, sent=True),  # accepted by the server, though two holds it now
+        ]
+    )
+    assert tally == {("a1", "sent"): 1}  # only what this commit changed is counted
+    rows = _rows(db)
+    assert rows[first.id] == ("sent", None, 1)
+    assert rows[second.id] == ("pending", two.name, 0)  # still two's, not free for a third sender
+    assert rows[third.id] == ("sent", None, 1)
+
+    tally = current._write(
+        [_Result(second, sent=False, error="refused: 550 no such user", permanent=True), _Result(third, sent=True)]
+    )
+    assert tally == {("a1", "failed"): 1}  # third: already recorded sent, not counted twice
+    rows = _rows(db)
+    assert rows[second.id] == ("failed", None, 1)
+    assert rows[third.id] == ("sent", None, 1)
+    three = _sender(db, tmp_path, "three")
+    with time_machine.travel(datetime.now(UTC) + timedelta(days=1), tick=False):
+        assert three._claim() == []  # nothing was put back in the queue
+
+
+def _rows(db: Database) -> dict[int, tuple[str, str | None, int]]:
+    with db.reader() as session:
+        return {row.id: (row.status, row.claimed_by, row.attempts) for row in session.scalars(select(OutboxMail))}
 
 
 def test_instances_started_at_once_on_a_new_database_migrate_it_once(postgres_url: str) -> None:

@@ -9,7 +9,8 @@ until its own backoff ends, so an outage costs one attempt, not one per waiting 
 Several instances share the outbox: a sender claims the mails it is about to send (`claimed_by`,
 `claimed_until`, taken with FOR UPDATE SKIP LOCKED on PostgreSQL, so two senders never claim one mail),
 starts no mail in the second half of its claim, and gives back what it did not send. Another instance's
-sender takes a claimed mail only once the claim has run out (its holder died mid-way).
+sender takes a claimed mail only once the claim has run out (its holder died mid-way, or its commit was
+late); the late holder's outcomes then leave the new holder's claim alone (see `_Recorder._write`).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class OutboxSender:
         for mail in due:
             queue.put_nowait(mail)
             self._in_flight.add(mail.id)
-        recorder = _Recorder(self.db, self.settings, self.recorded)
+        recorder = _Recorder(self.db, self.settings, self.name, self.recorded)
         committer = asyncio.create_task(recorder.run(), name="outbox-recorder")
         try:
             workers = min(self.settings.connections, len(due))
@@ -405,10 +406,15 @@ class _Recorder:
     """Group commit: the outcomes of all connections that finish while one commit runs go into the next."""
 
     def __init__(
-        self, db: Database, settings: OutboxSettings, recorded: Callable[[OutboxTally], None] | None = None
+        self,
+        db: Database,
+        settings: OutboxSettings,
+        holder: str,
+        recorded: Callable[[OutboxTally], None] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
+        self.holder = holder  # our sender's name: the claims it holds carry it in `claimed_by`
         self.on_commit = recorded  # the daemon's metrics: what each commit recorded
         self._pending: list[tuple[_Result, asyncio.Future[None]]] = []
         self.recorded: set[int] = set()  # the mails whose outcome is committed
@@ -446,46 +452,53 @@ class _Recorder:
                 return
 
     def _write(self, results: list[_Result]) -> OutboxTally:
-        # One executemany per kind of outcome: this commit is what each connection waits for.
+        """Record the outcomes in one commit (what each connection waits for) and return what it recorded.
+
+        A late outcome must not undo another sender's work: this commit can come after our claim ran out
+        (a slow commit, a stalled database) and another sender claimed the mail. "sent" is recorded whoever
+        holds the claim now, as long as the mail is not already sent or bounced: the server has accepted it,
+        so the mail must never go out again (the other sender's own outcome then finds it sent and is
+        dropped). "retry" and "failed" are recorded only while the mail is still pending and claimed by us:
+        otherwise the mail belongs to its new holder (or is done), and writing our retry would clear the
+        new holder's claim for a third sender, or put a sent mail back into the queue."""
         now = utcnow()
-        table = OutboxMail.__table__
-        assert isinstance(table, Table)
-        sent = [{"b_id": r.mail.id, "b_error": r.error} for r in results if r.sent]
-        unsent = [{"b_id": r.mail.id, **self._retry_values(r, now)} for r in results if not r.sent]
-        tally: OutboxTally = Counter((r.mail.mailbox, "sent") for r in results if r.sent)
-        for result, values in zip((r for r in results if not r.sent), unsent, strict=True):
-            tally[(result.mail.mailbox, "failed" if values["b_status"] == OutboxStatus.FAILED else "retry")] += 1
+        tally: OutboxTally = Counter()
         with self.db.unit_of_work() as session:
             connection = session.connection()  # Core statements: no ORM bookkeeping on this hot path
+            sent = [r for r in results if r.sent and r.error is None]
             if sent:
-                connection.execute(
-                    update(table)
-                    .where(table.c.id == bindparam("b_id"))
-                    .values(
-                        status=OutboxStatus.SENT,
-                        sent_at=now,
-                        attempts=table.c.attempts + 1,
-                        last_error=bindparam("b_error"),
-                        claimed_by=None,
-                        claimed_until=None,
-                    ),
-                    sent,
-                )
-            if unsent:
-                connection.execute(
-                    update(table)
-                    .where(table.c.id == bindparam("b_id"))
-                    .values(
-                        status=bindparam("b_status"),
-                        attempts=table.c.attempts + 1,
-                        last_error=bindparam("b_error"),
-                        next_attempt_at=bindparam("b_next"),
-                        claimed_by=None,
-                        claimed_until=None,
-                    ),
-                    unsent,
-                )
+                ids = connection.execute(_MARK_SENT, {"b_ids": [r.mail.id for r in sent], "b_now": now}).scalars()
+                applied = set(ids)
+                for result in sent:
+                    self._count(tally, result, "sent", applied=result.mail.id in applied)
+            for result in results:  # the rare ones: sent with a note (recipients refused), or not sent
+                if result.sent and result.error is None:
+                    continue
+                if result.sent:
+                    params = {"b_id": result.mail.id, "b_now": now, "b_error": db_text(result.error or "", 2000)}
+                    applied_one = connection.execute(_MARK_SENT_WITH_NOTE, params).rowcount == 1
+                    self._count(tally, result, "sent", applied=applied_one)
+                    continue
+                values = self._retry_values(result, now)
+                params = {"b_id": result.mail.id, "b_holder": self.holder, **values}
+                applied_one = connection.execute(_MARK_UNSENT, params).rowcount == 1
+                outcome = "failed" if values["b_status"] == OutboxStatus.FAILED else "retry"
+                self._count(tally, result, outcome, applied=applied_one)
         return tally
+
+    @staticmethod
+    def _count(tally: OutboxTally, result: _Result, outcome: str, *, applied: bool) -> None:
+        if applied:
+            tally[(result.mail.mailbox, outcome)] += 1
+        elif outcome == "sent":
+            log.info("outbox mail %s was sent again; it was already recorded sent", result.mail.message_id)
+        else:
+            log.warning(
+                "outbox mail %s: its claim passed to another sender before this outcome (%s) was recorded; "
+                "left to that sender",
+                result.mail.message_id,
+                outcome,
+            )
 
     def _retry_values(self, result: _Result, now: datetime) -> dict[str, object]:
         mail = result.mail
@@ -499,6 +512,55 @@ class _Recorder:
             return {"b_status": OutboxStatus.FAILED, "b_error": error, "b_next": now}
         log.warning("outbox mail %s not sent (%s); retry in %.0f s", mail.message_id, error, delay)
         return {"b_status": OutboxStatus.PENDING, "b_error": error, "b_next": retry_at}
+
+
+_OUTBOX = OutboxMail.__table__
+assert isinstance(_OUTBOX, Table)
+# Pending, or failed by another sender's attempt after ours got in. Said as NOT IN: an IN on status would
+# lead SQLite (no ANALYZE statistics) to scan the due index instead of looking the ids up by primary key.
+_ALREADY_SENT = (OutboxStatus.SENT, OutboxStatus.BOUNCED)
+# Built once: the recorder runs them for every commit.
+_MARK_SENT = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id.in_(bindparam("b_ids", expanding=True)), _OUTBOX.c.status.not_in(_ALREADY_SENT))
+    .values(
+        status=OutboxStatus.SENT,
+        sent_at=bindparam("b_now"),
+        attempts=_OUTBOX.c.attempts + 1,
+        last_error=None,
+        claimed_by=None,
+        claimed_until=None,
+    )
+    .returning(_OUTBOX.c.id)
+)
+_MARK_SENT_WITH_NOTE = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == bindparam("b_id"), _OUTBOX.c.status.not_in(_ALREADY_SENT))
+    .values(
+        status=OutboxStatus.SENT,
+        sent_at=bindparam("b_now"),
+        attempts=_OUTBOX.c.attempts + 1,
+        last_error=bindparam("b_error"),
+        claimed_by=None,
+        claimed_until=None,
+    )
+)
+_MARK_UNSENT = (
+    update(_OUTBOX)
+    .where(
+        _OUTBOX.c.id == bindparam("b_id"),
+        _OUTBOX.c.status == OutboxStatus.PENDING,
+        _OUTBOX.c.claimed_by == bindparam("b_holder"),
+    )
+    .values(
+        status=bindparam("b_status"),
+        attempts=_OUTBOX.c.attempts + 1,
+        last_error=bindparam("b_error"),
+        next_attempt_at=bindparam("b_next"),
+        claimed_by=None,
+        claimed_until=None,
+    )
+)
 
 
 async def _quietly_close(client: aiosmtplib.SMTP) -> None:

@@ -61,7 +61,9 @@ class _Handler:
         if self.delay:
             time.sleep(self.delay)  # the sink's own loop: blocks only the sink
         data = envelope.original_content or envelope.content
-        login = session.login_data.decode() if isinstance(session.login_data, bytes) else None
+        # auth_data, not the deprecated login_data (which logs a warning on every read: per mail).
+        user = getattr(session.auth_data, "login", None) if session.authenticated else None
+        login = user.decode() if isinstance(user, bytes) else None
         tls = server.transport.get_extra_info("ssl_object") is not None
         received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data), tls, login)
         with self.lock:
