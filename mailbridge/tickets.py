@@ -153,8 +153,18 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
 
 
 def _routing_columns(decision: Decision | None) -> dict[str, Any]:
+    # Every row has the same columns (None where nothing was decided): see `_insert_ids`.
     if decision is None:
-        return {"tags": []}
+        return {
+            "queue": None,
+            "priority": None,
+            "owner": None,
+            "tags": [],
+            "routing_confidence": None,
+            "organisation": None,
+            "tier": None,
+            "routing_reason": None,
+        }
     return {
         "queue": decision.queue,
         "priority": decision.priority,
@@ -199,8 +209,14 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
 
 
 def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """INSERT many rows and return their ids in the rows' order (one statement where the driver allows)."""
-    result = session.execute(insert(table).returning(table.id, sort_by_parameter_order=True), rows)
+    """INSERT many rows and return their ids in the rows' order (one statement where the driver allows).
+
+    `render_nulls`: the ORM leaves a column whose value is None out of the INSERT, so rows with None in
+    different columns (an article with and one without HTML) became separate statements, often one per
+    row. On PostgreSQL each is a round trip to the server; with NULLs written out, a batch is one statement.
+    The rows give every column a value, so no column default is skipped by this."""
+    statement = insert(table).returning(table.id, sort_by_parameter_order=True).execution_options(render_nulls=True)
+    result = session.execute(statement, rows)
     return list(result.scalars())
 
 
