@@ -170,11 +170,15 @@ class Run:
                         preexec_fn=(lambda core=core: os.sched_setaffinity(0, {core})) if pin else None,
                     )
                 )
-        share = MAILBOXES // instances
-        self.wait(lambda: sorted(self.holders().values()) == [share] * instances, 90, "leases spread")
-        # Mail put in before a mailbox's first fetch would be its backlog, which gets no acknowledgement.
-        first_fetches = "select count(*) from mailbox_state where last_fetch_at is not null"
-        self.wait(lambda: self.scalar(first_fetches) == MAILBOXES, 60, "a first fetch of every mailbox")
+        try:
+            share = MAILBOXES // instances
+            self.wait(lambda: sorted(self.holders().values()) == [share] * instances, 90, "leases spread")
+            # Mail put in before a mailbox's first fetch would be its backlog, which gets no acknowledgement.
+            first_fetches = "select count(*) from mailbox_state where last_fetch_at is not null"
+            self.wait(lambda: self.scalar(first_fetches) == MAILBOXES, 60, "a first fetch of every mailbox")
+        except BaseException:
+            self.close()  # no daemon left behind
+            raise
         if backend == "postgresql" and setup.statements:
             with self.engine.begin() as connection:
                 connection.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
@@ -453,6 +457,10 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": round(cut[49], 3), "p99": round(cut[98], 3), "max": round(ordered[-1], 3)}
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 VARIANTS = {"one": ("postgresql", 1), "two": ("postgresql", 2), "sqlite-one": ("sqlite", 1)}
 
 
@@ -490,6 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = parser.parse_args(argv)
+    # Stopped with SIGTERM (or SIGINT in the background, where it is ignored): the daemons and servers are
+    # stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     corpus = ensure_corpus(args.cache, args.count, args.seed)
     files = corpus.files()
     env = environment()

@@ -76,6 +76,8 @@ class Database:
     """
 
     def __init__(self, url: str, *, fsync_each_commit: bool = True) -> None:
+        """`fsync_each_commit=False`: commits need not be flushed to disk before they return (SQLite
+        synchronous=NORMAL, PostgreSQL synchronous_commit=off); for marks that may be redone after a power cut."""
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -95,6 +97,8 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine, "connect", functools.partial(_sqlite_pragmas, full_sync=fsync_each_commit))
             event.listen(self.engine, "begin", _sqlite_begin)
+        elif self.is_postgres and not fsync_each_commit:
+            event.listen(self.engine, "connect", _postgres_commit_without_flush)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor: ThreadPoolExecutor | None = None
         self._writer_lock_fd: int | None = None
@@ -204,6 +208,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, full_sync: bool = Tr
     cursor.execute("PRAGMA synchronous=FULL" if full_sync else "PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _postgres_commit_without_flush(dbapi_connection: Any, _record: Any) -> None:
+    # The same promise as SQLite's synchronous=NORMAL for the connections that write only small marks (the
+    # outbox sender's "sent", lease renewals): a commit returns before its WAL is flushed. A crash of the
+    # server (not of the daemon) may lose the last fraction of a second of them, and then a few
+    # acknowledgements go out again with their Message-IDs; the intake's commits still wait for the flush.
+    # Without this, each of the sender's commits waits for an fsync, and its SMTP sessions wait for them.
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO off")
+    dbapi_connection.commit()
 
 
 def _sqlite_begin(connection: Any) -> None:

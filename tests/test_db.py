@@ -67,6 +67,27 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     db.close()
 
 
+@pytest.mark.postgresql_only("PostgreSQL's synchronous_commit")
+def test_only_the_connections_for_small_marks_commit_without_waiting_for_the_flush(postgres_url: str) -> None:
+    # The test cluster turns synchronous_commit off for speed; this database gets production's setting back.
+    setup = Database(postgres_url)
+    with setup.engine.connect() as connection:
+        database = connection.exec_driver_sql("SELECT current_database()").scalar()
+        connection.exec_driver_sql(f'ALTER DATABASE "{database}" SET synchronous_commit = on')
+        connection.commit()
+    setup.close()
+    flushed, unflushed = Database(postgres_url), Database(postgres_url, fsync_each_commit=False)
+    try:
+        for db, expected in ((flushed, "on"), (unflushed, "off")):
+            with db.unit_of_work() as session:  # also after a commit: the setting is the session's
+                assert session.connection().exec_driver_sql("SHOW synchronous_commit").scalar() == expected
+            with db.reader() as session:
+                assert session.connection().exec_driver_sql("SHOW synchronous_commit").scalar() == expected
+    finally:
+        flushed.close()
+        unflushed.close()
+
+
 def test_a_write_that_read_first_waits_for_another_writer(database_url: str) -> None:
     """Another process commits between this transaction's first read and its first write: it must wait
     and succeed, not fail with 'database is locked' (SQLITE_BUSY_SNAPSHOT)."""
