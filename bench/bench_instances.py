@@ -364,13 +364,15 @@ def latency(
     failures: list[BaseException] = []
 
     def watch_database() -> None:
-        last = 0
+        # On PostgreSQL ids are handed out at INSERT, not at commit: with two instances a smaller id can
+        # become visible after a larger one. Look back over a window of ids instead of past the largest.
+        newest = 0
         while not done.is_set():
-            rows = run.rows("select id, message_id from articles where id > :last order by id", last=last)
+            rows = run.rows("select id, message_id from articles where id > :floor", floor=max(0, newest - 1000))
             now = time.time()
             for article_id, message_id in rows:
                 committed.setdefault(_bare(message_id), now)
-                last = article_id
+                newest = max(newest, article_id)
             time.sleep(0.01)
 
     def watch_sink() -> None:
