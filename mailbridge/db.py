@@ -103,7 +103,7 @@ class Database:
             # A server restarted or a connection dropped by a firewall while the daemon idled: the pool
             # notices before handing it out, instead of the next transaction failing. Only a connection
             # that lay idle is asked (SQLAlchemy's pool_pre_ping asks at every checkout: one more round trip
-            # for each of the small transactions of a busy daemon, as many as its statements).
+            # for each of a busy daemon's many small transactions, which cost little more than that).
             event.listen(self.engine, "checkin", _note_checkin)
             event.listen(
                 self.engine.pool, "checkout", functools.partial(_ping_after_idle, self.engine, ping_after_idle_seconds)
