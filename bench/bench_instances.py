@@ -25,11 +25,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import email.parser
 import email.policy
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,20 @@ for _path in (str(ROOT), str(BENCH_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from run_bench import DEFAULT_CACHE, BenchError, ensure_corpus, environment, log  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
+from run_bench import (  # noqa: E402
+    _CLK_TCK,
+    DEFAULT_CACHE,
+    BenchError,
+    _read_proc_tree,
+    dovecot_cpu_s,
+    ensure_corpus,
+    environment,
+    log,
+)
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
 from sqlalchemy.engine import Engine  # noqa: E402
 
+from mailbridge.models import OutboxMail, OutboxStatus, Receipt  # noqa: E402
 from tests.support.dovecot import Dovecot  # noqa: E402
 from tests.support.postgres import PostgresCluster  # noqa: E402
 from tests.support.postgres import unavailable_reason as postgres_unavailable  # noqa: E402
@@ -65,15 +75,22 @@ DEFAULT_OUTPUT = BENCH_DIR / "results" / "instances.json"
 SECRET = "bench-instances-shared-secret-0123456789"
 
 
+# Production settings for the benchmark's server: the test suite's cluster runs without durability, but
+# a commit here must survive a power cut, as SQLite's (synchronous=FULL) does in `bench/run_bench.py`.
+DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+STATEMENTS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "top"}
+
+
 class Setup:
     """The servers shared by every run: PostgreSQL, Dovecot, the SMTP sink."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, *, durable: bool = True, statements: bool = False) -> None:
         reason = postgres_unavailable() or Dovecot.unavailable_reason()
         if reason:
             raise BenchError(reason)
         self.work = work
-        self.postgres = PostgresCluster.start()
+        self.statements = statements
+        self.postgres = PostgresCluster.start({**(DURABLE if durable else {}), **(STATEMENTS if statements else {})})
         self.dovecot = Dovecot.start(work / "dovecot")
         self.sink = SmtpSink().start()
         self._users = 0
@@ -82,6 +99,9 @@ class Setup:
         self.sink.stop()
         self.dovecot.stop()
         self.postgres.stop()
+
+    def postmaster_pid(self) -> int:
+        return int((self.postgres.data_dir / "postmaster.pid").read_text().split()[0])
 
     def new_users(self) -> list[str]:
         names = []
@@ -97,11 +117,13 @@ class Setup:
 class Run:
     """One database, four fresh mailboxes and K daemons on them."""
 
-    def __init__(self, setup: Setup, instances: int, label: str, pin: bool) -> None:
+    def __init__(self, setup: Setup, instances: int, label: str, pin: bool, backend: str = "postgresql") -> None:
         self.setup = setup
         self.dir = setup.work / label
         self.dir.mkdir(parents=True)
-        self.url = setup.postgres.create_database()
+        self.backend = backend
+        # SQLite: the same scenario on one file (WAL, synchronous=FULL), for comparison with PostgreSQL.
+        self.url = setup.postgres.create_database() if backend == "postgresql" else f"sqlite:///{self.dir}/mb.db"
         self.engine: Engine = create_engine(self.url)
         self.users = setup.new_users()
         self.daemons: list[subprocess.Popen[bytes]] = []
@@ -148,15 +170,63 @@ class Run:
                         preexec_fn=(lambda core=core: os.sched_setaffinity(0, {core})) if pin else None,
                     )
                 )
-        share = MAILBOXES // instances
-        self.wait(lambda: sorted(self.holders().values()) == [share] * instances, 90, "leases spread")
-        # Mail put in before a mailbox's first fetch would be its backlog, which gets no acknowledgement.
-        first_fetches = "select count(*) from mailbox_state where last_fetch_at is not null"
-        self.wait(lambda: self.scalar(first_fetches) == MAILBOXES, 60, "a first fetch of every mailbox")
+        try:
+            share = MAILBOXES // instances
+            self.wait(lambda: sorted(self.holders().values()) == [share] * instances, 90, "leases spread")
+            # Mail put in before a mailbox's first fetch would be its backlog, which gets no acknowledgement.
+            first_fetches = "select count(*) from mailbox_state where last_fetch_at is not null"
+            self.wait(lambda: self.scalar(first_fetches) == MAILBOXES, 60, "a first fetch of every mailbox")
+        except BaseException:
+            self.close()  # no daemon left behind
+            raise
+        if backend == "postgresql" and setup.statements:
+            with self.engine.begin() as connection:
+                connection.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+                connection.execute(text("SELECT pg_stat_statements_reset()"))
+
+    def warm_up(self, files: Sequence[Path]) -> int:
+        """One mail per mailbox before the clock: each daemon starts its parser worker on the first mail
+        it parses (an interpreter and the parser's imports, about a CPU-second), which a daemon that has been
+        running for a while has long done. Returns how many receipts the warm-up left."""
+        mails = prepared_mails(files, MAILBOXES, prefix="warmup")
+        paths = []
+        for index, (_, raw) in enumerate(mails):
+            path = self.dir / f"warmup-{index}.eml"
+            path.write_bytes(raw)
+            paths.append(path)
+        drop_into_maildirs(self.setup.dovecot, self.users, paths)
+        self.wait(lambda: self.scalar("select count(*) from receipts") >= MAILBOXES, 120, "the warm-up mails")
+        self.wait(lambda: self.scalar("select count(*) from outbox where status = 'pending'") == 0, 120, "warm acks")
+        return MAILBOXES
+
+    def cpu_snapshot(self) -> dict[str, Any]:
+        """CPU ticks so far of the daemons' process trees (main, parser workers, sender) and of the servers."""
+        daemons: dict[tuple[int, int], int] = {}
+        for daemon in self.daemons:
+            daemons.update(_read_proc_tree(daemon.pid)[1])
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "daemons": daemons,
+            "postgresql": _read_proc_tree(self.setup.postmaster_pid())[1],
+            "dovecot_s": dovecot_cpu_s(self.setup.dovecot),
+            "bench_s": usage.ru_utime + usage.ru_stime,
+        }
+
+    def statements(self, limit: int = 15) -> list[dict[str, Any]]:
+        """The statements that took the server longest (pg_stat_statements), with `--statements`."""
+        if self.backend != "postgresql" or not self.setup.statements:
+            return []
+        rows = self.rows(
+            "select calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 200)"
+            " from pg_stat_statements order by total_exec_time desc limit :limit",
+            limit=limit,
+        )
+        return [{"calls": c, "ms": round(ms, 1), "rows": r, "query": q} for c, ms, r, q in rows]
 
     def holders(self) -> dict[str, int]:
         try:
-            rows = self.rows("select holder, count(*) from mailbox_leases where expires_at > now() group by holder")
+            # A fresh database and daemons just started: every lease held is current (and SQLite has no now()).
+            rows = self.rows("select holder, count(*) from mailbox_leases where holder is not null group by holder")
         except Exception:  # the first daemon has not created the tables yet
             return {}
         return {holder: n for holder, n in rows if holder}
@@ -189,7 +259,24 @@ class Run:
                 daemon.kill()
                 daemon.wait()
         self.engine.dispose()
-        self.setup.postgres.drop_database(self.url.rsplit("/", 1)[1])
+        if self.backend == "postgresql":
+            self.setup.postgres.drop_database(self.url.rsplit("/", 1)[1])
+
+
+def cpu_seconds(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float]:
+    """CPU seconds between two snapshots; a process that ended in between is not counted (the daemons and
+    their database connections live through a run)."""
+
+    def ticks(key: str) -> float:
+        old, new = before[key], after[key]
+        return sum(value - old.get(pid, 0) for pid, value in new.items()) / _CLK_TCK
+
+    return {
+        "daemons": round(ticks("daemons"), 1),
+        "postgresql": round(ticks("postgresql"), 1),
+        "dovecot": round(after["dovecot_s"] - before["dovecot_s"], 1),
+        "bench": round(after["bench_s"] - before["bench_s"], 1),  # the SMTP sink, the loader and the polling
+    }
 
 
 def drop_into_maildirs(dovecot: Dovecot, users: Sequence[str], files: Sequence[Path]) -> None:
@@ -208,22 +295,33 @@ def drop_into_maildirs(dovecot: Dovecot, users: Sequence[str], files: Sequence[P
         os.rename(tmp, maildir / "new" / name)
 
 
-def throughput(setup: Setup, files: Sequence[Path], instances: int, label: str, pin: bool) -> dict[str, Any]:
-    run = Run(setup, instances, label, pin)
+def throughput(
+    setup: Setup, files: Sequence[Path], instances: int, label: str, pin: bool, backend: str = "postgresql"
+) -> dict[str, Any]:
+    run = Run(setup, instances, label, pin, backend)
     try:
         count = len(files)
+        warm = run.warm_up(files)
+        cpu_before = run.cpu_snapshot()
         started_wall = time.time()
         drop_into_maildirs(setup.dovecot, run.users, files)
         # Every mail has a receipt (a ticket, a reply, a duplicate or quarantined); machine mail gets no answer.
-        run.wait(lambda: run.scalar("select count(*) from receipts") >= count, 1800, f"{count} receipts")
+        run.wait(lambda: run.scalar("select count(*) from receipts") >= count + warm, 1800, f"{count} receipts")
         run.wait(lambda: run.scalar("select count(*) from outbox where status = 'pending'") == 0, 600, "acks sent")
-        last_receipt, last_sent, acks = run.rows(
-            "select extract(epoch from max(r.created_at)), (select extract(epoch from max(sent_at)) from outbox),"
-            " (select count(*) from outbox where status = 'sent') from receipts r"
-        )[0]
+        # Through the models' column types: the same datetimes from either backend.
+        with run.engine.connect() as connection:
+            last_receipt = connection.scalar(select(func.max(Receipt.created_at)))
+            last_sent = connection.scalar(select(func.max(OutboxMail.sent_at)))
+            acks = connection.scalar(
+                select(func.count()).select_from(OutboxMail).where(OutboxMail.status == OutboxStatus.SENT)
+            )
+        assert last_receipt is not None and last_sent is not None
+        cpu = cpu_seconds(cpu_before, run.cpu_snapshot())
         per_instance = dict(run.rows("select mailbox, count(*) from receipts group by mailbox"))
-        intake_s, end_to_end_s = float(last_receipt) - started_wall, float(last_sent) - started_wall
+        intake_s = last_receipt.timestamp() - started_wall
+        end_to_end_s = last_sent.timestamp() - started_wall
         result = {
+            "backend": backend,
             "instances": instances,
             "mails": count,
             "acknowledgements": acks,
@@ -232,32 +330,49 @@ def throughput(setup: Setup, files: Sequence[Path], instances: int, label: str, 
             "end_to_end_s": round(end_to_end_s, 2),
             "end_to_end_mails_per_s": round(count / end_to_end_s, 1),
             "per_mailbox": per_instance,
+            # CPU seconds from the drop to the last acknowledgement (plus the polling until it was seen)
+            "cpu_s": cpu,
+            "daemon_cpu_ms_per_mail": round(1000 * cpu["daemons"] / count, 2),
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "statements": run.statements(),
         }
-        log(f"{label}: {result['end_to_end_mails_per_s']} mails/s end to end, {result['intake_mails_per_s']} intake")
+        log(
+            f"{label}: {result['end_to_end_mails_per_s']} mails/s end to end, {result['intake_mails_per_s']} intake;"
+            f" CPU s {cpu}; load {result['loadavg_after'][0]}"
+        )
         return result
     finally:
         run.close()
 
 
 def latency(
-    setup: Setup, files: Sequence[Path], instances: int, rate: float, seconds: float, pin: bool
+    setup: Setup,
+    files: Sequence[Path],
+    instances: int,
+    rate: float,
+    seconds: float,
+    pin: bool,
+    backend: str = "postgresql",
 ) -> dict[str, Any]:
-    run = Run(setup, instances, f"latency-{instances}", pin)
-    headers = email.parser.BytesHeaderParser(policy=email.policy.default)
+    run = Run(setup, instances, f"latency-{instances}-{backend}", pin, backend)
+    total = int(rate * seconds)
+    mails = prepared_mails(files, total)  # before the clock: the loader only sends
     appended: dict[str, float] = {}
     committed: dict[str, float] = {}
     acked: dict[str, float] = {}
     done = threading.Event()
+    failures: list[BaseException] = []
 
     def watch_database() -> None:
-        last = 0
+        # On PostgreSQL ids are handed out at INSERT, not at commit: with two instances a smaller id can
+        # become visible after a larger one. Look back over a window of ids instead of past the largest.
+        newest = 0
         while not done.is_set():
-            rows = run.rows("select id, message_id from articles where id > :last order by id", last=last)
+            rows = run.rows("select id, message_id from articles where id > :floor", floor=max(0, newest - 1000))
             now = time.time()
             for article_id, message_id in rows:
                 committed.setdefault(_bare(message_id), now)
-                last = article_id
+                newest = max(newest, article_id)
             time.sleep(0.01)
 
     def watch_sink() -> None:
@@ -270,31 +385,47 @@ def latency(
             seen = len(received)
             time.sleep(0.005)
 
+    def load(user: str, start: float) -> None:
+        # One IMAP session per mailbox, as separate senders' MTAs would deliver: a slow APPEND to one
+        # mailbox does not hold back the schedule of the others.
+        try:
+            with setup.dovecot.imap(user) as session:
+                for index in range(run.users.index(user), total, MAILBOXES):
+                    message_id, raw = mails[index]
+                    pause = start + index / rate - time.monotonic()
+                    if pause > 0:
+                        time.sleep(pause)
+                    status, data = session.append("INBOX", None, None, raw)
+                    if status != "OK":
+                        raise BenchError(f"APPEND refused: {data!r}")
+                    appended[message_id] = time.time()
+        except BaseException as exc:
+            failures.append(exc)
+
+    try:
+        warm = run.warm_up(files)
+    except BaseException:
+        run.close()
+        raise
     watchers = [threading.Thread(target=watch_database), threading.Thread(target=watch_sink)]
     for watcher in watchers:
         watcher.start()
-    total = int(rate * seconds)
     try:
-        with contextlib.ExitStack() as stack:
-            sessions = {user: stack.enter_context(setup.dovecot.imap(user)) for user in run.users}
-            start = time.monotonic()
-            for index in range(total):
-                raw = files[index % len(files)].read_bytes()
-                message_id = str(headers.parsebytes(raw)["Message-ID"]).strip()
-                # The corpus repeats for long runs: each mail gets a Message-ID of its own.
-                fresh = f"<lat{index}.{message_id.strip('<>')}>"
-                raw = raw.replace(message_id.encode(), fresh.encode(), 1)
-                pause = start + index / rate - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
-                status, data = sessions[run.users[index % MAILBOXES]].append("INBOX", None, None, raw)
-                if status != "OK":
-                    raise BenchError(f"APPEND refused: {data!r}")
-                appended[_bare(fresh)] = time.time()
-            offered = total / (time.monotonic() - start)
-        run.wait(lambda: run.scalar("select count(*) from receipts") >= total, 300, "every mail recorded")
+        cpu_before = run.cpu_snapshot()
+        start = time.monotonic() + 0.5  # every loader logged in
+        loaders = [threading.Thread(target=load, args=(user, start)) for user in run.users]
+        for loader in loaders:
+            loader.start()
+        for loader in loaders:
+            loader.join()
+        if failures:
+            raise BenchError(f"the loader failed: {failures[0]!r}")
+        offered = total / max(time.monotonic() - start, 1e-9)
+        run.wait(lambda: run.scalar("select count(*) from receipts") >= total + warm, 300, "every mail recorded")
         run.wait(lambda: run.scalar("select count(*) from outbox where status = 'pending'") == 0, 300, "acks sent")
         time.sleep(0.1)  # the watchers' last poll
+        cpu = cpu_seconds(cpu_before, run.cpu_snapshot())
+        statements = run.statements()
     finally:
         done.set()
         for watcher in watchers:
@@ -305,6 +436,7 @@ def latency(
     to_commit = [committed[m] - appended[m] for m in appended if m in committed]
     to_ack = [acked[m] - appended[m] for m in appended if m in acked]
     result = {
+        "backend": backend,
         "instances": instances,
         "mails": total,
         "committed": len(to_commit),
@@ -312,15 +444,30 @@ def latency(
         "offered_mails_per_s": round(offered, 1),
         "append_to_commit_s": percentiles(to_commit),
         "append_to_ack_s": percentiles(to_ack),
+        "cpu_s": cpu,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "statements": statements,
     }
     if offered < 0.9 * rate:
         log(f"WARNING: the loader reached only {offered:.0f} of {rate:g} mails/s (a busy host): not the target's load")
     log(
-        f"latency at {offered:.0f} mails/s, {instances} instance(s): commit p50 {result['append_to_commit_s']['p50']}"
-        f" p99 {result['append_to_commit_s']['p99']}; ack p50 {result['append_to_ack_s']['p50']}"
-        f" p99 {result['append_to_ack_s']['p99']}"
+        f"latency at {offered:.0f} mails/s, {instances} instance(s), {backend}: commit p50"
+        f" {result['append_to_commit_s']['p50']} p99 {result['append_to_commit_s']['p99']}; ack p50"
+        f" {result['append_to_ack_s']['p50']} p99 {result['append_to_ack_s']['p99']}; CPU s {cpu}"
     )
     return result
+
+
+def prepared_mails(files: Sequence[Path], total: int, prefix: str = "lat") -> list[tuple[str, bytes]]:
+    """`total` mails from the corpus (repeated for long runs), each with a Message-ID of its own."""
+    headers = email.parser.BytesHeaderParser(policy=email.policy.default)
+    mails = []
+    for index in range(total):
+        raw = files[index % len(files)].read_bytes()
+        message_id = str(headers.parsebytes(raw)["Message-ID"]).strip()
+        fresh = f"<{prefix}{index}.{message_id.strip('<>')}>"
+        mails.append((_bare(fresh), raw.replace(message_id.encode(), fresh.encode(), 1)))
+    return mails
 
 
 def _bare(message_id: str | None) -> str:
@@ -333,63 +480,123 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
     return {"p50": round(cut[49], 3), "p99": round(cut[98], 3), "max": round(ordered[-1], 3)}
 
 
+def _interrupt(_signal: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+VARIANTS = {"one": ("postgresql", 1), "two": ("postgresql", 2), "sqlite-one": ("sqlite", 1)}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values), "runs": len(values)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=10_000, help="mails per throughput run")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3, help="throughput runs of each (interleaved)")
+    parser.add_argument("--repeat", type=int, default=3, help="throughput runs of each (interleaved); 0: none")
     parser.add_argument("--rate", type=float, default=50.0, help="offered load of the latency run, mails/s")
-    parser.add_argument("--latency-seconds", type=float, default=60.0)
+    parser.add_argument("--latency-seconds", type=float, default=60.0, help="0: no latency run")
+    parser.add_argument("--latency-repeat", type=int, default=1, help="latency runs of each backend (interleaved)")
     parser.add_argument("--latency-instances", type=int, default=2, choices=(1, 2, 4))
+    parser.add_argument(
+        "--compare-sqlite",
+        action="store_true",
+        help="also run the same scenarios with one instance on SQLite (interleaved): what PostgreSQL costs",
+    )
+    parser.add_argument(
+        "--no-durable",
+        action="store_true",
+        help="PostgreSQL without fsync / synchronous_commit (the test suite's settings) instead of production's",
+    )
+    parser.add_argument("--statements", action="store_true", help="pg_stat_statements: each run's top statements")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument(
         "--pin",
         action="store_true",
-        help="each instance on a core of its own (taskset), one parser worker each: on a host with few cores, "
-        "two instances get twice the CPU of one, as on two machines",
+        help="instance k on core k (sched_setaffinity), one parser worker each; PostgreSQL, Dovecot and this "
+        "script float: on a host with few cores, two instances get twice the CPU of one, as on two machines",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     args = parser.parse_args(argv)
+    # Stopped with SIGTERM (or SIGINT in the background, where it is ignored): the daemons and servers are
+    # stopped on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
     corpus = ensure_corpus(args.cache, args.count, args.seed)
     files = corpus.files()
     env = environment()
     work = Path(tempfile.mkdtemp(prefix="mb-instances-"))
-    setup = Setup(work)
+    setup = Setup(work, durable=not args.no_durable, statements=args.statements)
+    variants = [key for key in VARIANTS if args.compare_sqlite or key != "sqlite-one"]
+    backends = ["postgresql", "sqlite"] if args.compare_sqlite else ["postgresql"]
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in variants}
+    latencies: dict[str, list[dict[str, Any]]] = {backend: [] for backend in backends}
     try:
-        runs: dict[str, list[dict[str, Any]]] = {"one": [], "two": []}
         for repeat in range(args.repeat):
-            for key, instances in (("one", 1), ("two", 2)) if repeat % 2 == 0 else (("two", 2), ("one", 1)):
-                runs[key].append(throughput(setup, files, instances, f"{key}-{repeat}", args.pin))
-        latencies = latency(setup, files, args.latency_instances, args.rate, args.latency_seconds, args.pin)
+            # Rotated each repeat, so that a drift of the shared machine hits every variant alike.
+            shift = repeat % len(variants)
+            for key in variants[shift:] + variants[:shift]:
+                backend, instances = VARIANTS[key]
+                runs[key].append(throughput(setup, files, instances, f"{key}-{repeat}", args.pin, backend))
+        if args.latency_seconds > 0:
+            for repeat in range(args.latency_repeat):
+                for backend in backends if repeat % 2 == 0 else backends[::-1]:
+                    # SQLite: one instance (several daemons on one SQLite file queue on its writer lock).
+                    instances = args.latency_instances if backend == "postgresql" else 1
+                    latencies[backend].append(
+                        latency(setup, files, instances, args.rate, args.latency_seconds, args.pin, backend)
+                    )
     finally:
         setup.close()
         if args.keep:
             log(f"logs and configs kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    one = statistics.median(r["end_to_end_mails_per_s"] for r in runs["one"])
-    two = statistics.median(r["end_to_end_mails_per_s"] for r in runs["two"])
-    summary = {
-        "one_instance_mails_per_s_median": one,
-        "two_instances_mails_per_s_median": two,
-        "scaling": round(two / one, 2),
-        "latency": latencies,
+    summary: dict[str, Any] = {
+        key: {
+            "end_to_end_mails_per_s": spread([r["end_to_end_mails_per_s"] for r in results]),
+            "intake_mails_per_s": spread([r["intake_mails_per_s"] for r in results]),
+            "daemon_cpu_ms_per_mail": spread([r["daemon_cpu_ms_per_mail"] for r in results]),
+            "postgresql_cpu_s": spread([r["cpu_s"]["postgresql"] for r in results]),
+        }
+        for key, results in runs.items()
+        if results
     }
+    if runs["one"] and runs["two"]:
+        one = summary["one"]["end_to_end_mails_per_s"]["median"]
+        two = summary["two"]["end_to_end_mails_per_s"]["median"]
+        # Interleaved pairs (run k of each), so the ratio of each pair shows how steady the machine was.
+        pairs = [
+            b["end_to_end_mails_per_s"] / a["end_to_end_mails_per_s"]
+            for a, b in zip(runs["one"], runs["two"], strict=True)
+        ]
+        summary["scaling"] = {"of_medians": round(two / one, 2), "per_pair": spread([round(x, 2) for x in pairs])}
+        log(f"one instance {one} mails/s, two {two} mails/s: x{summary['scaling']['of_medians']}")
+    for backend, results in latencies.items():
+        if results:
+            summary[f"latency_{backend}"] = {
+                figure: {p: spread([r[figure][p] for r in results]) for p in ("p50", "p99")}
+                for figure in ("append_to_commit_s", "append_to_ack_s")
+            } | {"offered_mails_per_s": spread([r["offered_mails_per_s"] for r in results])}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(
             {
                 "environment": env,
                 "args": {**vars(args), "cache": str(args.cache), "output": str(args.output)},
+                "postgresql_settings": DURABLE if not args.no_durable else "test defaults (fsync off)",
                 "throughput": runs,
+                "latency": latencies,
                 "summary": summary,
             },
             indent=2,
         )
         + "\n"
     )
-    log(f"one instance {one} mails/s, two {two} mails/s: x{summary['scaling']}; results in {args.output}")
+    log(f"summary: {json.dumps(summary)}")
+    log(f"results in {args.output}")
     return 0
 
 

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, Select, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 T = TypeVar("T")
@@ -29,6 +31,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 SCHEMA_HEAD = "0013"
 WRITE_OPTION = "mailbridge_write"
 MIGRATIONS_LOCK = 0x6D620002
+# A server connection unused for longer than this is checked (a round trip) before it is handed out.
+PING_AFTER_IDLE_SECONDS = 1.0
 _UPGRADE_FROM_STDIN = "import sys; from mailbridge.db import Database; Database(sys.stdin.read()).upgrade()"
 
 
@@ -75,7 +79,11 @@ class Database:
     queueing on the file lock; the event loop only awaits `run()`, so IMAP IDLE never blocks on a commit.
     """
 
-    def __init__(self, url: str, *, fsync_each_commit: bool = True) -> None:
+    def __init__(
+        self, url: str, *, fsync_each_commit: bool = True, ping_after_idle_seconds: float = PING_AFTER_IDLE_SECONDS
+    ) -> None:
+        """`fsync_each_commit=False`: commits need not be flushed to disk before they return (SQLite
+        synchronous=NORMAL, PostgreSQL synchronous_commit=off); for marks that may be redone after a power cut."""
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
@@ -87,14 +95,21 @@ class Database:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
                 self._writer_lock_path = Path(f"{parsed.database}.writer-lock")
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        else:
-            # A server restarted or a connection dropped by a firewall while the daemon idled: the pool
-            # notices before handing it out, instead of the next transaction failing.
-            kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine, "connect", functools.partial(_sqlite_pragmas, full_sync=fsync_each_commit))
             event.listen(self.engine, "begin", _sqlite_begin)
+        else:
+            # A server restarted or a connection dropped by a firewall while the daemon idled: the pool
+            # notices before handing it out, instead of the next transaction failing. Only a connection
+            # that lay idle is asked (SQLAlchemy's pool_pre_ping asks at every checkout: one more round trip
+            # for each of a busy daemon's many small transactions, which cost little more than that).
+            event.listen(self.engine, "checkin", _note_checkin)
+            event.listen(
+                self.engine.pool, "checkout", functools.partial(_ping_after_idle, self.engine, ping_after_idle_seconds)
+            )
+            if self.is_postgres and not fsync_each_commit:
+                event.listen(self.engine, "connect", _postgres_commit_without_flush)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._executor: ThreadPoolExecutor | None = None
         self._writer_lock_fd: int | None = None
@@ -204,6 +219,36 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any, *, full_sync: bool = Tr
     cursor.execute("PRAGMA synchronous=FULL" if full_sync else "PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
+    if record is not None:
+        record.info["checked_in_at"] = time.monotonic()
+
+
+def _ping_after_idle(engine: Engine, idle_seconds: float, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    checked_in_at = record.info.get("checked_in_at")
+    if checked_in_at is None or time.monotonic() - checked_in_at < idle_seconds:
+        return  # a new connection, or one in use a moment ago
+    dbapi_error = engine.dialect.loaded_dbapi.Error
+    try:
+        engine.dialect.do_ping(dbapi_connection)
+    except dbapi_error as exc:
+        if not engine.dialect.is_disconnect(exc, dbapi_connection, None):
+            raise
+        # The pool drops this connection and hands out a new one (SQLAlchemy's "pessimistic" recipe).
+        raise DisconnectionError(str(exc)) from exc
+
+
+def _postgres_commit_without_flush(dbapi_connection: Any, _record: Any) -> None:
+    # The same promise as SQLite's synchronous=NORMAL for the connections that write only small marks (the
+    # outbox sender's "sent", lease renewals): a commit returns before its WAL is flushed. A crash of the
+    # server (not of the daemon) may lose the last fraction of a second of them, and then a few
+    # acknowledgements go out again with their Message-IDs; the intake's commits still wait for the flush.
+    # Without this, each of the sender's commits waits for an fsync, and its SMTP sessions wait for them.
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET synchronous_commit TO off")
+    dbapi_connection.commit()
 
 
 def _sqlite_begin(connection: Any) -> None:

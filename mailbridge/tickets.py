@@ -95,10 +95,7 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
         _insert_ids(
             session,
             Ticket,
-            # Routing leaves priority, owner, organisation, tier or the triage reason empty on some tickets
-            # and not on others; each column given here has no default, so NULL is what leaving it out means.
-            render_nulls=True,
-            rows=[
+            [
                 {
                     "status": TicketStatus.NEW,
                     "subject": db_text(item.mail.subject),
@@ -156,8 +153,18 @@ def store(session: Session, items: Sequence[Incoming], settings: TicketSettings)
 
 
 def _routing_columns(decision: Decision | None) -> dict[str, Any]:
+    # Every row has the same columns (None where nothing was decided): see `_insert_ids`.
     if decision is None:
-        return {"tags": []}
+        return {
+            "queue": None,
+            "priority": None,
+            "owner": None,
+            "tags": [],
+            "routing_confidence": None,
+            "organisation": None,
+            "tier": None,
+            "routing_reason": None,
+        }
     return {
         "queue": decision.queue,
         "priority": decision.priority,
@@ -201,17 +208,16 @@ def _contacts(session: Session, senders: Sequence[Address], now: datetime) -> di
     return ids
 
 
-def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]], render_nulls: bool = False) -> list[int]:
+def _insert_ids(session: Session, table: Any, rows: list[dict[str, Any]]) -> list[int]:
     """INSERT many rows and return their ids in the rows' order (one statement where the driver allows).
 
-    The ORM leaves a None out of the INSERT (so that a column default applies) and runs the rows in groups of
-    equal columns, each group compiled and executed on its own. `render_nulls` sends None as NULL instead: one
-    group, for rows whose None values are all in columns without a default."""
-    result = session.execute(
-        insert(table).returning(table.id, sort_by_parameter_order=True),
-        rows,
-        execution_options={"render_nulls": render_nulls},
-    )
+    `render_nulls`: the ORM leaves a column whose value is None out of the INSERT, so rows with None in
+    different columns (an article with and one without HTML, a ticket routing gave no owner) became
+    separate statements, each compiled and run on its own (on PostgreSQL a round trip each); with NULLs
+    written out, a batch is one statement. The callers give None only in columns without a default, so
+    no default is skipped by this."""
+    statement = insert(table).returning(table.id, sort_by_parameter_order=True).execution_options(render_nulls=True)
+    result = session.execute(statement, rows)
     return list(result.scalars())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,44 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
     with db.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     db.close()
+
+
+@pytest.mark.postgresql_only("PostgreSQL's synchronous_commit")
+def test_only_the_connections_for_small_marks_commit_without_waiting_for_the_flush(postgres_url: str) -> None:
+    # The test cluster turns synchronous_commit off for speed; this database gets production's setting back.
+    setup = Database(postgres_url)
+    with setup.engine.connect() as connection:
+        database = connection.exec_driver_sql("SELECT current_database()").scalar()
+        connection.exec_driver_sql(f'ALTER DATABASE "{database}" SET synchronous_commit = on')
+        connection.commit()
+    setup.close()
+    flushed, unflushed = Database(postgres_url), Database(postgres_url, fsync_each_commit=False)
+    try:
+        for db, expected in ((flushed, "on"), (unflushed, "off")):
+            with db.unit_of_work() as session:  # also after a commit: the setting is the session's
+                assert session.connection().exec_driver_sql("SHOW synchronous_commit").scalar() == expected
+            with db.reader() as session:
+                assert session.connection().exec_driver_sql("SHOW synchronous_commit").scalar() == expected
+    finally:
+        flushed.close()
+        unflushed.close()
+
+
+@pytest.mark.postgresql_only("a server connection that is dropped")
+def test_a_connection_dropped_while_idle_is_replaced_before_it_is_used(postgres_url: str) -> None:
+    import psycopg
+
+    db = Database(postgres_url, ping_after_idle_seconds=0.2)
+    try:
+        with db.unit_of_work() as session:
+            dropped = session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with psycopg.connect(postgres_url.replace("postgresql+psycopg", "postgresql"), autocommit=True) as other:
+            assert other.execute("SELECT pg_terminate_backend(%s)", (dropped,)).fetchone() == (True,)
+        time.sleep(0.3)  # idle for longer than the threshold: asked before use, and replaced
+        with db.unit_of_work() as session:
+            assert session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar() != dropped
+    finally:
+        db.close()
 
 
 def test_a_write_that_read_first_waits_for_another_writer(database_url: str) -> None:

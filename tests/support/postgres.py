@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +90,9 @@ class PostgresCluster:
         return self.base_dir / "data"
 
     @classmethod
-    def start(cls) -> PostgresCluster:
+    def start(cls, settings: Mapping[str, str] | None = None) -> PostgresCluster:
+        """`settings`: server settings (``-c name=value``) on top of the test defaults, which they override
+        (a benchmark turns durability back on, or loads pg_stat_statements)."""
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(reason)
@@ -117,18 +119,17 @@ class PostgresCluster:
                 "--no-sync",
             ]
         )
-        options = " ".join(
-            [
-                "-c listen_addresses=127.0.0.1",
-                f"-c port={cluster.port}",
-                f"-c unix_socket_directories={cluster.base_dir}",
-                "-c max_connections=300",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
-                "-c shared_buffers=64MB",
-            ]
-        )
+        defaults = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(cluster.port),
+            "unix_socket_directories": str(cluster.base_dir),
+            "max_connections": "300",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "64MB",
+        }
+        options = " ".join(f"-c {name}={value}" for name, value in {**defaults, **(settings or {})}.items())
         run(
             [
                 str(bin_dir / "pg_ctl"),
