@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import email.parser
 import email.policy
+import itertools
 import json
 import os
 import resource
@@ -78,6 +79,7 @@ SECRET = "bench-instances-shared-secret-0123456789"
 # Production settings for the benchmark's server: the test suite's cluster runs without durability, but
 # a commit here must survive a power cut, as SQLite's (synchronous=FULL) does in `bench/run_bench.py`.
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
+_latency_runs = itertools.count(1)  # each latency run its own directory
 STATEMENTS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "top"}
 
 
@@ -354,7 +356,7 @@ def latency(
     pin: bool,
     backend: str = "postgresql",
 ) -> dict[str, Any]:
-    run = Run(setup, instances, f"latency-{instances}-{backend}", pin, backend)
+    run = Run(setup, instances, f"latency-{instances}-{backend}-{next(_latency_runs)}", pin, backend)
     total = int(rate * seconds)
     mails = prepared_mails(files, total)  # before the clock: the loader only sends
     appended: dict[str, float] = {}
@@ -378,11 +380,12 @@ def latency(
     def watch_sink() -> None:
         seen = 0
         while not done.is_set():
-            received = setup.sink.handler.received
+            # The sink appends from its own thread: take the new ones once, and count only those taken.
+            batch = setup.sink.handler.received[seen:]
             now = time.time()
-            for item in received[seen:]:
+            for item in batch:
                 acked.setdefault(_bare(str(item.message["In-Reply-To"])), now)
-            seen = len(received)
+            seen += len(batch)
             time.sleep(0.005)
 
     def load(user: str, start: float) -> None:
@@ -426,6 +429,14 @@ def latency(
         time.sleep(0.1)  # the watchers' last poll
         cpu = cpu_seconds(cpu_before, run.cpu_snapshot())
         statements = run.statements()
+        # Why a mail got no acknowledgement, from the database: tells a missed one from one never due.
+        sent = run.scalar("select count(*) from outbox where status = 'sent'")
+        unanswered = dict(
+            run.rows(
+                "select substr(coalesce(no_answer_reason, '(answered or a reply)'), 1, 60), count(*)"
+                " from articles group by 1"
+            )
+        )
     finally:
         done.set()
         for watcher in watchers:
@@ -441,6 +452,8 @@ def latency(
         "mails": total,
         "committed": len(to_commit),
         "acknowledged": len(to_ack),
+        "acknowledgements_sent": sent,
+        "articles_by_no_answer_reason": unanswered,
         "offered_mails_per_s": round(offered, 1),
         "append_to_commit_s": percentiles(to_commit),
         "append_to_ack_s": percentiles(to_ack),
