@@ -370,10 +370,12 @@ async def test_run_once_leaves_the_mailboxes_a_running_daemon_holds_to_it(
         busy_user, free_user = new_user(server, "busy"), new_user(server, "free")
         busy = imap_box(server, busy_user, idle=False, poll_interval=600, address="busy@helpdesk.example")
         free = imap_box(server, free_user, address="free@helpdesk.example")
+        # In the mailbox before the daemon starts, so its first drain (it then polls again in 10 minutes)
+        # surely imports it: the drain is done once this mail is a ticket. Appended after the lease was
+        # seen, it could miss a first drain that came first and wait out the 10 minutes.
+        append_many(server, busy_user, [sample_mail()])
         daemon = start_daemon(_config(tmp_path, "daemon", [busy], postgres_url, sink), tmp_path / "daemon.log")
         await wait_until(lambda: _safe(db.holders) == {busy_user.name: "daemon"}, timeout=60)
-        append_many(server, busy_user, [sample_mail()])
-        # The daemon's first drain is done once it has fetched this mail; it then polls again in 10 minutes.
         await wait_until(lambda: (_safe(lambda: db.scalar("select count(*) from tickets")) or 0) == 1, timeout=60)
         await asyncio.sleep(1)  # the drain's server update (the move) is done as well
         append_many(server, busy_user, [sample_mail(), sample_mail()])
