@@ -196,9 +196,9 @@ async def test_two_daemons_send_each_sla_reminder_and_escalation_once(
     sink: SmtpSink,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(DATABASE_URL_ENV, postgres_url)  # the PostgreSQL pass would give the daemons another one
     """Both daemons check the SLAs every 0.25 s while both create tickets: each ticket gets one reminder
     (75 %) and one escalation (the breach), whichever daemon's check comes first."""
+    monkeypatch.setenv(DATABASE_URL_ENV, postgres_url)  # the PostgreSQL pass would give the daemons another one
     server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
     db = Db(postgres_url)
     daemons: dict[str, subprocess.Popen[bytes]] = {}
