@@ -17,17 +17,19 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text, update
 
 from mailbridge.config import DATABASE_URL_ENV
+from mailbridge.models import MailboxLease, utcnow
 from tests.crash_env import start_daemon
-from tests.imap_env import append_many, imap_box, new_user, sample_mail, wait_until
+from tests.imap_env import append_many, count, imap_box, make_app, new_user, sample_mail, wait_until
 from tests.service_env import free_port
 from tests.support.dovecot import Dovecot
 from tests.support.smtp_sink import SmtpSink
@@ -470,3 +472,53 @@ async def test_two_daemons_on_one_host_fetch_a_shared_maildir_one_at_a_time(
                 daemon.kill()
                 daemon.wait()
         db.engine.dispose()
+
+
+async def test_run_once_whose_lease_is_taken_mid_run_stops_that_mailbox_and_loses_nothing(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`run --once` holds the lease of its mailbox while it drains it. When another instance takes the lease
+    over mid-run (as after a renewal that came too late), the next batch's commit is refused by the fence:
+    the mails fetched after that are neither stored nor moved, the lease stays with its new holder, and
+    the run ends cleanly. A later run stores the rest: every mail one ticket, none lost."""
+    server = Dovecot.start(tmp_path_factory.mktemp("dovecot"))
+    try:
+        user = new_user(server, "once")
+        total = 400
+        append_many(server, user, [sample_mail() for _ in range(total)])
+        app = make_app(tmp_path, [imap_box(server, user)], fetch={"batch_size": 5})
+        try:
+            draining = asyncio.create_task(app.run_once())
+            await wait_until(lambda: count(app, "select count(*) from tickets") > 0, timeout=60)
+            with app.db.unit_of_work() as session:
+                session.execute(
+                    update(MailboxLease)
+                    .where(MailboxLease.mailbox == user.name)
+                    .values(holder="thief", expires_at=utcnow() + timedelta(minutes=10))
+                )
+            with caplog.at_level("WARNING", logger="mailbridge"):
+                assert await asyncio.wait_for(draining, 120) == {}
+            assert f"mailbox {user.name}: no longer holding the lease" in caplog.text
+            stored = count(app, "select count(*) from tickets")
+            assert 0 < stored < total, "the fence stopped the run part-way"
+            assert count(app, "select count(distinct message_id) from articles") == stored
+            inbox, processed = server.uids("INBOX", user=user.name), server.uids("Processed", user=user.name)
+            assert len(processed) <= stored, "only what was committed is moved"
+            assert len(inbox) + len(processed) == total, "nothing removed from the server unrecorded"
+            with app.db.reader() as session:  # run --once gives back only its own leases
+                holder = session.scalar(select(MailboxLease.holder).where(MailboxLease.mailbox == user.name))
+            assert holder == "thief"
+
+            with app.db.unit_of_work() as session:  # the other instance lets go
+                session.execute(
+                    update(MailboxLease).where(MailboxLease.mailbox == user.name).values(holder=None, expires_at=None)
+                )
+            await app.run_once()
+            assert count(app, "select count(*) from tickets") == total
+            assert count(app, "select count(distinct message_id) from articles") == total
+            assert server.uids("INBOX", user=user.name) == []
+            assert len(server.uids("Processed", user=user.name)) == total
+        finally:
+            app.close()
+    finally:
+        server.stop()
