@@ -218,8 +218,9 @@ def ensure_reply_corpus(base: Corpus) -> Corpus:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _read_proc_tree(root: int) -> tuple[list[int], dict[tuple[int, int], int]]:
-    """``root`` and its live descendants (one scan of /proc), and their CPU ticks by (pid, start time)."""
+def _read_proc_tree(root: int, parents: dict[int, int] | None = None) -> tuple[list[int], dict[tuple[int, int], int]]:
+    """``root`` and its live descendants (one scan of /proc), and their CPU ticks by (pid, start time);
+    ``parents`` (if given) gets each descendant's parent."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
@@ -239,7 +240,10 @@ def _read_proc_tree(root: int) -> tuple[list[int], dict[tuple[int, int], int]]:
     while todo:
         pid = todo.pop()
         tree.append(pid)
-        todo.extend(children.get(pid, ()))
+        for child in children.get(pid, ()):
+            todo.append(child)
+            if parents is not None:
+                parents[child] = pid
     return tree, {(pid, ticks[pid][0]): ticks[pid][1] for pid in tree if pid in ticks}
 
 
@@ -293,6 +297,7 @@ class RssSampler(threading.Thread):
         self.max_processes = 0
         self.samples = 0
         self._cpu_ticks: dict[tuple[int, int], int] = {}
+        self._roles: dict[tuple[int, int], str] = {}  # main, forkserver, worker or another process's name
         self._main_key: tuple[int, int] | None = None
         self._stop_event = threading.Event()
 
@@ -302,7 +307,8 @@ class RssSampler(threading.Thread):
             self._stop_event.wait(self.interval)
 
     def sample(self) -> None:
-        tree, ticks = _read_proc_tree(self.pid)
+        parents: dict[int, int] = {}
+        tree, ticks = _read_proc_tree(self.pid, parents)
         sizes = [_vm_rss_kib(pid) for pid in tree]
         main = sizes[0] if sizes else 0
         if main == 0:  # the main process has exited (zombie) or not yet exec'd anything
@@ -316,8 +322,30 @@ class RssSampler(threading.Thread):
             self.peak_pss_tree_kib = max(self.peak_pss_tree_kib, sum(_pss_kib(pid) for pid in tree))
         self.max_processes = max(self.max_processes, sum(1 for s in sizes if s))
         self._cpu_ticks.update(ticks)
+        for key in ticks:
+            if key not in self._roles:
+                self._roles[key] = self._role(key[0], parents)
         if self._main_key is None:
             self._main_key = next((key for key in ticks if key[0] == self.pid), None)
+
+    def _role(self, pid: int, parents: dict[int, int]) -> str:
+        if pid == self.pid:
+            return "main"
+        label = _label(pid, self.pid)
+        if label == "forkserver/worker":  # a worker is the forkserver's child
+            return "worker" if parents.get(pid) != self.pid else "forkserver"
+        return Path(label).name
+
+    @property
+    def cpu_by_role_s(self) -> dict[str, float]:
+        """CPU seconds by kind of process (the parser workers added up), and how many workers there were."""
+        seconds: dict[str, float] = {}
+        for key, ticks in self._cpu_ticks.items():
+            role = self._roles.get(key, "?")
+            seconds[role] = seconds.get(role, 0.0) + ticks / _CLK_TCK
+        result = {role: round(value, 2) for role, value in sorted(seconds.items())}
+        result["workers_started"] = sum(1 for role in self._roles.values() if role == "worker")
+        return result
 
     @property
     def cpu_tree_s(self) -> float:
@@ -343,6 +371,7 @@ class Measurement:
     maxrss_single_mib: float
     peak_pss_tree_mib: float
     peak_breakdown_mib: dict[str, float]
+    cpu_by_role_s: dict[str, float]
     processes: int
     samples: int
     stdout: str
@@ -394,6 +423,7 @@ def measure(cmd: Sequence[str], *, cwd: Path, log_dir: Path, timeout: float = RU
         peak_breakdown_mib={
             f"{i}:{name}": round(kib / 1024, 1) for i, (name, kib) in enumerate(sampler.peak_breakdown)
         },
+        cpu_by_role_s=sampler.cpu_by_role_s,
         processes=sampler.max_processes,
         samples=sampler.samples,
         stdout=out_path.read_text(errors="replace"),
@@ -855,7 +885,7 @@ class Bench:
             cpu_main_s=m.cpu_main_s,
             processes=m.processes,
             samples=m.samples,
-            extra={**extra, "peak_rss_breakdown_mib": m.peak_breakdown_mib},
+            extra={**extra, "peak_rss_breakdown_mib": m.peak_breakdown_mib, "cpu_by_role_s": m.cpu_by_role_s},
             **figures,
         )
 
@@ -1345,6 +1375,8 @@ def _run_all(
                     extra = f", dovecot CPU {result.dovecot_cpu_s:.1f} s" if result.dovecot_cpu_s is not None else ""
                     if result.intake_mails_per_s is not None:
                         extra += f", {result.intake_mails_per_s:.0f} mails/s to the last ticket"
+                    if roles := result.extra.get("cpu_by_role_s"):
+                        extra += ", CPU s by process " + " ".join(f"{k} {v:g}" for k, v in roles.items())
                     log(
                         f"  {result.wall_s:.2f} s: {result.mails_per_s:.0f} mails/s, {result.mb_per_s:.2f} MB/s, "
                         f"peak RSS tree {result.peak_rss_tree_mib:.0f} MiB / main {result.peak_rss_main_mib:.0f} "
