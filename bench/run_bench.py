@@ -247,6 +247,25 @@ def _read_proc_tree(root: int, parents: dict[int, int] | None = None) -> tuple[l
     return tree, {(pid, ticks[pid][0]): ticks[pid][1] for pid in tree if pid in ticks}
 
 
+def _thread_ticks(pid: int) -> dict[tuple[int, str], int]:
+    """CPU ticks of each thread of ``pid`` by (thread id, name); Python 3.11 does not name its threads for the
+    kernel, so the name is "main thread" or "other threads" unless something named it."""
+    ticks: dict[tuple[int, str], int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/task/{entry}/stat", "rb") as handle:
+                    stat = handle.read()
+                name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+                if int(entry) == pid:
+                    name = "main thread"
+                elif name.startswith("python"):
+                    name = "other threads"
+                fields = stat.rsplit(b")", 1)[1].split()
+                ticks[(int(entry), name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
 def _vm_rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as handle:
@@ -298,6 +317,7 @@ class RssSampler(threading.Thread):
         self.samples = 0
         self._cpu_ticks: dict[tuple[int, int], int] = {}
         self._roles: dict[tuple[int, int], str] = {}  # main, forkserver, worker or another process's name
+        self._main_threads: dict[tuple[int, str], int] = {}  # the main process's CPU ticks by thread
         self._main_key: tuple[int, int] | None = None
         self._stop_event = threading.Event()
 
@@ -322,6 +342,7 @@ class RssSampler(threading.Thread):
             self.peak_pss_tree_kib = max(self.peak_pss_tree_kib, sum(_pss_kib(pid) for pid in tree))
         self.max_processes = max(self.max_processes, sum(1 for s in sizes if s))
         self._cpu_ticks.update(ticks)
+        self._main_threads.update(_thread_ticks(self.pid))
         for key in ticks:
             if key not in self._roles:
                 self._roles[key] = self._role(key[0], parents)
@@ -345,6 +366,11 @@ class RssSampler(threading.Thread):
             seconds[role] = seconds.get(role, 0.0) + ticks / _CLK_TCK
         result = {role: round(value, 2) for role, value in sorted(seconds.items())}
         result["workers_started"] = sum(1 for role in self._roles.values() if role == "worker")
+        # The main process's threads by name (the event loop, the database thread, Pebble's threads).
+        threads: dict[str, float] = {}
+        for (_, name), ticks in self._main_threads.items():
+            threads[name] = threads.get(name, 0.0) + ticks / _CLK_TCK
+        result |= {f"main/{name}": round(value, 2) for name, value in sorted(threads.items()) if value >= 0.05}
         return result
 
     @property
