@@ -355,7 +355,7 @@ class RssSampler(threading.Thread):
         label = _label(pid, self.pid)
         if label == "forkserver/worker":  # a worker is the forkserver's child
             return "worker" if parents.get(pid) != self.pid else "forkserver"
-        return Path(label).name
+        return Path(label).name or "?"  # gone before its command line was read
 
     @property
     def cpu_by_role_s(self) -> dict[str, float]:
