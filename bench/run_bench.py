@@ -218,8 +218,9 @@ def ensure_reply_corpus(base: Corpus) -> Corpus:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _read_proc_tree(root: int) -> tuple[list[int], dict[tuple[int, int], int]]:
-    """``root`` and its live descendants (one scan of /proc), and their CPU ticks by (pid, start time)."""
+def _read_proc_tree(root: int, parents: dict[int, int] | None = None) -> tuple[list[int], dict[tuple[int, int], int]]:
+    """``root`` and its live descendants (one scan of /proc), and their CPU ticks by (pid, start time);
+    ``parents`` (if given) gets each descendant's parent."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, tuple[int, int]] = {}
     for entry in os.listdir("/proc"):
@@ -239,8 +240,30 @@ def _read_proc_tree(root: int) -> tuple[list[int], dict[tuple[int, int], int]]:
     while todo:
         pid = todo.pop()
         tree.append(pid)
-        todo.extend(children.get(pid, ()))
+        for child in children.get(pid, ()):
+            todo.append(child)
+            if parents is not None:
+                parents[child] = pid
     return tree, {(pid, ticks[pid][0]): ticks[pid][1] for pid in tree if pid in ticks}
+
+
+def _thread_ticks(pid: int) -> dict[tuple[int, str], int]:
+    """CPU ticks of each thread of ``pid`` by (thread id, name); Python 3.11 does not name its threads for the
+    kernel, so the name is "main thread" or "other threads" unless something named it."""
+    ticks: dict[tuple[int, str], int] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{pid}/task/{entry}/stat", "rb") as handle:
+                    stat = handle.read()
+                name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+                if int(entry) == pid:
+                    name = "main thread"
+                elif name.startswith("python"):
+                    name = "other threads"
+                fields = stat.rsplit(b")", 1)[1].split()
+                ticks[(int(entry), name)] = int(fields[11]) + int(fields[12])
+    return ticks
 
 
 def _vm_rss_kib(pid: int) -> int:
@@ -293,6 +316,8 @@ class RssSampler(threading.Thread):
         self.max_processes = 0
         self.samples = 0
         self._cpu_ticks: dict[tuple[int, int], int] = {}
+        self._roles: dict[tuple[int, int], str] = {}  # main, forkserver, worker or another process's name
+        self._main_threads: dict[tuple[int, str], int] = {}  # the main process's CPU ticks by thread
         self._main_key: tuple[int, int] | None = None
         self._stop_event = threading.Event()
 
@@ -302,7 +327,8 @@ class RssSampler(threading.Thread):
             self._stop_event.wait(self.interval)
 
     def sample(self) -> None:
-        tree, ticks = _read_proc_tree(self.pid)
+        parents: dict[int, int] = {}
+        tree, ticks = _read_proc_tree(self.pid, parents)
         sizes = [_vm_rss_kib(pid) for pid in tree]
         main = sizes[0] if sizes else 0
         if main == 0:  # the main process has exited (zombie) or not yet exec'd anything
@@ -316,8 +342,36 @@ class RssSampler(threading.Thread):
             self.peak_pss_tree_kib = max(self.peak_pss_tree_kib, sum(_pss_kib(pid) for pid in tree))
         self.max_processes = max(self.max_processes, sum(1 for s in sizes if s))
         self._cpu_ticks.update(ticks)
+        self._main_threads.update(_thread_ticks(self.pid))
+        for key in ticks:
+            if key not in self._roles:
+                self._roles[key] = self._role(key[0], parents)
         if self._main_key is None:
             self._main_key = next((key for key in ticks if key[0] == self.pid), None)
+
+    def _role(self, pid: int, parents: dict[int, int]) -> str:
+        if pid == self.pid:
+            return "main"
+        label = _label(pid, self.pid)
+        if label == "forkserver/worker":  # a worker is the forkserver's child
+            return "worker" if parents.get(pid) != self.pid else "forkserver"
+        return Path(label).name or "?"  # gone before its command line was read
+
+    @property
+    def cpu_by_role_s(self) -> dict[str, float]:
+        """CPU seconds by kind of process (the parser workers added up), and how many workers there were."""
+        seconds: dict[str, float] = {}
+        for key, ticks in self._cpu_ticks.items():
+            role = self._roles.get(key, "?")
+            seconds[role] = seconds.get(role, 0.0) + ticks / _CLK_TCK
+        result = {role: round(value, 2) for role, value in sorted(seconds.items())}
+        result["workers_started"] = sum(1 for role in self._roles.values() if role == "worker")
+        # The main process's threads by name (the event loop, the database thread, Pebble's threads).
+        threads: dict[str, float] = {}
+        for (_, name), ticks in self._main_threads.items():
+            threads[name] = threads.get(name, 0.0) + ticks / _CLK_TCK
+        result |= {f"main/{name}": round(value, 2) for name, value in sorted(threads.items()) if value >= 0.05}
+        return result
 
     @property
     def cpu_tree_s(self) -> float:
@@ -343,6 +397,7 @@ class Measurement:
     maxrss_single_mib: float
     peak_pss_tree_mib: float
     peak_breakdown_mib: dict[str, float]
+    cpu_by_role_s: dict[str, float]
     processes: int
     samples: int
     stdout: str
@@ -394,6 +449,7 @@ def measure(cmd: Sequence[str], *, cwd: Path, log_dir: Path, timeout: float = RU
         peak_breakdown_mib={
             f"{i}:{name}": round(kib / 1024, 1) for i, (name, kib) in enumerate(sampler.peak_breakdown)
         },
+        cpu_by_role_s=sampler.cpu_by_role_s,
         processes=sampler.max_processes,
         samples=sampler.samples,
         stdout=out_path.read_text(errors="replace"),
@@ -855,7 +911,7 @@ class Bench:
             cpu_main_s=m.cpu_main_s,
             processes=m.processes,
             samples=m.samples,
-            extra={**extra, "peak_rss_breakdown_mib": m.peak_breakdown_mib},
+            extra={**extra, "peak_rss_breakdown_mib": m.peak_breakdown_mib, "cpu_by_role_s": m.cpu_by_role_s},
             **figures,
         )
 
@@ -1345,6 +1401,8 @@ def _run_all(
                     extra = f", dovecot CPU {result.dovecot_cpu_s:.1f} s" if result.dovecot_cpu_s is not None else ""
                     if result.intake_mails_per_s is not None:
                         extra += f", {result.intake_mails_per_s:.0f} mails/s to the last ticket"
+                    if roles := result.extra.get("cpu_by_role_s"):
+                        extra += ", CPU s by process " + " ".join(f"{k} {v:g}" for k, v in roles.items())
                     log(
                         f"  {result.wall_s:.2f} s: {result.mails_per_s:.0f} mails/s, {result.mb_per_s:.2f} MB/s, "
                         f"peak RSS tree {result.peak_rss_tree_mib:.0f} MiB / main {result.peak_rss_main_mib:.0f} "

@@ -187,6 +187,9 @@ class RuleSet:
 
 
 class Router:
+    # Decisions remembered (a few kB each at most: a worker's memory stays bounded whatever the mail).
+    DECISIONS_LIMIT = 2_000
+
     def __init__(self, settings: RoutingSettings | RuleSet, directory: CustomerDirectory | None = None) -> None:
         """From the settings, or (in a parser worker) from the rules compiled by the daemon (then without
         customers: the main process looks them up)."""
@@ -199,6 +202,9 @@ class Router:
         self._rules = self.rule_set.rules
         self._gates = _Gates(self._rules)
         self._proven = {index for index, rule in enumerate(self._rules) if rule.proven}
+        # The decision by the rules that hold (their indexes in order), remembered: it depends on nothing else,
+        # and mail that matches the same rules is common (a topic's mails, a customer's, the same words).
+        self._decisions: dict[tuple[int, ...], Decision] = {}
 
     def route(self, mail: ParsedMail, mailbox: str, crm: CrmAnswer | None = None) -> Decision:
         return self.with_customer(self.by_rules(mail, mailbox), mail, crm)
@@ -213,7 +219,13 @@ class Router:
         rules = self._rules
         if not explain:
             proven = self._proven
-            return self._decide([rules[i] for i in candidates if i in proven or rules[i].holds(view)], ())
+            holding = tuple(i for i in candidates if i in proven or rules[i].holds(view))
+            decision = self._decisions.get(holding)
+            if decision is None:
+                decision = self._decide([rules[i] for i in holding], ())
+                if len(self._decisions) < self.DECISIONS_LIMIT:
+                    self._decisions[holding] = decision
+            return decision
         matches = [(rules[i], m) for i in candidates if (m := rules[i].match(view))]
         return self._decide([rule for rule, _ in matches], tuple(m for _, m in matches))
 

@@ -160,6 +160,37 @@ def test_the_gates_decide_the_same_with_their_words_remembered_or_not() -> None:
     assert [d.rule_names for d in fresh] == [("exact", "beginning"), ("exact", "short", "all"), ("beginning",), ()]
 
 
+def test_a_remembered_decision_is_the_one_the_rules_make() -> None:
+    # The parser workers remember the decision for each set of rules that hold; mail matching the same rules
+    # gets the same decision, other mail its own, and a full memory changes nothing but the work.
+    rules = [
+        {"name": "billing", "when": {"text": {"any": ["faktur*"]}}, "then": {"queue": "billing", "tags": ["b"]}},
+        {"name": "network", "when": {"text": {"any": ["vpn"]}}, "then": {"queue": "network"}},
+        {"name": "urgent", "when": {"subject": {"any": ["pilne"]}}, "then": {"priority": "P1"}},
+        {"name": "vip", "when": {"sender_domain": ["vip.example"]}, "then": {"owner": "o@helpdesk.example"}},
+    ]
+    mails = [
+        mail("Faktura 12/2026", "prośba o korektę"),
+        mail("Pilne: VPN", "nie działa VPN", sender="a@vip.example"),
+        mail("Druga faktura", "i jeszcze faktury"),  # the same rule as the first: its decision again
+        mail("VPN i faktura", "pilne"),  # two queues: triage
+        mail("Pilne: VPN", "nie działa VPN"),  # as the second, but not from vip.example
+        mail("Nic", "zupełnie nic"),
+    ]
+    explained = [replace(router(*rules, default_queue="general").by_rules(m, "support"), matched=()) for m in mails]
+    remembering = router(*rules, default_queue="general")
+    forgetting = router(*rules, default_queue="general")
+    forgetting.DECISIONS_LIMIT = 2
+    for _ in range(2):
+        assert [remembering.by_rules(m, "support", explain=False) for m in mails] == explained
+        assert [forgetting.by_rules(m, "support", explain=False) for m in mails] == explained
+    assert len(remembering._decisions) == 5 and len(forgetting._decisions) == 2
+    again = remembering.by_rules(mails[2], "support", explain=False)
+    assert again is remembering.by_rules(mails[0], "support", explain=False)
+    assert [d.queue for d in explained] == ["billing", "network", "billing", "triage", "network", "general"]
+    assert explained[1].owner == "o@helpdesk.example" and explained[4].owner is None
+
+
 def test_first_queue_wins_later_matches_fill_in_and_conflicts_send_to_triage() -> None:
     rules = [
         {"name": "vip", "when": {"sender_domain": ["vip.example"]}, "then": {"priority": "P1", "tags": ["vip"]}},
