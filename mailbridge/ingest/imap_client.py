@@ -75,8 +75,42 @@ class _Protocol(aioimaplib.IMAP4ClientProtocol):
             self.current_command = incomplete_read.cmd
             self.incomplete_line = incomplete_read.data
 
+    async def fetch(
+        self, message_set: str, message_parts: str, by_uid: bool = False, timeout: float | None = None
+    ) -> aioimaplib.Response:
+        # As aioimaplib's own fetch (UID FETCH comes here too), with our FetchCommand.
+        command = _FetchCommand(
+            self.new_tag(), message_set, message_parts, prefix="UID" if by_uid else "", loop=self.loop, timeout=timeout
+        )
+        response: aioimaplib.Response = await self.execute(command)
+        return response
+
 
 _aioimaplib_log = logging.getLogger("aioimaplib.aioimaplib")
+
+
+class _FetchCommand(aioimaplib.FetchCommand):
+    """aioimaplib's FetchCommand, minus one cost: `wait_data` (whether a message's response is still open)
+    ran its regex over every line received so far for the command, and it is asked after each line: a
+    pipelined FETCH of 50 mails cost ~0.1 ms of the main process per mail, a tenth of its CPU at a backlog.
+    Lines are only ever appended, so the lines already looked at are remembered; the answer is the same."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._scanned = 0  # response lines already looked at for the start of a message's data
+        self._last_fetch = 0  # index of the last of them that starts one
+
+    def wait_data(self) -> bool:
+        lines: list[Any] = self._resp_lines
+        pattern = self.FETCH_MESSAGE_DATA_RE
+        for index in range(self._scanned, len(lines)):
+            line = lines[index]
+            if isinstance(line, bytes) and pattern.match(line):
+                self._last_fetch = index
+        self._scanned = len(lines)
+        # Literals (bytearray) do not count, as in aioimaplib.
+        tail = b"".join(line for line in lines[self._last_fetch :] if isinstance(line, bytes))
+        return not aioimaplib.matched_parenthesis(tail)
 
 
 class _Imap4(aioimaplib.IMAP4):
