@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import random
 import re
@@ -12,7 +13,7 @@ import pytest
 from mailbridge.config import FetchSettings
 from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.imap import _batches
-from mailbridge.ingest.imap_client import _FetchCommand, _search_uids, imap_utf7, uid_set
+from mailbridge.ingest.imap_client import _FetchCommand, _Protocol, _search_uids, imap_utf7, uid_set
 from mailbridge.ingest.ledger import FolderCount, Receipted, count_folder
 from mailbridge.ingest.mime_parser import BoundaryLine, compile_pattern
 from mailbridge.ingest.parse import decode_header_value, decode_text, dedup_key, parse, safe_filename
@@ -262,3 +263,41 @@ async def test_fetch_command_knows_when_a_message_is_complete_as_aioimaplib_does
             answers.append(theirs.wait_data())
         changed += len(set(answers)) > 1
     assert changed > 100  # the responses do open and close messages
+
+
+def _fetch_response(rng: random.Random) -> bytes:
+    """A FETCH response as servers send it: literals of every size (empty, holding CRLF, ")" and "{5}"),
+    other data items before and after them, untagged lines between messages, then the tagged OK."""
+    out = []
+    for number in range(1, rng.randint(1, 12)):
+        body = rng.choice([b"", b"x", b"Subject: a\r\n\r\n(body) {5}\r\n)", rng.randbytes(rng.randint(0, 3000))])
+        flags = rng.choice([b"", b" FLAGS (\\Seen)"])
+        out.append(
+            b"* %d FETCH (UID %d%s BODY[] {%d}\r\n%s%s)\r\n" % (number, number + 100, flags, len(body), body, flags)
+        )
+        if rng.random() < 0.2:
+            out.append(b"* %d EXISTS\r\n" % (number + 50))
+    return b"".join(out) + b"A1 OK Fetch completed.\r\n"
+
+
+async def test_imap_responses_read_by_offsets_as_aioimaplib_reads_them() -> None:
+    """Our protocol walks a received chunk by offsets; fed the same chunks as aioimaplib's own protocol,
+    it gives every command the same lines and literals, whatever the chunks' boundaries (in a literal, in
+    its "{n}" or in a CRLF)."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(20261201)
+    for _ in range(300):
+        data = _fetch_response(rng)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        responses = []
+        for protocol_class in (aioimaplib.IMAP4ClientProtocol, _Protocol):
+            protocol = protocol_class(loop, None)
+            protocol.state = aioimaplib.SELECTED
+            command = aioimaplib.FetchCommand("A1", "1:*", "(UID BODY.PEEK[])", prefix="UID", loop=loop)
+            protocol.pending_async_commands["FETCH"] = command
+            for chunk in chunks:
+                protocol.data_received(chunk)
+            responses.append((command.response.result, [bytes(line) for line in command.response.lines]))
+        assert responses[0] == responses[1], chunks
+        assert responses[1][0] == "OK"
