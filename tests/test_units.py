@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
+import random
 import re
 
+import aioimaplib
 import pytest
 
 from mailbridge.config import FetchSettings
 from mailbridge.ingest.html_text import html_to_text
 from mailbridge.ingest.imap import _batches
-from mailbridge.ingest.imap_client import _search_uids, imap_utf7, uid_set
+from mailbridge.ingest.imap_client import _FetchCommand, _Protocol, _search_uids, imap_utf7, uid_set
 from mailbridge.ingest.ledger import FolderCount, Receipted, count_folder
 from mailbridge.ingest.mime_parser import BoundaryLine, compile_pattern
 from mailbridge.ingest.parse import decode_header_value, decode_text, dedup_key, parse, safe_filename
@@ -228,3 +231,73 @@ def test_an_address_header_read_again_gives_the_same_addresses_and_defects() -> 
     assert (second.sender, second.to, second.defects) == (first.sender, first.to, first.defects)
     clean = parse(b"From: anna@x.example\r\nTo: support@x.example\r\nSubject: three\r\n\r\nbody\r\n")
     assert clean.defects == ()
+
+
+async def test_fetch_command_knows_when_a_message_is_complete_as_aioimaplib_does() -> None:
+    """Our FetchCommand remembers the lines it has looked at; after every line it answers what aioimaplib's
+    own wait_data answers, over random FETCH responses (literals, nested parentheses, split lines)."""
+    rng = random.Random(20261201)
+    pieces: list[bytes | bytearray] = [
+        b"* 1 FETCH (UID 7 BODY[] {12}",
+        b"* 22 FETCH (UID 8 FLAGS (\\Seen) BODY[] {3}",
+        b"* 3 FETCH (UID 9 RFC822.SIZE 120)",
+        bytearray(b"(literal) ("),
+        b")",
+        b" FLAGS (\\Seen))",
+        b"(",
+        b"* 4 EXISTS",
+        b"",
+    ]
+    changed = 0
+    for _ in range(300):
+        ours = _FetchCommand("A1", "1:*", "(UID BODY.PEEK[])", prefix="UID")
+        theirs = aioimaplib.FetchCommand("A1", "1:*", "(UID BODY.PEEK[])", prefix="UID")
+        answers = []
+        for _ in range(rng.randint(1, 40)):
+            piece = rng.choice(pieces)
+            ours.append_to_resp(piece)
+            theirs.append_to_resp(piece)
+            assert ours.wait_data() == theirs.wait_data()
+            if rng.random() < 0.3:  # asked twice between two lines, as aioimaplib does
+                assert ours.wait_data() == theirs.wait_data()
+            answers.append(theirs.wait_data())
+        changed += len(set(answers)) > 1
+    assert changed > 100  # the responses do open and close messages
+
+
+def _fetch_response(rng: random.Random) -> bytes:
+    """A FETCH response as servers send it: literals of every size (empty, holding CRLF, ")" and "{5}"),
+    other data items before and after them, untagged lines between messages, then the tagged OK."""
+    out = []
+    for number in range(1, rng.randint(1, 12)):
+        body = rng.choice([b"", b"x", b"Subject: a\r\n\r\n(body) {5}\r\n)", rng.randbytes(rng.randint(0, 3000))])
+        flags = rng.choice([b"", b" FLAGS (\\Seen)"])
+        out.append(
+            b"* %d FETCH (UID %d%s BODY[] {%d}\r\n%s%s)\r\n" % (number, number + 100, flags, len(body), body, flags)
+        )
+        if rng.random() < 0.2:
+            out.append(b"* %d EXISTS\r\n" % (number + 50))
+    return b"".join(out) + b"A1 OK Fetch completed.\r\n"
+
+
+async def test_imap_responses_read_by_offsets_as_aioimaplib_reads_them() -> None:
+    """Our protocol walks a received chunk by offsets; fed the same chunks as aioimaplib's own protocol,
+    it gives every command the same lines and literals, whatever the chunks' boundaries (in a literal, in
+    its "{n}" or in a CRLF)."""
+    loop = asyncio.get_running_loop()
+    rng = random.Random(20261201)
+    for _ in range(300):
+        data = _fetch_response(rng)
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        responses = []
+        for protocol_class in (aioimaplib.IMAP4ClientProtocol, _Protocol):
+            protocol = protocol_class(loop, None)
+            protocol.state = aioimaplib.SELECTED
+            command = aioimaplib.FetchCommand("A1", "1:*", "(UID BODY.PEEK[])", prefix="UID", loop=loop)
+            protocol.pending_async_commands["FETCH"] = command
+            for chunk in chunks:
+                protocol.data_received(chunk)
+            responses.append((command.response.result, [bytes(line) for line in command.response.lines]))
+        assert responses[0] == responses[1], chunks
+        assert responses[1][0] == "OK"

@@ -23,6 +23,7 @@ from typing import Any
 
 import charset_normalizer
 import nh3
+import pybase64
 from mailparser.dates import parse_mail_date
 from mailparser.utils import get_addresses
 
@@ -337,10 +338,37 @@ def _payload_bytes(part: email.message.Message) -> bytes:
         inner = part.get_payload()
         chunks = inner if isinstance(inner, list) else [inner]
         return b"".join(_as_bytes(c) for c in chunks)
+    decoded = _base64_payload(part) if _is_base64(part) else None
+    if decoded is not None:
+        return decoded
     payload = part.get_payload(decode=True)
     if isinstance(payload, bytes):
         return payload
     return _as_bytes(part.get_payload())
+
+
+def _is_base64(part: email.message.Message) -> bool:
+    return str(part.get("content-transfer-encoding", "")).lower() == "base64"
+
+
+def _base64_payload(part: email.message.Message) -> bytes | None:
+    """A base64 body decoded by pybase64 (SIMD, ~40x faster than the stdlib's `a2b_base64`, which was a
+    tenth of a parser worker's time), or None to leave the body to the stdlib. Only well-formed base64 is
+    taken: ASCII, whole 4-character groups, "=" only as the last one or two characters, nothing but the
+    alphabet (`validate=True` refuses the rest). There the stdlib's first try (`decode_b`: the lines
+    joined, then strict decoding) succeeds without a defect, and both give the same bytes; anything else
+    (a missing padding, stray characters) goes the stdlib's way, with its recovery and its defects."""
+    text = part._payload  # type: ignore[attr-defined]  # what get_payload(decode=True) starts from
+    if not isinstance(text, str) or not text.isascii():
+        return None
+    joined = text.encode("ascii").translate(None, b"\r\n")  # = b"".join(lines): bytes split only at CR/LF
+    size = len(joined)
+    if size % 4 or joined.find(b"=", 0, size - 2) != -1 or (size and joined[-2] == 61 and joined[-1] != 61):
+        return None
+    try:
+        return pybase64.b64decode(joined, validate=True)
+    except ValueError:  # binascii.Error: not base64 after all
+        return None
 
 
 def _as_bytes(obj: Any) -> bytes:
