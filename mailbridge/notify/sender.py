@@ -245,11 +245,13 @@ class OutboxSender:
         They are closed once a wait ends without news (`poll_seconds`, well inside any server's idle timeout)."""
         try:
             while not stop.is_set():
+                # Cleared before the round, not after it: a wake for mail committed after the round's last
+                # claim looked must start another round, not wait for the next poll.
+                self.ready.clear()
                 try:
                     await self.deliver_due(stop, keep_sessions=True)
                 except Exception:
                     log.exception("delivering the outbox failed; trying again shortly")
-                self.ready.clear()
                 waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.ready.wait())]
                 done, _ = await asyncio.wait(waiters, timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters:
