@@ -130,6 +130,10 @@ class Run:
         self.engine: Engine = create_engine(self.url)
         self.users = setup.new_users()
         self.daemons: list[subprocess.Popen[bytes]] = []
+        self._seen_ticks: dict[tuple[int, int], int] = {}  # (pid, start time) -> last CPU ticks seen
+        self._ticks_lock = threading.Lock()
+        self._sampling_done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample_daemons, name="cpu-sampler", daemon=True)
         setup.sink.handler.received.clear()
         boxes = [
             {
@@ -173,6 +177,7 @@ class Run:
                         preexec_fn=(lambda core=core: os.sched_setaffinity(0, {core})) if pin else None,
                     )
                 )
+        self._sampler.start()
         try:
             share = MAILBOXES // instances
             self.wait(lambda: sorted(self.holders().values()) == [share] * instances, 90, "leases spread")
@@ -202,11 +207,23 @@ class Run:
         self.wait(lambda: self.scalar("select count(*) from outbox where status = 'pending'") == 0, 120, "warm acks")
         return MAILBOXES
 
+    def _sample_daemons(self) -> None:
+        """Keep the last CPU ticks of every process the daemons' trees had: a parser worker is recycled every
+        40 tasks, and a process that has ended is gone from /proc with all it spent. Counting only the live
+        ones left out, in a one-instance run of 1,000 mails, the worker that had parsed 900 of them."""
+        while not self._sampling_done.wait(0.2):
+            self._tree_ticks_now()
+
+    def _tree_ticks_now(self) -> dict[tuple[int, int], int]:
+        with self._ticks_lock:
+            for daemon in self.daemons:
+                self._seen_ticks.update(_read_proc_tree(daemon.pid)[1])
+            return dict(self._seen_ticks)
+
     def cpu_snapshot(self) -> dict[str, Any]:
-        """CPU ticks so far of the daemons' process trees (main, parser workers, sender) and of the servers."""
-        daemons: dict[tuple[int, int], int] = {}
-        for daemon in self.daemons:
-            daemons.update(_read_proc_tree(daemon.pid)[1])
+        """CPU ticks so far of the daemons' process trees (main, parser workers, sender; those that have
+        ended too) and of the servers."""
+        daemons = self._tree_ticks_now()
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
             "daemons": daemons,
@@ -253,6 +270,9 @@ class Run:
             time.sleep(0.1)
 
     def close(self) -> None:
+        self._sampling_done.set()
+        if self._sampler.is_alive():
+            self._sampler.join()
         for daemon in self.daemons:
             daemon.send_signal(signal.SIGTERM)
         for daemon in self.daemons:
@@ -267,8 +287,9 @@ class Run:
 
 
 def cpu_seconds(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float]:
-    """CPU seconds between two snapshots; a process that ended in between is not counted (the daemons and
-    their database connections live through a run)."""
+    """CPU seconds between two snapshots. The daemons' trees are sampled through the run (`Run._seen_ticks`),
+    so a process that ended in between counts up to its last sample (at most 0.2 s before it ended); the
+    servers' processes (PostgreSQL backends, Dovecot) live through a run."""
 
     def ticks(key: str) -> float:
         old, new = before[key], after[key]
