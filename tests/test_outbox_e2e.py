@@ -236,6 +236,34 @@ async def test_smtp_outage_loses_nothing_and_sends_each_acknowledgement_once(tmp
     assert {r.rcpt_tos[0] for r in sink.received} == {f"klient{i}@example.com" for i in range(100)}
 
 
+async def test_the_sender_keeps_its_smtp_session_from_one_wake_to_the_next_and_closes_it_when_idle(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    # Mail trickling in wakes the sender for one mail at a time; a session per wake (connect, EHLO, QUIT)
+    # cost more than the mail. The session is closed once a wait for news ends without any.
+    app = files_app(tmp_path, sink, outbox={"poll_seconds": 3.0})
+    stop = asyncio.Event()
+    sender = asyncio.create_task(app.sender.run(stop))
+    try:
+        for index in range(3):
+            folder = write_mails(tmp_path / f"in{index}", [sample_mail(sender=f"klient{index}@example.com")])
+            assert (await app.ingest([folder], mailbox="support")).stored == 1
+            await wait_until(lambda index=index: len(sink.received) == index + 1, timeout=20)
+        assert [r.session for r in sink.received] == [1, 1, 1]
+        assert sink.handler.quits == 0
+        await wait_until(lambda: sink.handler.quits == 1, timeout=20)  # idle: closed with QUIT
+        folder = write_mails(tmp_path / "in-later", [sample_mail(sender="later@example.com")])
+        await app.ingest([folder], mailbox="support")
+        await wait_until(lambda: len(sink.received) == 4, timeout=20)
+        assert sink.received[3].session == 2  # a new session after the idle one was closed
+    finally:
+        stop.set()
+        await asyncio.wait_for(sender, 10)
+        app.close()
+    assert sink.handler.quits == 2  # closed on the way out too
+    _assert_once_each(sink, 4)
+
+
 async def test_smtp_outage_across_a_daemon_restart(tmp_path: Path, sink: SmtpSink) -> None:
     sink.stop()
     folder = write_mails(tmp_path / "in", [sample_mail(sender=f"k{i}@example.com") for i in range(100)])

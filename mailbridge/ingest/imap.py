@@ -156,6 +156,8 @@ class ImapWatcher:
         """The folder as the server has it now, against our receipts: what `mailbridge status` reconciles.
         With `move` (the default) a drained folder is empty and this costs nothing."""
         uids = await conn.uids_above(0) if exists else []
+        if not uids:  # nothing to sort, so no need to ask the database (once per drain under IDLE)
+            return FolderCount(in_folder=0, waiting=0, missing=0, left_by_existing_mail=0)
         receipted = await self.ledger.receipted(plan.uidvalidity, uids)
         old = any(u <= receipted.baseline_uid and u not in receipted.uids for u in uids)
         wanted = set(await self._wanted_up_to_baseline(conn, plan)) if old else set()

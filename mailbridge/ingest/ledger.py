@@ -244,10 +244,10 @@ class Ledger:
         await self.db.run(self._write_state, values)
 
     def _write_state(self, values: dict[str, object]) -> None:
+        # One UPDATE, not a read and an ORM flush: this runs after every drain (under IDLE, every few mails).
         with self.db.unit_of_work() as session:
-            state = session.get(MailboxState, self.mailbox)
-            if state is None:
-                state = MailboxState(mailbox=self.mailbox)
-                session.add(state)
-            for key, value in values.items():
-                setattr(state, key, value)
+            written = session.connection().execute(
+                update(MailboxState).where(MailboxState.mailbox == self.mailbox).values(**values)
+            )
+            if written.rowcount == 0:
+                session.add(MailboxState(mailbox=self.mailbox, **values))

@@ -44,6 +44,8 @@ CLAIM_SIZE = 200
 # may claim the mail: a send cut off at that point is recorded for a retry (at most it repeats, as a crash
 # in flight does).
 CLAIM_MARGIN_SECONDS = 5.0
+# An SMTP session is used for at most this long, then closed and opened again (with a fresh login).
+SESSION_MAX_SECONDS = 300.0
 
 # What one commit recorded: (mailbox, "sent" | "retry" | "failed") -> mails. "retry": not sent this time,
 # tried again later; "failed": given up (refused for good, or past its deadline).
@@ -85,10 +87,13 @@ class SmtpTransport:
         self.server = server
         self.tokens = tokens  # auth: oauth2
         self._client: aiosmtplib.SMTP | None = None
+        self._opened_at = 0.0
 
     async def _connected(self) -> aiosmtplib.SMTP:
         if self._client is not None and self._client.is_connected:
-            return self._client
+            if time.monotonic() - self._opened_at < SESSION_MAX_SECONDS:
+                return self._client
+            await self.close()  # a fresh login now and then: a token that expired meanwhile, server limits
         server = self.server
         client = aiosmtplib.SMTP(
             hostname=server.host,
@@ -118,6 +123,7 @@ class SmtpTransport:
                 f"cannot connect to {server.host}:{server.port}: {_describe(exc)}", permanent=False, server_trouble=True
             ) from None
         self._client = client
+        self._opened_at = time.monotonic()
         return client
 
     async def _login_with_token(self, client: aiosmtplib.SMTP) -> None:
@@ -228,20 +234,32 @@ class OutboxSender:
         self._server_retry_at: dict[str, float] = {}  # server key -> monotonic time it may be tried again
         self._server_failures: dict[str, int] = {}
         self._in_flight: set[int] = set()
+        self._idle_sessions: dict[str, list[Transport]] = {}  # server key -> sessions no worker is using
         self.name = f"{instance_name(settings)}/outbox:{os.getpid()}"
 
     async def run(self, stop: asyncio.Event) -> None:
-        """The daemon's sender task: deliver what is due, then wait for new mail, a retry, or stop."""
-        while not stop.is_set():
-            try:
-                await self.deliver_due(stop)
-            except Exception:
-                log.exception("delivering the outbox failed; trying again shortly")
-            self.ready.clear()
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.ready.wait())]
-            await asyncio.wait(waiters, timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+        """The daemon's sender task: deliver what is due, then wait for new mail, a retry, or stop.
+
+        The SMTP sessions stay open from one wake to the next while mail keeps coming: at a steady trickle
+        each wake has one or two mails, and a session per wake (connect, EHLO, QUIT) cost more than the mails.
+        They are closed once a wait ends without news (`poll_seconds`, well inside any server's idle timeout)."""
+        try:
+            while not stop.is_set():
+                # Cleared before the round, not after it: a wake for mail committed after the round's last
+                # claim looked must start another round, not wait for the next poll.
+                self.ready.clear()
+                try:
+                    await self.deliver_due(stop, keep_sessions=True)
+                except Exception:
+                    log.exception("delivering the outbox failed; trying again shortly")
+                waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.ready.wait())]
+                done, _ = await asyncio.wait(waiters, timeout=self._idle_wait(), return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
+                if not done:
+                    await self._close_sessions()
+        finally:
+            await self._close_sessions()
 
     def _idle_wait(self) -> float:
         wait = self.settings.poll_seconds
@@ -250,19 +268,35 @@ class OutboxSender:
             wait = min(wait, max(0.05, retry_at - now))
         return wait
 
-    async def deliver_due(self, stop: asyncio.Event | None = None) -> int:
-        """Deliver every mail that is due now (round after round of claims); returns how many were tried."""
+    async def deliver_due(self, stop: asyncio.Event | None = None, *, keep_sessions: bool = False) -> int:
+        """Deliver every mail that is due now (round after round of claims); returns how many were tried.
+        The SMTP sessions are closed at the end unless `keep_sessions` (the daemon's sender task)."""
         tried = 0
-        while stop is None or not stop.is_set():
-            if not any(self._server_ready(mailbox) for mailbox in self._servers):
-                return tried  # every server is in its back-off: nothing to claim yet
-            due = await self.db.run(self._claim)
-            due = [mail for mail in due if self._server_ready(mail.mailbox)]
-            if not due:
-                return tried
-            tried += len(due)
-            await self._deliver(due, stop)
-        return tried
+        try:
+            while stop is None or not stop.is_set():
+                if not any(self._server_ready(mailbox) for mailbox in self._servers):
+                    return tried  # every server is in its back-off: nothing to claim yet
+                due = await self.db.run(self._claim)
+                due = [mail for mail in due if self._server_ready(mail.mailbox)]
+                if not due:
+                    return tried
+                tried += len(due)
+                await self._deliver(due, stop)
+            return tried
+        finally:
+            if not keep_sessions:
+                await self._close_sessions()
+
+    def _session(self, key: str, mailbox: str) -> Transport:
+        """An open session to this server left by an earlier round, or a new one (opened on first use)."""
+        idle = self._idle_sessions.get(key)
+        return idle.pop() if idle else self._transport(mailbox)
+
+    async def _close_sessions(self) -> None:
+        sessions, self._idle_sessions = self._idle_sessions, {}
+        for transports in sessions.values():
+            for transport in transports:
+                await transport.close()
 
     async def _deliver(self, due: Sequence[Due], stop: asyncio.Event | None) -> None:
         queue: asyncio.Queue[Due] = asyncio.Queue()
@@ -292,7 +326,7 @@ class OutboxSender:
                     continue  # its server is in backoff: the mail stays due for later
                 if time.monotonic() > mail.send_by:
                     continue  # the claim may run out while it is sent: claimed again, by us or another
-                transport = transports.get(key) or transports.setdefault(key, self._transport(mail.mailbox))
+                transport = transports.get(key) or transports.setdefault(key, self._session(key, mail.mailbox))
                 # Each SMTP step has its own timeout, so a slow server can stretch one send past the claim.
                 claim_left = mail.send_by + self.settings.claim_seconds / 2 - CLAIM_MARGIN_SECONDS - time.monotonic()
                 try:
@@ -313,8 +347,9 @@ class OutboxSender:
                 # Recorded (committed) before this connection sends the next mail.
                 await recorder.record(_Result(mail, sent=True, error=note))
         finally:
-            for transport in transports.values():
-                await transport.close()
+            # Kept for the next round (a session that failed was dropped above or closed itself).
+            for key, transport in transports.items():
+                self._idle_sessions.setdefault(key, []).append(transport)
 
     def _server_key(self, mailbox: str) -> str | None:
         route = self._servers.get(mailbox)

@@ -32,6 +32,7 @@ class Received:
     data: bytes
     tls: bool = False
     login: str | None = None
+    session: int = 0  # which SMTP session (connection) it came in on: 1, 2, ... in the order they began
 
     @property
     def message(self) -> EmailMessage:
@@ -50,6 +51,13 @@ class _Handler:
     refuse: dict[str, str] = field(default_factory=dict)  # recipient -> SMTP reply
     delay: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    sessions: int = 0  # sessions that delivered a mail
+    quits: int = 0  # sessions the client ended with QUIT
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.quits += 1
+        return "221 Bye"
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
         if address.lower() in self.refuse:
@@ -65,8 +73,11 @@ class _Handler:
         user = getattr(session.auth_data, "login", None) if session.authenticated else None
         login = user.decode() if isinstance(user, bytes) else None
         tls = server.transport.get_extra_info("ssl_object") is not None
-        received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data), tls, login)
         with self.lock:
+            if getattr(session, "number", None) is None:
+                self.sessions += 1
+                session.number = self.sessions
+            received = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(data), tls, login, session.number)
             self.received.append(received)
         return "250 Message accepted for delivery"
 
