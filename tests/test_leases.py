@@ -194,6 +194,8 @@ def test_a_late_outcome_never_undoes_the_work_of_the_sender_that_took_the_claim_
         [_Result(second, sent=False, error="refused: 550 no such user", permanent=True), _Result(third, sent=True)]
     )
     assert tally == {("a1", "failed"): 1}  # third: already recorded sent, not counted twice
+    late.release()
+    current.release()
     rows = _rows(db)
     assert rows[second.id] == ("failed", None, 1)
     assert rows[third.id] == ("sent", None, 1)

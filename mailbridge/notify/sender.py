@@ -277,6 +277,7 @@ class OutboxSender:
         finally:
             await recorder.close()
             await committer
+            await self.db.run(recorder.release)
             self._in_flight.difference_update(mail.id for mail in due)
             unsent = [mail.id for mail in due if mail.id not in recorder.recorded]
             if unsent:  # stopped, its server in back-off, or its claim too old: free for any sender now
@@ -416,6 +417,7 @@ class _Recorder:
         self.settings = settings
         self.holder = holder  # our sender's name: the claims it holds carry it in `claimed_by`
         self.on_commit = recorded  # the daemon's metrics: what each commit recorded
+        self._writer = db.held_writer()  # used on the database thread only
         self._pending: list[tuple[_Result, asyncio.Future[None]]] = []
         self.recorded: set[int] = set()  # the mails whose outcome is committed
         self._wakeup = asyncio.Event()
@@ -460,31 +462,30 @@ class _Recorder:
         so the mail must never go out again (the other sender's own outcome then finds it sent and is
         dropped). "retry" and "failed" are recorded only while the mail is still pending and claimed by us:
         otherwise the mail belongs to its new holder (or is done), and writing our retry would clear the
-        new holder's claim for a third sender, or put a sent mail back into the queue."""
+        new holder's claim for a third sender, or put a sent mail back into the queue.
+
+        One statement per mail on a held Core connection: a commit carries one to a few mails, and an
+        ORM session, a pool checkout or an expanding `IN` list rendered anew cost more than they do."""
         now = utcnow()
         tally: OutboxTally = Counter()
-        with self.db.unit_of_work() as session:
-            connection = session.connection()  # Core statements: no ORM bookkeeping on this hot path
-            sent = [r for r in results if r.sent and r.error is None]
-            if sent:
-                ids = connection.execute(_MARK_SENT, {"b_ids": [r.mail.id for r in sent], "b_now": now}).scalars()
-                applied = set(ids)
-                for result in sent:
-                    self._count(tally, result, "sent", applied=result.mail.id in applied)
-            for result in results:  # the rare ones: sent with a note (recipients refused), or not sent
-                if result.sent and result.error is None:
-                    continue
+        with self._writer.transaction() as connection:
+            for result in results:
                 if result.sent:
-                    params = {"b_id": result.mail.id, "b_now": now, "b_error": db_text(result.error or "", 2000)}
-                    applied_one = connection.execute(_MARK_SENT_WITH_NOTE, params).rowcount == 1
-                    self._count(tally, result, "sent", applied=applied_one)
+                    note = None if result.error is None else db_text(result.error, 2000)
+                    params = {"b_id": result.mail.id, "b_now": now, "b_error": note}
+                    applied = connection.execute(_MARK_SENT, params).rowcount == 1
+                    self._count(tally, result, "sent", applied=applied)
                     continue
                 values = self._retry_values(result, now)
                 params = {"b_id": result.mail.id, "b_holder": self.holder, **values}
-                applied_one = connection.execute(_MARK_UNSENT, params).rowcount == 1
+                applied = connection.execute(_MARK_UNSENT, params).rowcount == 1
                 outcome = "failed" if values["b_status"] == OutboxStatus.FAILED else "retry"
-                self._count(tally, result, outcome, applied=applied_one)
+                self._count(tally, result, outcome, applied=applied)
         return tally
+
+    def release(self) -> None:
+        """Let the connection of the outcome commits go (on the database thread, after the last one)."""
+        self._writer.close()
 
     @staticmethod
     def _count(tally: OutboxTally, result: _Result, outcome: str, *, applied: bool) -> None:
@@ -522,25 +523,12 @@ _ALREADY_SENT = (OutboxStatus.SENT, OutboxStatus.BOUNCED)
 # Built once: the recorder runs them for every commit.
 _MARK_SENT = (
     update(_OUTBOX)
-    .where(_OUTBOX.c.id.in_(bindparam("b_ids", expanding=True)), _OUTBOX.c.status.not_in(_ALREADY_SENT))
-    .values(
-        status=OutboxStatus.SENT,
-        sent_at=bindparam("b_now"),
-        attempts=_OUTBOX.c.attempts + 1,
-        last_error=None,
-        claimed_by=None,
-        claimed_until=None,
-    )
-    .returning(_OUTBOX.c.id)
-)
-_MARK_SENT_WITH_NOTE = (
-    update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("b_id"), _OUTBOX.c.status.not_in(_ALREADY_SENT))
     .values(
         status=OutboxStatus.SENT,
         sent_at=bindparam("b_now"),
         attempts=_OUTBOX.c.attempts + 1,
-        last_error=bindparam("b_error"),
+        last_error=bindparam("b_error"),  # None, or a note such as some recipients refused
         claimed_by=None,
         claimed_until=None,
     )
