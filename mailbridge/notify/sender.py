@@ -44,6 +44,8 @@ CLAIM_SIZE = 200
 # may claim the mail: a send cut off at that point is recorded for a retry (at most it repeats, as a crash
 # in flight does).
 CLAIM_MARGIN_SECONDS = 5.0
+# How long a commit of outcomes waits for the other connections' outcomes (see `_Recorder`).
+GROUP_WAIT_SECONDS = 0.002
 
 # What one commit recorded: (mailbox, "sent" | "retry" | "failed") -> mails. "retry": not sent this time,
 # tried again later; "failed": given up (refused for good, or past its deadline).
@@ -285,6 +287,7 @@ class OutboxSender:
 
     async def _worker(self, queue: asyncio.Queue[Due], recorder: _Recorder, stop: asyncio.Event | None) -> None:
         transports: dict[str, Transport] = {}
+        recorder.sending()
         try:
             while not queue.empty() and (stop is None or not stop.is_set()):
                 mail = queue.get_nowait()
@@ -314,6 +317,7 @@ class OutboxSender:
                 # Recorded (committed) before this connection sends the next mail.
                 await recorder.record(_Result(mail, sent=True, error=note))
         finally:
+            recorder.done_sending()
             for transport in transports.values():
                 await transport.close()
 
@@ -404,7 +408,15 @@ class _Result:
 
 
 class _Recorder:
-    """Group commit: the outcomes of all connections that finish while one commit runs go into the next."""
+    """Group commit: the outcomes of all connections that finish while one commit runs go into the next.
+
+    A commit also waits, for at most GROUP_WAIT_SECONDS after its first outcome, until every connection
+    still sending has an outcome in it. Committing at the first outcome made a commit for every 1.5 mails
+    at 4 connections, and the commits cost the sender process as much CPU as its SMTP dialogues; with the
+    wait the connections fall into step, about one commit for all four (bench/smtp_floor.py: 2,700
+    commits instead of 7,000 for 10,000 mails, a third less CPU per mail, and faster, too: 5 ms waits
+    cut the CPU a little more but cost throughput). Each connection still waits for the commit of its
+    mail's outcome before it sends the next one."""
 
     def __init__(
         self,
@@ -422,9 +434,23 @@ class _Recorder:
         self.recorded: set[int] = set()  # the mails whose outcome is committed
         self._wakeup = asyncio.Event()
         self._closed = False
+        self._sending = 0  # connections that may still record an outcome
+        self._timer: asyncio.TimerHandle | None = None  # ends the wait for the other connections' outcomes
+        self._waited = False
+
+    def sending(self) -> None:
+        """A connection starts: the commits wait for its outcomes too."""
+        self._sending += 1
+
+    def done_sending(self) -> None:
+        self._sending -= 1
+        self._wakeup.set()
 
     async def record(self, result: _Result) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            self._timer = loop.call_later(GROUP_WAIT_SECONDS, self._wait_over)
         self._pending.append((result, future))
         self._wakeup.set()
         await future
@@ -433,10 +459,20 @@ class _Recorder:
         self._closed = True
         self._wakeup.set()
 
+    def _wait_over(self) -> None:
+        self._waited = True
+        self._wakeup.set()
+
     async def run(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            if self._pending and not (self._closed or self._waited or len(self._pending) >= self._sending):
+                continue  # the other connections' outcomes are due any moment (or the timer ends the wait)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._waited = False
             items, self._pending = self._pending, []
             if items:
                 try:
