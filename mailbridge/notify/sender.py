@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
-from sqlalchemy import Table, bindparam, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 
 from mailbridge.config import OutboxSettings, Settings, SmtpServer
 from mailbridge.db import Database, claim_rows
@@ -407,6 +407,14 @@ class _Result:
     permanent: bool = False
 
 
+class _SentAlready(Exception):
+    """A "sent" mark found its mail already sent: the commit is redone mail by mail."""
+
+
+def _note(result: _Result) -> str | None:
+    return None if result.error is None else db_text(result.error, 2000)
+
+
 class _Recorder:
     """Group commit: the outcomes of all connections that finish while one commit runs go into the next.
 
@@ -500,15 +508,31 @@ class _Recorder:
         otherwise the mail belongs to its new holder (or is done), and writing our retry would clear the
         new holder's claim for a third sender, or put a sent mail back into the queue.
 
-        One statement per mail on a held Core connection: a commit carries one to a few mails, and an
-        ORM session, a pool checkout or an expanding `IN` list rendered anew cost more than they do."""
+        On a held Core connection: a commit carries one to a few mails, and an ORM session, a pool checkout
+        or an expanding `IN` list rendered anew cost more than the statements do. The "sent" marks go in one
+        executemany; only when its row count shows that one of them was sent already (by the sender that
+        took the claim over) is the commit redone mail by mail, to count and log each."""
+        try:
+            return self._write_outcomes(results, sent_together=True)
+        except _SentAlready:  # rolled back
+            return self._write_outcomes(results, sent_together=False)
+
+    def _write_outcomes(self, results: list[_Result], *, sent_together: bool) -> OutboxTally:
         now = utcnow()
         tally: OutboxTally = Counter()
+        sent = [result for result in results if result.sent] if sent_together else []
         with self._writer.transaction() as connection:
+            if sent:
+                marks = [{"b_id": r.mail.id, "b_now": now, "b_error": _note(r)} for r in sent]
+                if connection.execute(_MARK_SENT, marks).rowcount != len(sent):
+                    raise _SentAlready
+                for result in sent:
+                    self._count(tally, result, "sent", applied=True)
             for result in results:
+                if result.sent and sent_together:
+                    continue
                 if result.sent:
-                    note = None if result.error is None else db_text(result.error, 2000)
-                    params = {"b_id": result.mail.id, "b_now": now, "b_error": note}
+                    params = {"b_id": result.mail.id, "b_now": now, "b_error": _note(result)}
                     applied = connection.execute(_MARK_SENT, params).rowcount == 1
                     self._count(tally, result, "sent", applied=applied)
                     continue
@@ -553,13 +577,14 @@ class _Recorder:
 
 _OUTBOX = OutboxMail.__table__
 assert isinstance(_OUTBOX, Table)
-# Pending, or failed by another sender's attempt after ours got in. Said as NOT IN: an IN on status would
-# lead SQLite (no ANALYZE statistics) to scan the due index instead of looking the ids up by primary key.
-_ALREADY_SENT = (OutboxStatus.SENT, OutboxStatus.BOUNCED)
+# Pending, or failed by another sender's attempt after ours got in. Said as two inequalities: an IN on
+# status would lead SQLite (no ANALYZE statistics) to scan the due index instead of looking the id up by
+# primary key, and a NOT IN list is an "expanding" parameter, which executemany does not take.
+_NOT_SENT_YET = and_(_OUTBOX.c.status != OutboxStatus.SENT, _OUTBOX.c.status != OutboxStatus.BOUNCED)
 # Built once: the recorder runs them for every commit.
 _MARK_SENT = (
     update(_OUTBOX)
-    .where(_OUTBOX.c.id == bindparam("b_id"), _OUTBOX.c.status.not_in(_ALREADY_SENT))
+    .where(_OUTBOX.c.id == bindparam("b_id"), _NOT_SENT_YET)
     .values(
         status=OutboxStatus.SENT,
         sent_at=bindparam("b_now"),
