@@ -28,7 +28,7 @@ from mailbridge.leases import (
     release,
 )
 from mailbridge.models import Instance, MailboxLease, OutboxMail
-from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender, _Recorder, _Result
+from mailbridge.notify.sender import CLAIM_SIZE, OutboxSender, OutboxTally, _Recorder, _Result
 from tests.imap_env import make_app
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -194,12 +194,44 @@ def test_a_late_outcome_never_undoes_the_work_of_the_sender_that_took_the_claim_
         [_Result(second, sent=False, error="refused: 550 no such user", permanent=True), _Result(third, sent=True)]
     )
     assert tally == {("a1", "failed"): 1}  # third: already recorded sent, not counted twice
+    late.release()
+    current.release()
     rows = _rows(db)
     assert rows[second.id] == ("failed", None, 1)
     assert rows[third.id] == ("sent", None, 1)
     three = _sender(db, tmp_path, "three")
     with time_machine.travel(datetime.now(UTC) + timedelta(days=1), tick=False):
         assert three._claim() == []  # nothing was put back in the queue
+
+
+def test_a_commit_of_outcomes_waits_for_the_other_connections_but_not_for_a_stalled_one(
+    db: Database, tmp_path: Path
+) -> None:
+    """Three connections: their three outcomes go into one commit. Then one of them stalls (a slow server)
+    while another records its next outcome: that one is committed after the short wait, not held back
+    until the stalled connection is done."""
+    _outbox(db, 4)
+    one = _sender(db, tmp_path, "one")
+    mails = sorted(one._claim(), key=lambda mail: mail.id)
+    commits: list[OutboxTally] = []
+
+    async def connections() -> None:
+        recorder = _Recorder(db, one.settings, one.name, commits.append)
+        committer = asyncio.create_task(recorder.run())
+        for _ in range(3):
+            recorder.sending()
+        await asyncio.wait_for(asyncio.gather(*(recorder.record(_Result(m, sent=True)) for m in mails[:3])), 10)
+        assert commits == [{("a1", "sent"): 3}]
+        await asyncio.wait_for(recorder.record(_Result(mails[3], sent=True)), 10)  # two connections silent
+        assert commits == [{("a1", "sent"): 3}, {("a1", "sent"): 1}]
+        for _ in range(3):
+            recorder.done_sending()
+        await recorder.close()
+        await committer
+        await db.run(recorder.release)
+
+    asyncio.run(connections())
+    assert {row[0] for row in _rows(db).values()} == {"sent"}
 
 
 def _rows(db: Database) -> dict[int, tuple[str, str | None, int]]:

@@ -49,6 +49,7 @@ TEMPLATES = (
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _MAX_SUBJECT = 500
 _MAX_REFERENCES = 20
+_FOLD_AT = 78  # RFC 5322 section 2.1.1: lines of at most 78 characters
 _ENCODED_LINE = 76  # RFC 2047 section 2: a line with an encoded-word is at most 76 characters
 _ENCODED_CHROME = len("=?utf-8?b??=")
 
@@ -220,8 +221,12 @@ def _addresses(addresses: Sequence[Address]) -> str:
 
 def _encoded(name: str, value: str) -> str:
     text = header_safe(value)
+    if text.isascii() and len(name) + 2 + len(text) <= _FOLD_AT:
+        # What Header gives for a line that needs no folding (header_safe has left one space between
+        # words, none at either end), without its ~25 µs of splitting and measuring: most subjects.
+        return text
     if text.isascii():
-        return Header(text, "us-ascii", maxlinelen=78, header_name=name).encode(linesep="\r\n")
+        return Header(text, "us-ascii", maxlinelen=_FOLD_AT, header_name=name).encode(linesep="\r\n")
     # RFC 2047 encoded-words of whole characters, each line with one at most 76 characters long (the
     # first after "Name: "). Header(..., "utf-8") does the same but measures every prefix of every line
     # in both encodings: 1.2 ms for a 100-character Polish subject, the largest cost of an acknowledgement;

@@ -205,6 +205,12 @@ class SmtpSink:
             return list(self.handler.received)
 
     @property
+    def count(self) -> int:
+        """How many mails it has received (without copying them, for a loop that polls it)."""
+        with self.handler.lock:
+            return len(self.handler.received)
+
+    @property
     def tokens_refused(self) -> int:
         """AUTH XOAUTH2 attempts whose token the introspection endpoint did not accept."""
         assert isinstance(self.handler, _OAuthHandler), "tokens_refused needs xoauth2_introspection_url"
