@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailbridge.outbox")
 
 WAKE, FINISH, STOP = "wake", "finish", "stop"
-# The daemon's own priority. At niceness 10 (the intake first during a backlog) the sender got a tenth of a
-# busy core's time: acknowledgements at 50 mails/s reached the SMTP server 15-17 s after their commit
-# (p50, host load 10-13; 0.2-2.4 s at niceness 0 in the same minutes, bench/bench_instances.py). It needs
-# about a millisecond of CPU per mail, so at the same priority it takes little from the intake.
-SENDER_NICENESS = 0
 ORPHAN_SECONDS = 15.0  # an orphaned sender that has not finished its mails in flight by then is gone anyway
 
 
@@ -107,9 +102,10 @@ def _main(settings: Settings, conn: Connection, report: bool) -> None:
     # Ctrl-C and systemd's SIGTERM reach the whole process group; the daemon decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if SENDER_NICENESS:
-        with contextlib.suppress(OSError):
-            os.nice(SENDER_NICENESS)
+    # At the daemon's own priority. At niceness 10 (the intake first during a backlog) the sender got a tenth
+    # of a busy core's time: acknowledgements at 50 mails/s reached the SMTP server 15-17 s after their commit
+    # (p50, host load 10-13; 0.2-2.4 s at the same priority in the same minutes, bench/bench_instances.py).
+    # It needs under a millisecond of CPU per mail, so it takes little from the intake (acks on: -14 %).
     from mailbridge.db import Database
     from mailbridge.logs import setup_logging
 
