@@ -264,6 +264,58 @@ async def test_the_sender_keeps_its_smtp_session_from_one_wake_to_the_next_and_c
     _assert_once_each(sink, 4)
 
 
+async def test_a_wake_at_the_end_of_a_round_starts_another_round_not_the_next_poll(
+    tmp_path: Path, sink: SmtpSink
+) -> None:
+    # Mail committed after a round's last claim found nothing, but before the round ended, wakes the sender;
+    # clearing the wake after the round would lose it and leave the mail for the next poll (60 s here).
+    app = files_app(tmp_path, sink, outbox={"poll_seconds": 60.0})
+    later = write_mails(tmp_path / "later", [sample_mail(sender="later@example.com")])
+    rounds_ended = 0
+    real_round = app.sender.deliver_due
+
+    async def round_then_new_mail(stop: asyncio.Event | None = None, *, keep_sessions: bool = False) -> int:
+        nonlocal rounds_ended
+        tried = await real_round(stop, keep_sessions=keep_sessions)
+        rounds_ended += 1
+        if rounds_ended == 1:
+            assert (await app.ingest([later], mailbox="support")).stored == 1
+        return tried
+
+    app.sender.deliver_due = round_then_new_mail  # type: ignore[method-assign]
+    first = write_mails(tmp_path / "first", [sample_mail(sender="first@example.com")])
+    assert (await app.ingest([first], mailbox="support")).stored == 1
+    stop = asyncio.Event()
+    sender = asyncio.create_task(app.sender.run(stop))
+    try:
+        await wait_until(lambda: len(sink.received) == 2, timeout=10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(sender, 10)
+        app.close()
+    assert [r.rcpt_tos for r in sink.received] == [["first@example.com"], ["later@example.com"]]
+
+
+async def test_a_kept_session_the_server_dropped_unnoticed_costs_no_back_off(tmp_path: Path, sink: SmtpSink) -> None:
+    # The server closed the idle session (its timeout, a restart) and the sender learns it only from the next
+    # MAIL: the mail goes out on a new session at once, and the server is not put in back-off (60 s here).
+    app = files_app(tmp_path, sink, outbox={"first_retry_seconds": 60, "max_retry_seconds": 60})
+    try:
+        for index in range(2):
+            folder = write_mails(tmp_path / f"in{index}", [sample_mail(sender=f"klient{index}@example.com")])
+            assert (await app.ingest([folder], mailbox="support")).stored == 1
+            if index == 1:
+                sink.handler.drop_at_mail = 1
+            assert await app.sender.deliver_due(keep_sessions=True) == 1
+        statuses = [r.status for r in outbox(app)]
+        await app.sender.deliver_due()  # closes the kept session
+    finally:
+        app.close()
+    assert statuses == [OutboxStatus.SENT, OutboxStatus.SENT]
+    assert [r.session for r in sink.received] == [1, 2]
+    _assert_once_each(sink, 2)
+
+
 async def test_smtp_outage_across_a_daemon_restart(tmp_path: Path, sink: SmtpSink) -> None:
     sink.stop()
     folder = write_mails(tmp_path / "in", [sample_mail(sender=f"k{i}@example.com") for i in range(100)])

@@ -157,9 +157,21 @@ class SmtpTransport:
             raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
     async def send(self, mail: Due) -> str | None:
+        kept = self._client if self._client is not None and self._client.is_connected else None
         client = await self._connected()
         try:
             refused, _ = await client.sendmail(mail.envelope_from, mail.recipients, mail.raw)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            await self._drop()
+            if client is not kept:
+                raise DeliveryError(
+                    f"connection to {self.server.host} lost: {_describe(exc)}", permanent=False, server_trouble=True
+                ) from None
+            # A kept session that the server closed while it idled (its timeout, a restart) before we noticed:
+            # a new session now, not a back-off. Had the server taken the mail before the drop, it goes twice
+            # with the same Message-ID, as the retry later would have sent it.
+            log.info("SMTP session to %s was closed by the server; sending on a new one", self.server.host)
+            return await self.send(mail)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)

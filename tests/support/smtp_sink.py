@@ -53,6 +53,17 @@ class _Handler:
     lock: threading.Lock = field(default_factory=threading.Lock)
     sessions: int = 0  # sessions that delivered a mail
     quits: int = 0  # sessions the client ended with QUIT
+    drop_at_mail: int = 0  # the next this many MAIL commands: the connection is closed instead of an answer
+
+    async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        with self.lock:
+            drop, self.drop_at_mail = self.drop_at_mail > 0, max(self.drop_at_mail - 1, 0)
+        if drop:  # as a server does that timed the idle session out or restarted, unseen by the client yet
+            server.transport.close()
+            return "421 4.4.2 closing"  # never reaches the client: the transport is closed
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
