@@ -357,6 +357,9 @@ def throughput(
             # CPU seconds from the drop to the last acknowledgement (plus the polling until it was seen)
             "cpu_s": cpu,
             "daemon_cpu_ms_per_mail": round(1000 * cpu["daemons"] / count, 2),
+            # Everything on the host that the run kept busy: daemons, PostgreSQL, Dovecot, sink and loader.
+            "all_cpu_ms_per_mail": round(1000 * sum(cpu.values()) / count, 2),
+            "cores_busy": round(sum(cpu.values()) / end_to_end_s, 2),
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "statements": run.statements(),
         }
@@ -623,7 +626,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             b["end_to_end_mails_per_s"] / a["end_to_end_mails_per_s"]
             for a, b in zip(runs["one"], runs["two"], strict=True)
         ]
-        summary["scaling"] = {"of_medians": round(two / one, 2), "per_pair": spread([round(x, 2) for x in pairs])}
+        # On one host the two daemons, PostgreSQL, Dovecot and the sink share its cores: two instances can at
+        # best keep every core busy at their own CPU per mail, which bounds the scaling whatever the code does.
+        cores = len(os.sched_getaffinity(0))
+        ceilings = [
+            (cores / (b["all_cpu_ms_per_mail"] / 1000)) / a["end_to_end_mails_per_s"]
+            for a, b in zip(runs["one"], runs["two"], strict=True)
+        ]
+        summary["scaling"] = {
+            "of_medians": round(two / one, 2),
+            "per_pair": spread([round(x, 2) for x in pairs]),
+            "cores": cores,
+            "cores_busy": {key: spread([r["cores_busy"] for r in runs[key]]) for key in ("one", "two")},
+            "cpu_bound_ceiling_per_pair": spread([round(x, 2) for x in ceilings]),
+        }
         log(f"one instance {one} mails/s, two {two} mails/s: x{summary['scaling']['of_medians']}")
     for backend, results in latencies.items():
         if results:
