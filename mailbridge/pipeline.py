@@ -162,11 +162,23 @@ class Pipeline:
         """Keep every resource busy during a backlog: batch k is recorded (database thread) while batch
         k+1 is parsed (worker processes; then its senders are looked up in the CRM) and the source fetches
         batch k+2. Batches are committed in order, and `committed` (the server-side move) runs after each
-        commit. When `batches` ends early (stop requested), what is already being parsed is still
-        recorded: the mail in hand is finished."""
+        commit, in order, while the next batch goes on: waiting for the server's answer to the move of
+        batch k before recording batch k+1 left the parser workers idle for a round trip per batch. When
+        `batches` ends early (stop requested), what is already being parsed is still recorded: the mail in
+        hand is finished."""
         in_flight: deque[tuple[list[RawMail], asyncio.Future[tuple[list[ParsedMail | ParseFailure], CrmAnswers]]]] = (
             deque()
         )
+        telling: asyncio.Future[None] | None = None  # the previous batch's `committed`, still running
+
+        async def record_and_tell() -> None:
+            nonlocal telling
+            raws, preparing = in_flight.popleft()
+            results = await self.record(raws, *await preparing)
+            if telling is not None:
+                await telling  # one at a time, in commit order; its failure stops the stream here
+            telling = asyncio.ensure_future(committed(results))
+
         try:
             async with contextlib.aclosing(batches):
                 async for batch in batches:
@@ -174,14 +186,19 @@ class Pipeline:
                         continue
                     in_flight.append((batch, self.prepare(batch)))
                     if len(in_flight) >= depth:
-                        raws, preparing = in_flight.popleft()
-                        await committed(await self.record(raws, *await preparing))
+                        await record_and_tell()
             while in_flight:
-                raws, preparing = in_flight.popleft()
-                await committed(await self.record(raws, *await preparing))
+                await record_and_tell()
+            if telling is not None:
+                await telling
         finally:
             for _, preparing in in_flight:
                 preparing.cancel()
+            if telling is not None and not telling.done():
+                # Failing already: the move still finishes (a half-sent IMAP command would desync the
+                # connection); what it did not do, the next drain does (the receipts say what is stored).
+                with contextlib.suppress(Exception):
+                    await telling
 
     async def mark_server_done(self, source_keys: Sequence[str]) -> None:
         if source_keys:
