@@ -40,6 +40,10 @@ def mutated(draw: st.DrawFn) -> str:
 @example("Jan <jan..k@x.example>")
 @example("Jan  Kowalski <jan@x.example>")
 @example("J. Smith <j@x.example>")
+@example("a" * 100 + "@x.example")  # longer than RFC 5321 allows: mail-parser does not object either
+@example("Jan <" + "a" * 70 + "@" + "b" * 70 + ".example>")
+@example("J " * 200 + "<a@b.c>")
+@example("Jan <a@1.2.3.4>")
 def test_what_the_regex_takes_mail_parser_reads_the_same(text: str) -> None:
     if _PLAIN_ADDRESS_HEADER.fullmatch(text) is not None:
         assert _read_addresses(text) == _read_any_addresses(text)
