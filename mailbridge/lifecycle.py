@@ -12,10 +12,10 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from mailbridge.db import chunked
+from mailbridge.db import chunked, insert_rows
 from mailbridge.models import (
     Article,
     MailKind,
@@ -70,7 +70,7 @@ def after_store(
     fresh = {s.ticket_id for s in stored if s.new_ticket}
     _add_participants(session, people, now, new_tickets=fresh)
     if events:
-        session.execute(insert(TicketEvent), events)
+        insert_rows(session, TicketEvent, events)
     for ticket, status in changes.items():
         session.execute(update(Ticket).where(Ticket.id == ticket).values(status=status, closed_at=None))
 
@@ -122,7 +122,7 @@ def _add_participants(
         if (t, a) not in existing
     ]
     if new:
-        session.execute(insert(TicketParticipant), new)
+        insert_rows(session, TicketParticipant, new)
 
 
 def merge(session: Session, into: Ticket, source: Ticket, actor: str, now: datetime) -> int:

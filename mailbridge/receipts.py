@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from mailbridge.db import chunked
+from mailbridge.db import chunked, insert_rows
 from mailbridge.ingest.raw import RawMail
 from mailbridge.models import Article, Outcome, Receipt, Ticket, db_text_or_none
 
@@ -62,8 +62,9 @@ class NewReceipt:
 def add(session: Session, receipts: Sequence[NewReceipt]) -> None:
     if not receipts:
         return
-    session.execute(
-        insert(Receipt),
+    insert_rows(
+        session,
+        Receipt,
         [
             {
                 "mailbox": r.raw.mailbox,
