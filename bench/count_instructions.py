@@ -7,7 +7,7 @@ the instructions are counted by Valgrind's cachegrind (`--cache-sim=no`, about 3
 native; every process of the tree is followed: the main process, the migration subprocess, the
 forkserver and the parser workers). A forked worker's count includes what the forkserver had executed
 before the fork; it is subtracted (the forkserver's own total, which grows by a few million instructions
-per fork at most). The counts are the same from run to run within about 0.1 %.
+per fork at most). The counts are the same from run to run within about 0.5 %.
 
 Each mail count M (first M mails of the N corpus) is run for both configurations; the difference between
 two values of M gives the cost per mail, apart from what a run costs once (start-up, the directory).
