@@ -89,9 +89,9 @@ def read_counts(out_dir: Path, mails: int, variant: str) -> Count:
                 count.by_role["workers"] += (ir - forkserver_ir) / 1e6
         else:
             count.by_role[role] += ir / 1e6
-    # Every process (exec'd or forked) writes a log; one that never finished has no "I refs" line in it.
+    # Every process (exec'd or forked) writes a log; one that never finished has no "I   refs:" line in it.
     for log_file in out_dir.glob("vg.*.log"):
-        if "I refs" not in log_file.read_text(errors="replace"):
+        if not re.search(r"I\s+refs:", log_file.read_text(errors="replace")):
             count.lost += 1
     return count
 
