@@ -524,7 +524,10 @@ def in_process(config: Path, at: str, profile: Path | None) -> None:
                 seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         finally:
             app.close()
-    result = {"seconds": seconds, "cpu_seconds": cpu, "report": asdict(report)}
+    # Not `asdict`: it rebuilds the per-mailbox Counters from (key, value) pairs, i.e. counts the pairs.
+    fields = {name: getattr(report, name) for name in report.__dataclass_fields__}
+    fields = {name: dict(value) if isinstance(value, dict) else value for name, value in fields.items()}
+    result = {"seconds": seconds, "cpu_seconds": cpu, "report": fields}
     print(json.dumps(result))
 
 

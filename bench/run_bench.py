@@ -465,6 +465,9 @@ class Measurement:
 
 def measure(cmd: Sequence[str], *, cwd: Path, log_dir: Path, timeout: float = RUN_TIMEOUT) -> Measurement:
     """Run ``cmd``, sampling the RSS of its process tree; wall time from spawn to exit."""
+    # What earlier runs (or the corpus set-up) left unwritten is written out first: the daemon's syncfs
+    # would otherwise pay for it, and a run's figure would depend on what ran before it.
+    os.sync()
     out_path, err_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBRIDGE_")}
     with out_path.open("wb") as out, err_path.open("wb") as err:
