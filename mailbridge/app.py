@@ -315,7 +315,9 @@ class App:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         (self.settings.storage_path / "blobs").mkdir(parents=True, exist_ok=True)
         if migrate_in_child:
-            self.db.upgrade_in_child()
+            # The parser workers start while the child migrates (a new database: the first start), instead
+            # of making the first mail wait for them.
+            self.db.upgrade_in_child(meanwhile=self.parser.start if self.settings.mailboxes else None)
         self.db.upgrade()
         self.check()
         if self.settings.sla.enabled:

@@ -189,24 +189,36 @@ class Database:
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 
-    def upgrade_in_child(self) -> None:
+    def upgrade_in_child(self, meanwhile: Callable[[], None] | None = None) -> None:
         """`upgrade()` in a short-lived child process. Alembic brings Mako and Pygments along, about
         13 MiB that a process keeps once it has imported them; a daemon that migrates at its first start
-        should not carry them for the rest of its life (a current schema never imports Alembic)."""
+        should not carry them for the rest of its life (a current schema never imports Alembic).
+        `meanwhile` runs here while the child migrates: start-up work that needs no database."""
         if self.schema_revision() == SCHEMA_HEAD:
             return
         # The URL goes through stdin (it may hold a password: not in the process list); the child gets
         # our sys.path, so it imports this very mailbridge however we were started.
-        done = subprocess.run(
-            [sys.executable, "-c", _UPGRADE_FROM_STDIN],
-            input=self.url,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-            check=False,
-        )
-        if done.returncode != 0:
-            raise MigrationError(f"upgrading the database schema failed:\n{done.stderr.strip()[-3000:]}")
+        # Written and closed before the child starts (a pipe takes a URL at once), so the child reads it
+        # whole while `meanwhile` runs.
+        url_out, url_in = os.pipe()
+        with os.fdopen(url_in, "w") as pipe:
+            pipe.write(self.url)
+        with os.fdopen(url_out) as url:
+            child = subprocess.Popen(
+                [sys.executable, "-c", _UPGRADE_FROM_STDIN],
+                stdin=url,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            )
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            _, stderr = child.communicate()
+        if child.returncode != 0:
+            raise MigrationError(f"upgrading the database schema failed:\n{stderr.strip()[-3000:]}")
         log.info("database schema upgraded to %s (in a child process)", SCHEMA_HEAD)
 
     def close(self) -> None:

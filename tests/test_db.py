@@ -51,6 +51,38 @@ def test_the_daemon_migrates_in_a_child_and_never_imports_alembic(tmp_path: Path
     db.close()
 
 
+def test_start_up_work_runs_while_the_child_migrates(database_url: str, tmp_path: Path) -> None:
+    # The daemon starts its parser workers meanwhile: the migration must be running, not waiting for it.
+    (tmp_path / "data").mkdir(exist_ok=True)
+    db = Database(database_url)
+    revisions_seen: list[str | None] = []
+
+    def meanwhile() -> None:
+        probe = Database(database_url)
+        deadline = time.monotonic() + 60
+        while probe.schema_revision() != SCHEMA_HEAD and time.monotonic() < deadline:
+            time.sleep(0.02)
+        revisions_seen.append(probe.schema_revision())
+        probe.close()
+
+    db.upgrade_in_child(meanwhile=meanwhile)
+    assert revisions_seen == [SCHEMA_HEAD]
+    db.close()
+
+
+def test_a_failing_start_up_step_still_lets_the_migration_finish(database_url: str, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    db = Database(database_url)
+
+    def fails() -> None:
+        raise RuntimeError("no parser workers")
+
+    with pytest.raises(RuntimeError, match="no parser workers"):
+        db.upgrade_in_child(meanwhile=fails)
+    assert db.schema_revision() == SCHEMA_HEAD  # waited for: no child left behind half-way
+    db.close()
+
+
 def test_a_migration_that_fails_in_the_child_says_why(tmp_path: Path) -> None:
     (tmp_path / "x.db").write_bytes(b"this is not an SQLite database" * 100)
     db = Database(f"sqlite:///{tmp_path / 'x.db'}")

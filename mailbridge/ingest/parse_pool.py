@@ -53,6 +53,10 @@ def _parse_chunk_in_worker(
     return parse_chunk(raws, blob_root, fsync, timeout, mailboxes)
 
 
+def _started() -> None:
+    pass
+
+
 class ParsePool:
     def __init__(
         self,
@@ -84,6 +88,12 @@ class ParsePool:
             initargs=(routing, ticket_refs),
             context=context,
         )
+
+    def start(self) -> None:
+        """Start the worker processes now rather than with the first mail. This blocks while the forkserver
+        imports the parsing libraries (a few tenths of a second), so the daemon calls it while its schema
+        migration runs in a child process on the other core."""
+        self._pool.schedule(_started)
 
     async def parse(self, raw: bytes, mailbox: str | None = None) -> Parsed:
         return (await self.parse_many([raw], None if mailbox is None else [mailbox]))[0]
