@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import itertools
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -16,8 +18,14 @@ class BlobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._made_dirs: set[Path] = set()  # mkdir is a syscall per blob otherwise
-        self._unsynced: list[Path] = []
+        self._root = str(root)  # plain strings: `put` runs for every mail and attachment
+        self._made_dirs: set[str] = set()  # mkdir is a syscall per blob otherwise
+        self._unsynced: list[str] = []
+        # Temporary names unique to this store object and process (the process id at each write, as a
+        # forked copy shares the rest; a random part; a counter) instead of a random name drawn per blob
+        # as tempfile does. O_EXCL still refuses a name that exists.
+        self._temp_token = secrets.token_hex(4)
+        self._temp_count = itertools.count()
 
     def path(self, sha256: str) -> Path:
         # One level of 256 directories: a million blobs are ~4,000 files each, and a new store does not
@@ -27,19 +35,26 @@ class BlobStore:
     def put(self, data: bytes, sha256: str | None = None) -> str:
         """Store bytes once; safe to call again and from several processes at once."""
         digest = sha256 or hashlib.sha256(data).hexdigest()
-        target = self.path(digest)
-        if target.exists():
+        directory = f"{self._root}/{digest[:2]}"
+        target = f"{directory}/{digest}"
+        if os.path.exists(target):
             return digest
-        if target.parent not in self._made_dirs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._made_dirs.add(target.parent)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        if directory not in self._made_dirs:
+            os.makedirs(directory, exist_ok=True)
+            self._made_dirs.add(directory)
+        temp = f"{directory}/.tmp-{os.getpid()}-{self._temp_token}-{next(self._temp_count)}"
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, target)  # atomic: a reader never sees half a file
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                with memoryview(data) as rest:
+                    while rest:
+                        rest = rest[os.write(fd, rest) :]
+            finally:
+                os.close(fd)
+            os.replace(temp, target)  # atomic: a reader never sees half a file
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
             raise
         self._unsynced.append(target)
         return digest
@@ -51,7 +66,7 @@ class BlobStore:
         if not _syncfs(self.root):
             for path in self._unsynced:
                 _fsync(path)
-            for directory in {p.parent for p in self._unsynced}:
+            for directory in {os.path.dirname(p) for p in self._unsynced}:
                 _fsync(directory)
         self._unsynced.clear()
 
@@ -59,7 +74,7 @@ class BlobStore:
         return self.path(sha256).read_bytes()
 
 
-def _fsync(path: Path) -> None:
+def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

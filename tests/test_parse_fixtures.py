@@ -153,6 +153,37 @@ def test_fast_mime_reading_finds_the_base64_runs_of_the_plain_definition() -> No
     assert at_start > 30
 
 
+def _long_regular_lines(rng: random.Random) -> bytes:
+    """Attachments as encoders write them (up to 3,000 lines of one length, 64 KB and more), with a few lines
+    changed anywhere: shorter, longer, too short, another line end, a stray character, a blank line."""
+    length = rng.choice([40, 64, 72, 76, 76, 76, 100])
+    eol = rng.choice([b"\n", b"\r\n"])
+    lines = [bytes(rng.choice(b"Ab0+/=") for _ in range(length)) for _ in range(rng.randint(1, 3000))]
+    for _ in range(rng.randint(0, 4)):
+        at = rng.randrange(len(lines))
+        lines[at] = rng.choice(
+            [lines[at][: rng.randint(0, length)], lines[at] + b"AAAA", lines[at][:39], lines[at] + b"\r", b"", b"-"]
+        )
+    body = b"".join(line + (eol if rng.random() < 0.999 else rng.choice([b"\n", b"\r\n", b"\r\r\n"])) for line in lines)
+    return rng.choice([b"", b"Content-Transfer-Encoding: base64\r\n\r\n"]) + body + rng.choice([b"", b"--b--\r\n"])
+
+
+def test_base64_runs_of_whole_attachments_are_found_as_the_plain_definition_finds_them() -> None:
+    rng = random.Random(20261202)
+    long_runs = 0
+    for _ in range(150):
+        raw = _long_regular_lines(rng)
+        plain_runs: list[bytes] = []
+
+        def plain_token(match: re.Match[bytes], runs: list[bytes] = plain_runs) -> bytes:
+            runs.append(match.group())
+            return b"\x00mb%d\x00" % (len(runs) - 1)
+
+        assert shorten_base64_runs(raw) == (_PLAIN_BASE64_RUN.sub(plain_token, raw), plain_runs)
+        long_runs += any(len(run) > 1 << 16 for run in plain_runs)
+    assert long_runs > 25  # longer than one stretch of the comparison
+
+
 def _random_base64_body(rng: random.Random) -> bytes:
     """Base64 of random bytes as mailers write it (76-character lines, CRLF or LF), often broken the ways
     real mails break it: padding cut off or doubled, stray characters and spaces, "=" inside, a cut line,
