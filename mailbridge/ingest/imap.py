@@ -35,6 +35,11 @@ log = logging.getLogger("mailbridge.imap")
 
 AUTH_RETRY_MAX_SECONDS = 15 * 60
 UNDELIVERABLE_AFTER = 3  # drains in a row without a body for the same UID
+# During a backlog the server is told of stored mail (moved, flagged, deleted) in groups of at least this
+# many: Dovecot spends 2.5 times the CPU moving 4,000 mails 50 at a time as 200 at a time, and each
+# group's `server_done` is one more commit. Whatever is left is told at the end of the drain; a crash
+# before that leaves receipts without `server_done`, which the next drain finishes.
+TELL_SERVER_EVERY = 200
 
 
 class ImapWatcher:
@@ -192,10 +197,21 @@ class ImapWatcher:
             uids = [u for u in uids if u < gap]
         batches = list(_batches(uids, sizes, self.settings))
 
+        untold: list[Result] = []
+
         async def tell_server(results: list[Result]) -> None:
-            await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in results])
+            untold.extend(results)
+            if len(untold) >= TELL_SERVER_EVERY:
+                await tell_untold()
+
+        async def tell_untold() -> None:
+            told = untold[:]
+            untold.clear()
+            await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in told])
 
         await self.pipeline.process_stream(self._fetched(conn, plan, batches, stop, progress), tell_server)
+        if untold:
+            await tell_untold()
         return progress.complete
 
     async def _fetched(
