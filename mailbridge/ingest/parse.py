@@ -633,6 +633,10 @@ def _one_line(text: str) -> str:
 
 
 def _filename(part: email.message.Message) -> str | None:
+    # Without "name" in either header there is no filename= or name= parameter (RFC 2231's filename*= and
+    # name*0*= included): most body parts, whose parameters the stdlib would otherwise parse twice.
+    if not any("name" in str(part.get(header, "")).lower() for header in ("content-disposition", "content-type")):
+        return None
     try:
         name = part.get_filename()
     except Exception:  # a broken RFC 2231 continuation raises from the stdlib
