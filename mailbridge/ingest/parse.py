@@ -335,7 +335,7 @@ def _same_lines(classes: bytes, line: int, unit: bytes) -> int:
     """How many lines from `line` on are exactly `unit` (one line's classes with its line end)."""
     template = _templates.get(unit)
     if template is None:
-        if len(_templates) >= 64:
+        if len(_templates) >= 16:  # a few line lengths in practice; at most 1 MB of templates
             _templates.clear()
         template = _templates[unit] = unit * max(1, _STRETCH // len(unit))
     per_template = len(template) // len(unit)
