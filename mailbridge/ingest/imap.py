@@ -197,17 +197,18 @@ class ImapWatcher:
             uids = [u for u in uids if u < gap]
         batches = list(_batches(uids, sizes, self.settings))
 
-        untold: list[Result] = []
+        # What to tell, not the results: those hold each mail's raw bytes (200 mails: ~11 MB of peak RSS).
+        untold: list[tuple[int | None, Outcome, str | None]] = []
 
         async def tell_server(results: list[Result]) -> None:
-            untold.extend(results)
+            untold.extend((r.raw.uid, r.outcome, r.raw.source_key) for r in results)
             if len(untold) >= TELL_SERVER_EVERY:
                 await tell_untold()
 
         async def tell_untold() -> None:
             told = untold[:]
             untold.clear()
-            await self._apply(conn, [(r.raw.uid, r.outcome, r.raw.source_key) for r in told])
+            await self._apply(conn, told)
 
         await self.pipeline.process_stream(self._fetched(conn, plan, batches, stop, progress), tell_server)
         if untold:
