@@ -116,6 +116,17 @@ def test_fixtures_fast_mime_reading_gives_the_stdlib_tree() -> None:
 _PLAIN_BASE64_RUN = re.compile(rb"^(?:[A-Za-z0-9+/=]{40,}\r?\n){7,}[A-Za-z0-9+/=]{40,}(?=\r?\n)", re.MULTILINE)
 
 
+def _plain_shortening(raw: bytes) -> tuple[bytes, list[bytes]]:
+    """`shorten_base64_runs` by the plain definition."""
+    runs: list[bytes] = []
+
+    def token(match: re.Match[bytes]) -> bytes:
+        runs.append(match.group())
+        return b"\x00mb%d\x00" % (len(runs) - 1)
+
+    return _PLAIN_BASE64_RUN.sub(token, raw), runs
+
+
 def _random_lines(rng: random.Random) -> bytes:
     """Runs of base64-like lines of the lengths around the limit, broken up by blank lines, lines that go on
     after their base64 characters, stray CRs and text, with LF, CRLF, CR CR LF or no line end."""
@@ -140,13 +151,8 @@ def test_fast_mime_reading_finds_the_base64_runs_of_the_plain_definition() -> No
     with_runs = at_start = 0
     for _ in range(3000):
         raw = _random_lines(rng)
-        plain_runs: list[bytes] = []
-
-        def plain_token(match: re.Match[bytes], runs: list[bytes] = plain_runs) -> bytes:
-            runs.append(match.group())
-            return b"\x00mb%d\x00" % (len(runs) - 1)
-
-        assert shorten_base64_runs(raw) == (_PLAIN_BASE64_RUN.sub(plain_token, raw), plain_runs), raw
+        shortened, plain_runs = _plain_shortening(raw)
+        assert shorten_base64_runs(raw) == (shortened, plain_runs), raw
         with_runs += bool(plain_runs)
         at_start += bool(plain_runs) and raw.startswith(plain_runs[0])
     assert with_runs > 150  # the generator does make runs, at the start of the input too
@@ -154,11 +160,13 @@ def test_fast_mime_reading_finds_the_base64_runs_of_the_plain_definition() -> No
 
 
 def _long_regular_lines(rng: random.Random) -> bytes:
-    """Attachments as encoders write them (up to 3,000 lines of one length, 64 KB and more), with a few lines
-    changed anywhere: shorter, longer, too short, another line end, a stray character, a blank line."""
-    length = rng.choice([40, 64, 72, 76, 76, 76, 100])
+    """Attachments as encoders write them (up to 3,000 lines of one length, 64 KB and more; now and then a few
+    very long lines), with a few lines changed anywhere: shorter, longer, too short, another line end, a stray
+    character, a blank line."""
+    length = rng.choice([40, 64, 72, 76, 76, 76, 100, 5000])  # 5,000: longer than the stretch templates serve
     eol = rng.choice([b"\n", b"\r\n"])
-    lines = [bytes(rng.choice(b"Ab0+/=") for _ in range(length)) for _ in range(rng.randint(1, 3000))]
+    count = rng.randint(1, 3000 if length < 1000 else 60)
+    lines = [bytes(rng.choice(b"Ab0+/=") for _ in range(length)) for _ in range(count)]
     for _ in range(rng.randint(0, 4)):
         at = rng.randrange(len(lines))
         lines[at] = rng.choice(
@@ -173,13 +181,8 @@ def test_base64_runs_of_whole_attachments_are_found_as_the_plain_definition_find
     long_runs = 0
     for _ in range(150):
         raw = _long_regular_lines(rng)
-        plain_runs: list[bytes] = []
-
-        def plain_token(match: re.Match[bytes], runs: list[bytes] = plain_runs) -> bytes:
-            runs.append(match.group())
-            return b"\x00mb%d\x00" % (len(runs) - 1)
-
-        assert shorten_base64_runs(raw) == (_PLAIN_BASE64_RUN.sub(plain_token, raw), plain_runs)
+        shortened, plain_runs = _plain_shortening(raw)
+        assert shorten_base64_runs(raw) == (shortened, plain_runs)
         long_runs += any(len(run) > 1 << 16 for run in plain_runs)
     assert long_runs > 25  # longer than one stretch of the comparison
 

@@ -333,6 +333,8 @@ _templates: dict[bytes, bytes] = {}
 
 def _same_lines(classes: bytes, line: int, unit: bytes) -> int:
     """How many lines from `line` on are exactly `unit` (one line's classes with its line end)."""
+    if len(unit) > _STRETCH // 16:  # not what encoders write: such lines are looked at one by one
+        return 1
     template = _templates.get(unit)
     if template is None:
         if len(_templates) >= 16:  # a few line lengths in practice; at most 1 MB of templates
